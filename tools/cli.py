@@ -1,0 +1,74 @@
+"""The ``pangu-light`` command: one sub-command per stage, each in its own module.
+
+Every stage reads and writes files, so each can be run, inspected and cached alone:
+
+    export   HF model -> clean ONNX graph (no-cache or decode)
+    inspect  print the model map derived from a graph
+    compile  run a pipeline of rewrite passes over a graph
+    diff     compare two graphs: parameters, FLOPs, per-layer shapes, tagged nodes
+    run      greedy generation with a decode graph under ONNX Runtime
+
+Each command module defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.runtime.errors import RuntimeUserError
+
+__all__ = ["main"]
+
+# Explicit table: a command exists because it is listed here, not because a module was imported.
+COMMANDS: dict[str, str] = {
+    "export": "pangu_light.tools.export_cmd",
+    "inspect": "pangu_light.tools.inspect_cmd",
+    "compile": "pangu_light.tools.compile_cmd",
+    "diff": "pangu_light.tools.diff_cmd",
+    "run": "pangu_light.tools.run_cmd",
+}
+
+USER_ERRORS = (PanguLightError, RuntimeUserError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pangu-light",
+        description=(
+            "Prune and accelerate decoder-only LLMs by rewriting their exported ONNX graphs "
+            "(Pangu Light: weight re-initialization for pruning, arXiv 2505.20155)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `pangu-light COMMAND --help` for the options of one command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
