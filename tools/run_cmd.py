@@ -1,0 +1,126 @@
+"""Greedy text generation with a decode graph (exported with --kv-cache) under ONNX Runtime.
+
+    pangu-light run pruned.onnx --prompt "The capital of France is" --max-new-tokens 32
+
+Several --prompt options run as one left-padded batch. The prompt is tokenized as plain text;
+--chat wraps it as one user turn of the tokenizer's chat template instead. The tokenizer comes
+from --tokenizer DIR or, by default, from the directory recorded in the graph's
+pangu_light.tokenizer metadata at export. A sequence stops at the model's EOS token(s).
+
+--provider auto picks CANN (when the CANN libraries are present), else CUDA, else the CPU. The
+providers really in use are printed at the end with the speed; a provider that fell back to
+the CPU is reported with a warning (an error with --strict-provider). CANN options pass
+through --provider-option KEY=VALUE (device_id, npu_mem_limit, precision_mode,
+enable_cann_graph, op_select_impl_mode, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from pangu_light.runtime.errors import RuntimeUserError
+from pangu_light.runtime.generate import generate
+from pangu_light.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES, ProviderFallbackWarning, create_session
+from pangu_light.runtime.tokenizer import find_tokenizer_dir, load_tokenizer
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "greedy generation with a decode graph under ONNX Runtime"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="decode graph (.onnx, exported with --kv-cache)")
+    parser.add_argument(
+        "--prompt", action="append", required=True, help="prompt text; repeat for a batch"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    parser.add_argument(
+        "--provider", default="auto", help=f"execution provider: {', '.join(PROVIDER_CHOICES)} (default auto)"
+    )
+    parser.add_argument(
+        "--provider-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option for the execution provider, e.g. device_id=0 or precision_mode=force_fp16; repeatable",
+    )
+    parser.add_argument(
+        "--strict-provider", action="store_true", help="fail instead of falling back to the CPU provider"
+    )
+    parser.add_argument(
+        "--optimization",
+        default="all",
+        choices=list(OPTIMIZATION_LEVELS),
+        help="ONNX Runtime graph optimisation level (default all)",
+    )
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="Hugging Face model directory with the tokenizer (default: from the graph's metadata)"
+    )
+    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
+
+
+def _provider_options(items: list[str]) -> dict[str, str]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RuntimeUserError(f"--provider-option {item!r} is not KEY=VALUE: write e.g. device_id=0")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise RuntimeUserError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ProviderFallbackWarning)
+        info = create_session(
+            args.model,
+            provider=args.provider,
+            provider_options=_provider_options(args.provider_option),
+            optimization_level=args.optimization,
+            threads=args.threads,
+            strict=args.strict_provider,
+        )
+    for warning in caught:
+        if issubclass(warning.category, ProviderFallbackWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+    metadata = info.session.get_modelmeta().custom_metadata_map
+    tokenizer = load_tokenizer(find_tokenizer_dir(args.model, metadata, args.tokenizer))
+    encode = tokenizer.encode_chat if args.chat else tokenizer.encode
+    prompts = [encode(text) for text in args.prompt]
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = _source_config(metadata).get("pad_token_id")
+    result = generate(
+        info,
+        prompts,
+        args.max_new_tokens,
+        stop_tokens=tokenizer.stop_token_ids(),
+        pad_token_id=int(pad) if isinstance(pad, int) else 0,
+    )
+    for index, (text, tokens) in enumerate(zip(args.prompt, result.tokens), start=1):
+        print(f"[{index}] {text}")
+        print(tokenizer.decode(tokens))
+        print()
+    total = result.total_seconds
+    rate = result.new_tokens / total if total > 0 else float("nan")
+    print(
+        f"{info.describe()} | {len(prompts)} prompt(s), {result.new_tokens} new tokens in {total:.2f} s "
+        f"({rate:.1f} tokens/s; prefill {result.prefill_seconds * 1000:.0f} ms, "
+        f"decode {result.decode_tokens_per_second:.1f} tokens/s)"
+    )
+    return 0
+
+
+def _source_config(metadata: dict) -> dict:
+    try:
+        config = json.loads(metadata.get("pangu_light.source_config", "{}"))
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}
