@@ -114,8 +114,15 @@ def build_hetero_decode_graph(path: Path, vocab: int = 50) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hetero_graph(tmp_path_factory) -> Path:
-    return build_hetero_decode_graph(tmp_path_factory.mktemp("hetero") / "hetero.onnx")
+def hetero_graph(tmp_path_factory) -> tuple[Path, tuple[tuple[int, int], ...]]:
+    """(path, per-layer (kv_heads, head_dim)) of the hand-built decode graph."""
+    return build_hetero_decode_graph(tmp_path_factory.mktemp("hetero") / "hetero.onnx"), HETERO_KV
+
+
+@pytest.fixture(scope="session")
+def add_metadata():
+    """``add_metadata(source, target, **props)``: copy a graph with extra metadata_props."""
+    return with_metadata
 
 
 @pytest.fixture(scope="session")
