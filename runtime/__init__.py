@@ -1,1 +1,16 @@
-"""runtime"""
+"""What a deployment needs to run a (pruned) decode graph: ONNX Runtime sessions and generation.
+
+- ``session.create_session(path, provider="auto"|"cann"|"cuda"|"cpu", ...)`` -> ``SessionInfo``:
+  picks the execution provider (CANN only when its libraries are really present), checks CANN
+  options, and reports a fall-back to the CPU (``fell_back``, a warning) instead of hiding it.
+- ``generate.greedy_generate(session, prompts, max_new_tokens, stop_tokens=..., pad_token_id=...)``
+  and ``generate.generate(..., select=...)``: left-padded batches, prefill with an empty past,
+  then one token per step with the KV cache kept in OrtValues (IO binding); per-layer KV shapes
+  are read from the graph, so pruned graphs with fewer layers or heads just work.
+- ``tokenizer``: finds the tokenizer from ``--tokenizer`` or the graph's ``pangu_light.tokenizer``
+  metadata and loads it lazily (transformers or tokenizers).
+- ``errors.RuntimeUserError``: problems the user can fix, printed by the CLI as ``error: ...``.
+
+This package imports only onnxruntime, numpy, a tokenizer library (lazily) and the standard
+library, so it can ship without the compiler.
+"""

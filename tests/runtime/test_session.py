@@ -153,3 +153,19 @@ def test_corrupt_model_file(tmp_path):
     with pytest.raises(RuntimeUserError) as error:
         create_session(path, provider="cpu")
     assert "could not load" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_runtime_imports_nothing_outside_its_rule():
+    """runtime/ ships alone: importing it loads no torch/transformers/onnx and nothing else of ours."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import pangu_light.runtime.session, pangu_light.runtime.generate, pangu_light.runtime.tokenizer\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'onnx', 'onnx_ir', "
+        "'onnxscript', 'tokenizers') or (m.startswith('pangu_light.') and not m.startswith('pangu_light.runtime')))\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
