@@ -1,11 +1,13 @@
 """Session-wide fixtures: tiny models of every family and their exported graphs, built once.
 
 ``exported_graph(family, kv_cache)`` returns ``(hf_model, path_to_onnx)``; exporting takes
-seconds per graph, so each (family, kind) is exported at most once per test session.
+seconds per graph, so each (family, kind) is exported once and kept in the cache directory
+(outside the repo). Tests never modify these files: they load, rewrite and save elsewhere.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,21 +18,44 @@ sys.path.insert(0, str(Path(__file__).parent))
 from families import FAMILIES, tiny_model  # noqa: E402
 
 
+def _graph_cache_dir() -> Path:
+    """Exported tiny graphs are cached outside the repo, keyed by everything that shapes them:
+    the exporter and family sources and the torch/transformers/onnxscript versions."""
+    import hashlib
+
+    import onnxscript
+    import torch
+    import transformers
+
+    from pangu_light.frontend import export
+    from pangu_light.frontend.loading import default_cache_dir
+
+    digest = hashlib.sha256()
+    for source in (Path(export.__file__), Path(__file__).parent / "families.py"):
+        digest.update(source.read_bytes())
+    digest.update(f"{torch.__version__} {transformers.__version__} {onnxscript.__version__}".encode())
+    return default_cache_dir() / "test-graphs" / digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def exported_graph(tmp_path_factory):
+def exported_graph():
     import onnx_ir as ir
 
     from pangu_light.frontend.export import ExportOptions, export_model
 
     cache: dict[tuple[str, bool], tuple[object, Path]] = {}
-    root = tmp_path_factory.mktemp("exported")
+    root = _graph_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
 
     def get(family: str, kv_cache: bool = False):
         key = (family, kv_cache)
         if key not in cache:
             model = tiny_model(family)
             path = root / f"{family}{'-kv' if kv_cache else ''}.onnx"
-            ir.save(export_model(model, ExportOptions(kv_cache=kv_cache)), path)
+            if not path.exists():
+                partial = path.with_suffix(f".{os.getpid()}.partial")
+                ir.save(export_model(model, ExportOptions(kv_cache=kv_cache)), partial)
+                os.replace(partial, path)
             cache[key] = (model, path)
         return cache[key]
 

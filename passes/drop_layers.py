@@ -1,0 +1,145 @@
+"""drop-layers: remove whole decoder layers by re-wiring the residual stream around them.
+
+A pre-norm (or sandwich-norm) decoder layer is ``y = x + f(x)``; removing it is ``y = x``::
+
+    h_{l-1} --[layer l]--> h_l --[layer l+1]-->      becomes      h_{l-1} --[layer l+1]-->
+
+Every consumer of the removed layer's output reads its input instead; the layer's nodes and
+weights then have no consumers and are deleted. In decode graphs the layer's
+``past_key_values.{l}.*`` inputs and ``present.{l}.*`` outputs go too. The layers after a
+removed one are renumbered (weights ``model.layers.{i}.*``, name scopes, KV-cache I/O
+names), so the result looks like a model exported with fewer layers.
+
+This pass takes an explicit choice. Choosing layers by Block Influence and merging their
+attention into a neighbour (CLAP) is the planner's and a later pass's job.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from pangu_light.passes.base import Option, PanguPass
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.graph_utils import NAME_SCOPES_KEY
+from pangu_light.passes.model_map import ModelMap
+
+__all__ = ["DropLayersPass"]
+
+_KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
+
+
+class DropLayersPass(PanguPass):
+    name = "drop-layers"
+    options_schema = {"layers": Option(list[int], doc="indices of the layers to remove")}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model_map = ModelMap.from_model(model)
+        drop = self._validated(model_map)
+        if not drop:
+            return ir.passes.PassResult(model, modified=False)
+        graph = model.graph
+        for index in sorted(drop, reverse=True):
+            layer = model_map.layer(index)
+            attention = layer.attention
+            kv_outputs = [v for v in (attention.present_key, attention.present_value) if v is not None]
+            for value in kv_outputs:
+                graph.outputs.remove(value)
+            for consumer in {use.node for use in layer.output.uses()}:
+                self.tag(consumer)
+            layer.output.replace_all_uses_with(layer.input)
+            self.count("layers_removed")
+        # Dead nodes first, so that the removed layers' KV inputs have no consumers left.
+        common_passes.RemoveUnusedNodesPass()(model)
+        kept = next(layer.attention for layer in model_map.layers if layer.index not in drop)
+        for index in drop:
+            attention = model_map.layer(index).attention
+            for value, stand_in in ((attention.past_key, kept.past_key), (attention.past_value, kept.past_value)):
+                if value is None:
+                    continue
+                self._repoint_shape_reads(value, stand_in)
+                if value.uses():
+                    raise PanguLightError(
+                        f"pass drop-layers: {value.name} is still read after removing layer {index}"
+                    )
+                graph.inputs.remove(value)
+        self._renumber(model, model_map, drop)
+        self.stats["removed"] = sorted(drop)
+        return ir.passes.PassResult(model, modified=True)
+
+    def _repoint_shape_reads(self, past: ir.Value, stand_in: ir.Value) -> None:
+        """The exporter reads the batch and past length off an arbitrary layer's past input;
+        point such reads at a kept layer's input, which has the same batch and past length."""
+        for use in list(past.uses()):
+            node = use.node
+            start = node.attributes.get_int("start", 0) if node.op_type == "Shape" else None
+            end = node.attributes.get_int("end", None) if node.op_type == "Shape" else None
+            reads_only_batch_or_length = start is not None and (
+                (end is not None and end <= 1) or start >= 2
+            )
+            if not reads_only_batch_or_length:
+                continue
+            node.replace_input_with(use.idx, stand_in)
+            self.tag(node)
+
+    def _validated(self, model_map: ModelMap) -> set[int]:
+        requested = self.options["layers"]
+        count = len(model_map.layers)
+        bad = [i for i in requested if not 0 <= i < count]
+        if bad:
+            raise PanguLightError(
+                f"pass drop-layers: layer index {bad[0]} is out of range; this model has layers 0..{count - 1}"
+            )
+        if len(set(requested)) != len(requested):
+            raise PanguLightError(f"pass drop-layers: layers={requested} names a layer twice")
+        if len(set(requested)) == count:
+            raise PanguLightError(
+                f"pass drop-layers: removing all {count} layers leaves no model; keep at least one"
+            )
+        return set(requested)
+
+    def _renumber(self, model: ir.Model, model_map: ModelMap, drop: set[int]) -> None:
+        """Give the kept layers consecutive indices: weights, name scopes and KV I/O names."""
+        new_index = {}
+        for layer in model_map.layers:
+            if layer.index not in drop:
+                new_index[layer.index] = len(new_index)
+        renames = {
+            model_map.layer(old).module: _with_index(model_map.layer(old).module, new)
+            for old, new in new_index.items()
+            if old != new
+        }
+        if not renames:
+            return
+        graph = model.graph
+        # Rename in increasing order: a slot is always vacated before it is reused.
+        for old_module, new_module in renames.items():
+            for value in list(graph.initializers.values()):
+                if value.name.startswith(old_module + "."):
+                    graph.initializers.pop(value.name)
+                    value.name = new_module + value.name[len(old_module):]
+                    graph.register_initializer(value)
+                    self.tag(value)
+                    self.count("initializers_renamed")
+        pattern = re.compile(r"^(" + "|".join(re.escape(m) for m in renames) + r")(?=\.|$)")
+        for node in graph:
+            raw = node.metadata_props.get(NAME_SCOPES_KEY)
+            if not raw:
+                continue
+            scopes = ast.literal_eval(raw)
+            if any(pattern.match(s) for s in scopes):
+                renamed = [pattern.sub(lambda m: renames[m.group(1)], s) for s in scopes]
+                node.metadata_props[NAME_SCOPES_KEY] = repr(renamed)
+        for value in [*graph.inputs, *graph.outputs]:
+            match = _KV_NAME.match(value.name or "")
+            if match and int(match.group(2)) in new_index and new_index[int(match.group(2))] != int(match.group(2)):
+                value.name = f"{match.group(1)}.{new_index[int(match.group(2))]}.{match.group(3)}"
+                self.tag(value)
+
+
+def _with_index(module: str, index: int) -> str:
+    stack, _, _ = module.rpartition(".")
+    return f"{stack}.{index}"

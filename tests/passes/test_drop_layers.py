@@ -1,0 +1,97 @@
+"""drop-layers: the rewritten graph equals the same layers removed from the PyTorch module."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.manager import run_pipeline
+from pangu_light.passes.model_map import ModelMap
+from reference import (
+    left_padded_batch,
+    max_diff_on_tokens,
+    ort_decode_logits,
+    ort_logits,
+    torch_drop_layers,
+    torch_logits,
+)
+
+TOLERANCE = 1e-5
+
+
+def _compile(path, pipeline: str, out):
+    model = ir.load(path)
+    report = run_pipeline(model, pipeline, verify=True)
+    ir.save(model, out)
+    return model, report
+
+
+@pytest.mark.parametrize("drop", [[1], [0, 3], [1, 2]], ids=["middle", "first+last", "chain"])
+def test_no_cache_matches_torch(exported_graph, family, drop, tmp_path):
+    hf_model, path = exported_graph(family)
+    pruned, report = _compile(path, f"drop-layers{{layers={drop}}}".replace(" ", ""), tmp_path / "p.onnx")
+    assert report.records[0].stats["layers_removed"] == len(drop)
+    assert len(ModelMap.from_model(pruned).layers) == 4 - len(drop)
+    ids, mask = left_padded_batch(hf_model.config.vocab_size)
+    expected = torch_logits(torch_drop_layers(hf_model, drop), ids, mask)
+    got = ort_logits(tmp_path / "p.onnx", ids, mask)
+    assert max_diff_on_tokens(got, expected, mask) <= TOLERANCE
+    # ... and it really changed the function: the unpruned model gives other logits.
+    assert max_diff_on_tokens(got, torch_logits(hf_model, ids, mask), mask) > 1e-3
+
+
+def test_decode_matches_torch(exported_graph, family, tmp_path):
+    hf_model, path = exported_graph(family, kv_cache=True)
+    drop = [0, 2]
+    pruned, _ = _compile(path, "drop-layers{layers=[0,2]}", tmp_path / "p.onnx")
+    names = [v.name for v in pruned.graph.inputs]
+    assert [n for n in names if n.startswith("past_key_values.")] == [
+        "past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"
+    ]
+    assert [v.name for v in pruned.graph.outputs][1:] == [
+        "present.0.key", "present.0.value", "present.1.key", "present.1.value"
+    ]
+    ids, mask = left_padded_batch(hf_model.config.vocab_size)
+    got, all_ids, all_mask = ort_decode_logits(tmp_path / "p.onnx", ids, mask, steps=4)
+    expected = torch_logits(torch_drop_layers(hf_model, drop), all_ids, all_mask)
+    assert max_diff_on_tokens(got, expected, all_mask) <= TOLERANCE
+
+
+def test_renumbers_weights_and_scopes(exported_graph, tmp_path):
+    _, path = exported_graph("llama")
+    pruned, _ = _compile(path, "drop-layers{layers=[1]}", tmp_path / "p.onnx")
+    names = set(pruned.graph.initializers)
+    assert "model.layers.3.self_attn.q_proj.weight" not in names
+    assert "model.layers.2.self_attn.q_proj.weight" in names
+    model_map = ModelMap.from_model(pruned)
+    assert [layer.module for layer in model_map.layers] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert model_map.layers[1].attention.q.weight.name == "model.layers.1.self_attn.q_proj.weight"
+    renamed = pruned.graph.initializers["model.layers.1.self_attn.q_proj.weight"]
+    assert renamed.metadata_props["pangu_light.pass"] == "drop-layers"
+
+
+def test_empty_list_changes_nothing(exported_graph, tmp_path):
+    _, path = exported_graph("llama")
+    before = path.read_bytes()
+    model, report = _compile(path, "drop-layers{layers=[]}", tmp_path / "p.onnx")
+    assert not report.records[0].modified
+    model.metadata_props.pop("pangu_light.pipeline")
+    model.metadata_props.pop("pangu_light.pass_stats")
+    ir.save(model, tmp_path / "same.onnx")
+    assert (tmp_path / "same.onnx").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ("[4]", "layer index 4 is out of range; this model has layers 0..3"),
+        ("[-1]", "layer index -1 is out of range"),
+        ("[0,1,2,3]", "removing all 4 layers leaves no model"),
+        ("[1,1]", "names a layer twice"),
+    ],
+)
+def test_bad_requests_are_clear_errors(exported_graph, layers, message):
+    _, path = exported_graph("llama")
+    with pytest.raises(PanguLightError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        run_pipeline(ir.load(path), f"drop-layers{{layers={layers}}}")

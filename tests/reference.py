@@ -1,0 +1,116 @@
+"""Independent references for the rewrite tests: the same edit done on the PyTorch module,
+and ONNX Runtime runners (optimisations off) for no-cache and decode graphs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+
+def left_padded_batch(vocab: int, lengths=(9, 6, 4), seed: int = 0):
+    """input_ids and attention_mask for prompts of different lengths, padded on the left."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=generator)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, width - length:] = 1
+        ids[row, : width - length] = 0
+    return ids, mask
+
+
+def torch_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.numpy()
+
+
+def session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(path, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    return session(path).run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+
+
+def ort_decode_logits(path, ids: torch.Tensor, mask: torch.Tensor, steps: int = 4):
+    """Prefill with an empty past, then ``steps`` greedy steps feeding present back as past.
+
+    Returns (logits for every position [b, s + steps, V], the full ids, the full mask), so the
+    caller can compare against a no-cache reference over the whole sequence."""
+    sess = session(path)
+    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    output_names = [o.name for o in sess.get_outputs()]
+    batch = ids.shape[0]
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    for spec in past_inputs:
+        feeds[spec.name] = np.zeros((batch, spec.shape[1], 0, spec.shape[3]), np.float32)
+    outputs = dict(zip(output_names, sess.run(output_names, feeds)))
+    chunks = [outputs["logits"]]
+    all_ids, all_mask = ids, mask
+    for _ in range(steps):
+        next_ids = torch.from_numpy(outputs["logits"][:, -1].argmax(-1))[:, None]
+        all_ids = torch.cat([all_ids, next_ids], 1)
+        all_mask = torch.cat([all_mask, torch.ones(batch, 1, dtype=torch.long)], 1)
+        feeds = {"input_ids": next_ids.numpy(), "attention_mask": all_mask.numpy()}
+        for spec in past_inputs:
+            feeds[spec.name] = outputs[spec.name.replace("past_key_values.", "present.")]
+        outputs = dict(zip(output_names, sess.run(output_names, feeds)))
+        chunks.append(outputs["logits"])
+    return np.concatenate(chunks, 1), all_ids, all_mask
+
+
+def max_diff_on_tokens(a: np.ndarray, b: np.ndarray, mask: torch.Tensor) -> float:
+    keep = mask.numpy().astype(bool)
+    return float(np.abs(a - b)[keep].max())
+
+
+# ------------------------------------------------------------------ edits on the torch module
+
+
+def torch_drop_layers(model, drop: list[int]):
+    """A copy of ``model`` without the decoder layers in ``drop`` (HF modules, renumbered)."""
+    model = copy.deepcopy(model)
+    kept = [layer for i, layer in enumerate(model.model.layers) if i not in set(drop)]
+    model.model.layers = torch.nn.ModuleList(kept)
+    for new_index, layer in enumerate(kept):
+        layer.self_attn.layer_idx = new_index
+    config = model.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in set(drop)]
+    config.num_hidden_layers = len(kept)
+    return model
+
+
+def torch_slice_hidden(model, keep: list[int]):
+    """A copy of ``model`` whose hidden channels are restricted to ``keep`` everywhere:
+    embedding columns, every hidden-size norm gamma, q/k/v/gate/up input columns, o/down
+    output rows, lm_head input columns. The config keeps its original hidden_size, so
+    Gemma's embedding scale sqrt(hidden) stays what the model was trained with."""
+    model = copy.deepcopy(model)
+    index = torch.tensor(keep)
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding) and module.weight.shape[1] == hidden:
+                module.weight = torch.nn.Parameter(module.weight[:, index].clone())
+            elif isinstance(module, torch.nn.Linear):
+                weight = module.weight
+                if weight.shape[1] == hidden:
+                    module.weight = torch.nn.Parameter(weight[:, index].clone())
+                    module.in_features = len(keep)
+                elif weight.shape[0] == hidden:
+                    module.weight = torch.nn.Parameter(weight[index, :].clone())
+                    module.out_features = len(keep)
+                    if module.bias is not None:
+                        module.bias = torch.nn.Parameter(module.bias[index].clone())
+            elif type(module).__name__.endswith("RMSNorm") and module.weight.shape[0] == hidden:
+                module.weight = torch.nn.Parameter(module.weight[index].clone())
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    return model
