@@ -50,20 +50,17 @@ from typing import Any
 import onnx_ir as ir
 
 from pangu_light.passes.base import TAG_KEY
+from pangu_light.passes.manager import PASS_STATS_KEY, PIPELINE_KEY
 from pangu_light.passes.model_map import Layer, Linear, ModelMap
 
 __all__ = [
     "DEFAULT_CONTEXT",
-    "PIPELINE_KEY",
-    "PASS_STATS_KEY",
     "LayerStats",
     "DecodeBytes",
     "GraphStats",
 ]
 
 DEFAULT_CONTEXT = 128
-PIPELINE_KEY = "pangu_light.pipeline"
-PASS_STATS_KEY = "pangu_light.pass_stats"
 
 
 @dataclasses.dataclass

@@ -132,6 +132,7 @@ def diff_stats(a: GraphStats, b: GraphStats, name_a: str = "A", name_b: str = "B
         "b": name_b,
         "context": a.context,
         "family": {"a": a.family, "b": b.family},
+        "tied_embeddings": {"a": a.tied_embeddings, "b": b.tied_embeddings},
         "parameters": _pair(a.total_parameters, b.total_parameters),
         "parameter_parts": {
             "embedding": _pair(a.embedding_parameters, b.embedding_parameters),
@@ -186,7 +187,12 @@ def _layer_cells(layer: dict[str, Any] | None) -> str:
 
 def format_diff(diff: dict[str, Any]) -> str:
     """The readable form of ``diff_stats``' result."""
-    lines = [f"A: {diff['a']}", f"B: {diff['b']}", ""]
+    tied = diff["tied_embeddings"]
+    lines = [
+        f"A: {diff['a']}  ({diff['family']['a'] or '?'}, embeddings {'tied' if tied['a'] else 'untied'})",
+        f"B: {diff['b']}  ({diff['family']['b'] or '?'}, embeddings {'tied' if tied['b'] else 'untied'})",
+        "",
+    ]
     rows = [("", "A", "B", "B/A")]
 
     def add(label: str, pair: dict[str, Any]) -> None:
