@@ -96,20 +96,20 @@ def torch_slice_hidden(model, keep: list[int]):
     index = torch.tensor(keep)
     hidden = model.config.hidden_size
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Embedding) and module.weight.shape[1] == hidden:
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if isinstance(module, torch.nn.Embedding):
                 module.weight = torch.nn.Parameter(module.weight[:, index].clone())
-            elif isinstance(module, torch.nn.Linear):
-                weight = module.weight
-                if weight.shape[1] == hidden:
-                    module.weight = torch.nn.Parameter(weight[:, index].clone())
-                    module.in_features = len(keep)
-                elif weight.shape[0] == hidden:
-                    module.weight = torch.nn.Parameter(weight[index, :].clone())
-                    module.out_features = len(keep)
-                    if module.bias is not None:
-                        module.bias = torch.nn.Parameter(module.bias[index].clone())
-            elif type(module).__name__.endswith("RMSNorm") and module.weight.shape[0] == hidden:
+            elif isinstance(module, torch.nn.Linear) and leaf in ("o_proj", "down_proj"):
+                module.weight = torch.nn.Parameter(module.weight[index, :].clone())
+                module.out_features = len(keep)
+                if module.bias is not None:
+                    module.bias = torch.nn.Parameter(module.bias[index].clone())
+            elif isinstance(module, torch.nn.Linear):  # q/k/v, gate/up, gate_up, lm_head
+                module.weight = torch.nn.Parameter(module.weight[:, index].clone())
+                module.in_features = len(keep)
+            elif type(module).__name__.endswith("RMSNorm") and leaf not in ("q_norm", "k_norm"):
+                assert module.weight.shape[0] == hidden, name
                 module.weight = torch.nn.Parameter(module.weight[index].clone())
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,114 @@
+"""slice-hidden: keep a subset K of the hidden (residual-stream) channels everywhere.
+
+The residual stream h in R^H is read and written only through weights, so restricting it to
+channels K is a pure weight edit (paper eq. 1 ranks the channels; this pass takes K)::
+
+    E[V, H]           -> E[:, K]             embedding (and a tied lm_head: the same tensor)
+    gamma[H]          -> gamma[K]            every hidden-size RMSNorm (pre, post, final)
+    W_in[out, H]      -> W_in[:, K]          q/k/v, gate/up (or fused gate_up), lm_head
+    W_out[H, in]      -> W_out[K, :]         o_proj, down_proj (and their biases, if any)
+
+Each RMSNorm then averages over |K| channels instead of H. q/k norms act on head_dim and
+are untouched; so are Gemma's embedding scale sqrt(H) (a constant the model was trained
+with) and every shape constant (none encodes H). Stale intermediate shapes are cleared,
+as ORT rejects graphs whose recorded shapes contradict the new weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from pangu_light.passes.base import Option, PanguPass
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.graph_utils import replace_initializer
+from pangu_light.passes.model_map import ModelMap
+
+__all__ = ["SliceHiddenPass"]
+
+
+class SliceHiddenPass(PanguPass):
+    name = "slice-hidden"
+    options_schema = {
+        "keep": Option(list[int], default=None, doc="hidden channel indices to keep"),
+        "keep_first": Option(int, default=None, doc="keep channels 0..N-1"),
+    }
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model_map = ModelMap.from_model(model)
+        keep = self._kept_channels(model_map.hidden_size)
+        if len(keep) == model_map.hidden_size:
+            return ir.passes.PassResult(model, modified=False)
+        sliced: set[ir.Value] = set()
+
+        def take(value: ir.Value | None, axis: int) -> None:
+            if value is None or value in sliced:  # a tied lm_head is the embedding: slice once
+                return
+            array = value.const_value.numpy()
+            if array.shape[axis] != model_map.hidden_size:
+                raise PanguLightError(
+                    f"pass slice-hidden: {value.name} has {array.shape[axis]} channels on axis "
+                    f"{axis}, expected the hidden size {model_map.hidden_size}"
+                )
+            self._check_private(value, model_map)
+            replace_initializer(value, np.take(array, keep, axis=axis))
+            sliced.add(value)
+            self.tag(value)
+            self.count("initializers_sliced")
+
+        take(model_map.embedding, axis=1)
+        take(model_map.lm_head.weight, axis=1)
+        for norm in model_map.hidden_norms():
+            take(norm.gamma, axis=0)
+        for layer in model_map.layers:
+            attention, ffn = layer.attention, layer.ffn
+            for linear in (attention.q, attention.k, attention.v, ffn.gate, ffn.up):
+                take(linear.weight, axis=1)
+            for linear in (attention.o, ffn.down):
+                take(linear.weight, axis=0)
+                take(linear.bias, axis=0)
+        self._clear_intermediate_shapes(model)
+        self.stats["hidden"] = f"{model_map.hidden_size}->{len(keep)}"
+        return ir.passes.PassResult(model, modified=True)
+
+    def _kept_channels(self, hidden: int) -> np.ndarray:
+        keep, keep_first = self.options["keep"], self.options["keep_first"]
+        if (keep is None) == (keep_first is None):
+            raise PanguLightError(
+                "pass slice-hidden: give exactly one of keep=[...] (channel indices) or keep_first=N"
+            )
+        if keep_first is not None:
+            if not 0 < keep_first <= hidden:
+                raise PanguLightError(
+                    f"pass slice-hidden: keep_first={keep_first} must be between 1 and the hidden size {hidden}"
+                )
+            keep = list(range(keep_first))
+        if not keep:
+            raise PanguLightError("pass slice-hidden: keeping 0 channels leaves no model; keep at least one")
+        bad = [k for k in keep if not 0 <= k < hidden]
+        if bad:
+            raise PanguLightError(
+                f"pass slice-hidden: channel {bad[0]} does not exist; the hidden size is {hidden} (channels 0..{hidden - 1})"
+            )
+        if len(set(keep)) != len(keep):
+            raise PanguLightError("pass slice-hidden: keep=[...] names a channel twice")
+        return np.array(sorted(keep), dtype=np.int64)
+
+    @staticmethod
+    def _check_private(value: ir.Value, model_map: ModelMap) -> None:
+        """Refuse to slice a weight that something outside the hidden-size roles also reads."""
+        readers = {use.node.op_type for use in value.uses()}
+        if not readers <= {"Transpose", "Gather", "Mul", "Add"}:
+            raise PanguLightError(
+                f"pass slice-hidden: {value.name} is also read by {sorted(readers)}; "
+                "slicing it would change those readers too"
+            )
+
+    @staticmethod
+    def _clear_intermediate_shapes(model: ir.Model) -> None:
+        graph = model.graph
+        boundary = set(graph.inputs) | set(graph.outputs) | set(graph.initializers.values())
+        for node in graph:
+            for value in node.outputs:
+                if value not in boundary:
+                    value.shape = None
