@@ -128,9 +128,11 @@ def export_to_file(spec: str, output: Path, *, kv_cache: bool, progress=None):
 
 
 def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+
     def progress(message: str) -> None:
         if not args.quiet:
-            print(f"... {message}", file=sys.stderr, flush=True)
+            print(f"... {message} [{time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
 
     ir_model, model_map, seconds = export_to_file(
         args.model, args.output, kv_cache=args.kv_cache, progress=progress

@@ -224,7 +224,7 @@ def test_io_names_and_dynamic_dims_decode(exported_graph, family):
 @pytest.mark.parametrize(
     "config",
     [
-        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50),
+        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0),
         transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
                                 intermediate_size=32, vocab_size=50),
     ],
@@ -240,7 +240,7 @@ def test_unsupported_architecture_names_supported_families(config):
 
 
 def test_export_refuses_unsupported_model_before_tracing():
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
     with pytest.raises(PanguLightError, match="not supported; supported decoder-only families: gemma2"):
         export_model(model, ExportOptions(kv_cache=False))
 
