@@ -70,6 +70,35 @@ def smollm2_dir():
     return resolve_model("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_dir):
+    from pangu_light.frontend.loading import load_hf_model
+
+    return load_hf_model(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_graph(smollm2_model):
+    """``smollm2_graph(kv_cache) -> path``: SmolLM2-135M exported once into the graph cache
+    (each export takes about a minute on two cores; several test files share it)."""
+    import onnx_ir as ir
+
+    from pangu_light.frontend.export import ExportOptions, export_model
+
+    root = _graph_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+
+    def get(kv_cache: bool = False) -> Path:
+        path = root / f"smollm2-135m{'-kv' if kv_cache else ''}.onnx"
+        if not path.exists():
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            ir.save(export_model(smollm2_model, ExportOptions(kv_cache=kv_cache)), partial)
+            os.replace(partial, path)
+        return path
+
+    return get
+
+
 def pytest_generate_tests(metafunc):
     if "family" in metafunc.fixturenames and not any(
         m.name == "parametrize" and "family" in m.args[0] for m in metafunc.definition.iter_markers()

@@ -254,26 +254,15 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    from pangu_light.frontend.loading import load_hf_model, load_tokenizer
+def smollm2(smollm2_model, smollm2_dir):
+    from pangu_light.frontend.loading import load_tokenizer
 
-    return load_hf_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    return smollm2_model, load_tokenizer(smollm2_dir)
 
 
 @pytest.fixture(scope="module")
-def smollm2_export(smollm2, tmp_path_factory):
-    model, _ = smollm2
-    root = tmp_path_factory.mktemp("smollm2")
-    paths = {}
-
-    def get(kv_cache: bool):
-        if kv_cache not in paths:
-            path = root / f"smollm2{'-kv' if kv_cache else ''}.onnx"
-            ir.save(export_model(model, ExportOptions(kv_cache=kv_cache)), path)
-            paths[kv_cache] = path
-        return paths[kv_cache]
-
-    return get
+def smollm2_export(smollm2_graph):
+    return smollm2_graph
 
 
 def _smollm2_batch(tokenizer):

@@ -126,14 +126,6 @@ def add_metadata():
 
 
 @pytest.fixture(scope="session")
-def smollm2_decode(smollm2_dir, tmp_path_factory):
-    """(hf_model, decode graph path) for SmolLM2-135M, exported once per session."""
-    import onnx_ir as ir
-
-    from pangu_light.frontend.export import ExportOptions, export_model
-    from pangu_light.frontend.loading import load_hf_model
-
-    model = load_hf_model(smollm2_dir)
-    path = tmp_path_factory.mktemp("smollm2") / "smollm2-kv.onnx"
-    ir.save(export_model(model, ExportOptions(kv_cache=True)), path)
-    return model, path
+def smollm2_decode(smollm2_model, smollm2_graph):
+    """(hf_model, decode graph path) for SmolLM2-135M, exported once (shared graph cache)."""
+    return smollm2_model, smollm2_graph(kv_cache=True)
