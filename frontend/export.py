@@ -25,6 +25,7 @@ MatMul/Softmax) so every family, Gemma2's logit soft-capping included, has one s
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
@@ -250,8 +251,6 @@ def _strip_wrapper_prefix(model: ir.Model) -> None:
 
 
 def _strip_scopes(scopes: str, prefix: str) -> str:
-    import ast
-
     parts = ast.literal_eval(scopes)
     stripped = [p[len(prefix):] if p.startswith(prefix) else ("" if p == _WRAPPED else p) for p in parts]
     return repr(stripped)
