@@ -11,11 +11,8 @@ import onnx_ir as ir
 __all__ = [
     "NAME_SCOPES_KEY",
     "module_scopes",
-    "module_path",
     "constant_array",
-    "producer_op",
     "walk_back",
-    "walk_forward",
     "replace_initializer",
 ]
 
@@ -32,23 +29,11 @@ def module_scopes(node: ir.Node) -> list[str]:
     return [s for s in scopes[:-1] if s]
 
 
-def module_path(node: ir.Node) -> str:
-    """The innermost module that produced ``node`` ('' when none is recorded)."""
-    scopes = module_scopes(node)
-    return scopes[-1] if scopes else ""
-
-
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The numpy value of a constant (initializer or folded constant), else None."""
     if value is None or value.const_value is None:
         return None
     return value.const_value.numpy()
-
-
-def producer_op(value: ir.Value | None) -> str | None:
-    if value is None or value.producer() is None:
-        return None
-    return value.producer().op_type
 
 
 def walk_back(start: Iterable[ir.Value], stop: set[ir.Value] | None = None) -> Iterator[ir.Value]:
@@ -67,20 +52,6 @@ def walk_back(start: Iterable[ir.Value], stop: set[ir.Value] | None = None) -> I
         node = value.producer()
         if node is not None:
             stack.extend(v for v in node.inputs if v is not None)
-
-
-def walk_forward(start: ir.Value, limit: int = 100_000) -> Iterator[ir.Node]:
-    """Every node that depends on ``start``."""
-    seen: set[ir.Node] = set()
-    stack = [start]
-    while stack and len(seen) < limit:
-        value = stack.pop()
-        for node in value.consumers():
-            if node in seen:
-                continue
-            seen.add(node)
-            yield node
-            stack.extend(node.outputs)
 
 
 def replace_initializer(value: ir.Value, array: np.ndarray) -> None:
