@@ -9,51 +9,10 @@ import onnx_ir as ir
 import pytest
 
 from pangu_light.passes import registry
-from pangu_light.passes.base import Option, PanguPass
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.tools import cli, compile_cmd
 from pangu_light.tools.cli import main
-
-W_VALUES = np.arange(12, dtype=np.float32).reshape(4, 3) / 7.0
-
-
-def build_model() -> ir.Model:
-    x = ir.Value(name="x", shape=ir.Shape([2, 4]), type=ir.TensorType(ir.DataType.FLOAT))
-    weight = ir.Value(name="W", const_value=ir.tensor(W_VALUES, name="W"))
-    node = ir.node("MatMul", [x, weight], name="matmul")
-    y = node.outputs[0]
-    y.name, y.shape, y.dtype = "y", ir.Shape([2, 3]), ir.DataType.FLOAT
-    graph = ir.Graph([x], [y], nodes=[node], initializers=[weight], opset_imports={"": 18}, name="toy")
-    return ir.Model(graph, ir_version=10)
-
-
-class ScaleWeightPass(PanguPass):
-    name = "scale-weight"
-    options_schema = {"factor": Option(float, default=2.0)}
-
-    def call(self, model):
-        value = model.graph.initializers["W"]
-        value.const_value = ir.tensor(value.const_value.numpy() * np.float32(self.options["factor"]), name="W")
-        self.tag(value)
-        self.count("initializers_scaled")
-        return ir.passes.PassResult(model, modified=True)
-
-
-class BreakShapePass(PanguPass):
-    name = "break-shape"
-
-    def call(self, model):
-        value = model.graph.initializers["W"]
-        value.const_value = ir.tensor(np.ones((5, 3), np.float32), name="W")
-        value.shape = ir.Shape([5, 3])
-        return ir.passes.PassResult(model, modified=True)
-
-
-class NoOpPass(PanguPass):
-    name = "no-op"
-
-    def call(self, model):
-        return ir.passes.PassResult(model, modified=False)
+from toy_passes import W_VALUES, BreakShapePass, NoOpPass, ScaleWeightPass, build_model
 
 
 @pytest.fixture(autouse=True)
