@@ -6,8 +6,28 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import torch
+
+from pangu_light.passes.manager import PASS_STATS_KEY, PIPELINE_KEY, run_pipeline
+
+
+def compile_graph(path, pipeline: str, out):
+    """Run ``pipeline`` (verified after each pass) on the graph at ``path``; save it to ``out``."""
+    model = ir.load(path)
+    report = run_pipeline(model, pipeline, verify=True)
+    ir.save(model, out)
+    return model, report
+
+
+def graph_bytes(model: ir.Model) -> bytes:
+    """The serialized model without the provenance keys the manager writes."""
+    proto = ir.serde.serialize_model(model)
+    kept = [p for p in proto.metadata_props if p.key not in (PIPELINE_KEY, PASS_STATS_KEY)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    return proto.SerializeToString(deterministic=True)
 
 
 def left_padded_batch(vocab: int, lengths=(9, 6, 4), seed: int = 0):

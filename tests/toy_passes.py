@@ -7,7 +7,6 @@ import numpy as np
 import onnx_ir as ir
 
 from pangu_light.passes.base import Option, PanguPass
-from pangu_light.passes.manager import PASS_STATS_KEY, PIPELINE_KEY
 
 W_VALUES = np.arange(12, dtype=np.float32).reshape(4, 3) / 7.0
 
@@ -24,15 +23,6 @@ def build_model(w: np.ndarray = W_VALUES) -> ir.Model:
     y.dtype = ir.DataType.FLOAT
     graph = ir.Graph([x], [y], nodes=[node], initializers=[weight], opset_imports={"": 18}, name="toy")
     return ir.Model(graph, ir_version=10)
-
-
-def graph_bytes(model: ir.Model) -> bytes:
-    """The serialized model without the provenance keys the manager writes."""
-    proto = ir.serde.serialize_model(model)
-    kept = [p for p in proto.metadata_props if p.key not in (PIPELINE_KEY, PASS_STATS_KEY)]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    return proto.SerializeToString(deterministic=True)
 
 
 class ScaleWeightPass(PanguPass):

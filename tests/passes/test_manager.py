@@ -15,7 +15,8 @@ from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.manager import PASS_STATS_KEY, PIPELINE_KEY, run_passes, run_pipeline
 from pangu_light.passes.pipeline import Pipeline
 from pangu_light.passes.verify import verify_model
-from toy_passes import W_VALUES, BreakShapePass, NoOpPass, ScaleWeightPass, build_model, graph_bytes
+from toy_passes import W_VALUES, BreakShapePass, NoOpPass, ScaleWeightPass, build_model
+from reference import graph_bytes
 
 
 def run_ort(model: ir.Model, x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,10 @@ import pytest
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.manager import run_pipeline
 from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.pipeline import format_value
 from reference import (
+    compile_graph,
+    graph_bytes,
     left_padded_batch,
     max_diff_on_tokens,
     ort_decode_logits,
@@ -23,20 +26,9 @@ TOLERANCE = 1e-5
 KEEP = sorted(np.random.default_rng(0).choice(64, size=40, replace=False).tolist())
 
 
-def _compile(path, pipeline: str, out):
-    model = ir.load(path)
-    report = run_pipeline(model, pipeline, verify=True)
-    ir.save(model, out)
-    return model, report
-
-
-def _keep_text(keep):
-    return "[" + ",".join(map(str, keep)) + "]"
-
-
 def test_no_cache_matches_torch(exported_graph, family, tmp_path):
     hf_model, path = exported_graph(family)
-    pruned, report = _compile(path, f"slice-hidden{{keep={_keep_text(KEEP)}}}", tmp_path / "p.onnx")
+    pruned, report = compile_graph(path, f"slice-hidden{{keep={format_value(KEEP)}}}", tmp_path / "p.onnx")
     model_map = ModelMap.from_model(pruned)
     assert model_map.hidden_size == 40
     assert all(n.gamma.shape == ir.Shape([40]) for n in model_map.hidden_norms())
@@ -49,7 +41,7 @@ def test_no_cache_matches_torch(exported_graph, family, tmp_path):
 
 def test_decode_matches_torch(exported_graph, family, tmp_path):
     hf_model, path = exported_graph(family, kv_cache=True)
-    _compile(path, "slice-hidden{keep_first=48}", tmp_path / "p.onnx")
+    compile_graph(path, "slice-hidden{keep_first=48}", tmp_path / "p.onnx")
     ids, mask = left_padded_batch(hf_model.config.vocab_size)
     got, all_ids, all_mask = ort_decode_logits(tmp_path / "p.onnx", ids, mask, steps=4)
     expected = torch_logits(torch_slice_hidden(hf_model, list(range(48))), all_ids, all_mask)
@@ -60,8 +52,8 @@ def test_decode_matches_torch(exported_graph, family, tmp_path):
 @pytest.mark.parametrize("kv_cache", [False, True], ids=["no-cache", "decode"])
 def test_chained_with_drop_layers(exported_graph, family, kv_cache, tmp_path):
     hf_model, path = exported_graph(family, kv_cache=kv_cache)
-    pipeline = f"drop-layers{{layers=[1,2]}},slice-hidden{{keep={_keep_text(KEEP)}}}"
-    pruned, report = _compile(path, pipeline, tmp_path / "p.onnx")
+    pipeline = f"drop-layers{{layers=[1,2]}},slice-hidden{{keep={format_value(KEEP)}}}"
+    pruned, report = compile_graph(path, pipeline, tmp_path / "p.onnx")
     assert pruned.metadata_props["pangu_light.pipeline"] == pipeline
     reference = torch_slice_hidden(torch_drop_layers(hf_model, [1, 2]), KEEP)
     ids, mask = left_padded_batch(hf_model.config.vocab_size)
@@ -74,7 +66,7 @@ def test_chained_with_drop_layers(exported_graph, family, kv_cache, tmp_path):
 
 def test_tied_embedding_stays_one_tensor(exported_graph, tmp_path):
     _, path = exported_graph("llama")
-    pruned, report = _compile(path, "slice-hidden{keep_first=32}", tmp_path / "p.onnx")
+    pruned, report = compile_graph(path, "slice-hidden{keep_first=32}", tmp_path / "p.onnx")
     model_map = ModelMap.from_model(pruned)
     assert model_map.tied_embeddings
     assert model_map.embedding.shape == ir.Shape([160, 32])
@@ -85,7 +77,7 @@ def test_tied_embedding_stays_one_tensor(exported_graph, tmp_path):
 
 def test_untied_lm_head_sliced_separately(exported_graph, tmp_path):
     _, path = exported_graph("qwen2")
-    pruned, _ = _compile(path, "slice-hidden{keep_first=32}", tmp_path / "p.onnx")
+    pruned, _ = compile_graph(path, "slice-hidden{keep_first=32}", tmp_path / "p.onnx")
     model_map = ModelMap.from_model(pruned)
     assert not model_map.tied_embeddings
     assert model_map.lm_head.weight.shape == ir.Shape([160, 32])
@@ -95,7 +87,7 @@ def test_untied_lm_head_sliced_separately(exported_graph, tmp_path):
 def test_q_k_norms_untouched(exported_graph, tmp_path):
     _, path = exported_graph("qwen3")
     original = ModelMap.from_model(ir.load(path))
-    pruned, _ = _compile(path, "slice-hidden{keep_first=32}", tmp_path / "p.onnx")
+    pruned, _ = compile_graph(path, "slice-hidden{keep_first=32}", tmp_path / "p.onnx")
     for before, after in zip(original.layers, ModelMap.from_model(pruned).layers):
         np.testing.assert_array_equal(
             before.attention.q_norm.gamma.const_value.numpy(), after.attention.q_norm.gamma.const_value.numpy()
@@ -105,12 +97,9 @@ def test_q_k_norms_untouched(exported_graph, tmp_path):
 
 def test_keeping_everything_changes_nothing(exported_graph, tmp_path):
     _, path = exported_graph("llama")
-    model, report = _compile(path, "slice-hidden{keep_first=64}", tmp_path / "p.onnx")
+    model, report = compile_graph(path, "slice-hidden{keep_first=64}", tmp_path / "p.onnx")
     assert not report.records[0].modified
-    model.metadata_props.pop("pangu_light.pipeline")
-    model.metadata_props.pop("pangu_light.pass_stats")
-    ir.save(model, tmp_path / "same.onnx")
-    assert (tmp_path / "same.onnx").read_bytes() == path.read_bytes()
+    assert graph_bytes(model) == graph_bytes(ir.load(path))
 
 
 @pytest.mark.parametrize(
