@@ -18,24 +18,13 @@ from pangu_light.frontend.loading import (
     resolve_model,
 )
 from pangu_light.passes.errors import PanguLightError
+from families import tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    import transformers
-
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
     path = tmp_path_factory.mktemp("tiny-llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tiny_model("llama").save_pretrained(path)
     return path
 
 
