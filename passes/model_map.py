@@ -51,7 +51,8 @@ _ELEMENTWISE = frozenset({"Div", "Tanh", "Mul", "Cast"})
 _LAYER_SCOPE = re.compile(r"^(?P<stack>.+)\.(?P<index>\d+)$")
 
 
-@dataclasses.dataclass
+# eq=False: parts of the map are compared by identity (``x in layer_linears``), never by value.
+@dataclasses.dataclass(eq=False)
 class Norm:
     role: str
     module: str
@@ -67,7 +68,7 @@ class Norm:
         return 1.0 + w if self.one_plus_w else w
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Linear:
     module: str
     weight: ir.Value  # initializer [out, in]
@@ -262,6 +263,13 @@ class _MapBuilder:
         self.model = model
         self.graph = model.graph
         self.initializers = set(self.graph.initializers.values())
+        self._upstream: dict[ir.Value, set[ir.Value]] = {}
+
+    def upstream(self, value: ir.Value) -> set[ir.Value]:
+        """Every value ``value`` depends on (memoised: several roles ask about one input)."""
+        if value not in self._upstream:
+            self._upstream[value] = set(walk_back([value]))
+        return self._upstream[value]
 
     # -- errors
     def fail(self, what: str) -> PanguLightError:
@@ -506,9 +514,9 @@ class _MapBuilder:
         if len({id(q), id(k), id(v)}) != 3:
             raise self.fail(f"{where}: q, k and v projections are not distinct")
         after_context = [
-            (lin, set(walk_back([lin.input])))
+            (lin, self.upstream(lin.input))
             for lin in linears
-            if lin not in qkv and context.outputs[0] in set(walk_back([lin.input]))
+            if lin not in qkv and context.outputs[0] in self.upstream(lin.input)
         ]
         # o_proj is the first of them: no other linear after the attention feeds it.
         o_candidates = [
@@ -597,7 +605,7 @@ class _MapBuilder:
         rest = [lin for lin in linears if id(lin) not in used]
         down_candidates = []
         for lin in rest:
-            upstream = {v for v in walk_back([lin.input])}
+            upstream = self.upstream(lin.input)
             feeders = [other for other in rest if other is not lin and other.output in upstream]
             if feeders:
                 down_candidates.append((lin, feeders))
