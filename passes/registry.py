@@ -21,6 +21,12 @@ Registry = Mapping[str, "str | type[PanguPass]"]
 PASSES: dict[str, str | type[PanguPass]] = {
     "drop-layers": "pangu_light.passes.drop_layers:DropLayersPass",
     "slice-hidden": "pangu_light.passes.slice_hidden:SliceHiddenPass",
+    "prune-heads": "pangu_light.passes.prune_heads:PruneHeadsPass",
+    "prune-kv-groups": "pangu_light.passes.prune_kv_groups:PruneKVGroupsPass",
+    "prune-ffn": "pangu_light.passes.prune_ffn:PruneFFNPass",
+    "slnp": "pangu_light.passes.slnp:SLNPPass",
+    "absorb-post-norm": "pangu_light.passes.absorb_post_norm:AbsorbPostNormPass",
+    "drop-post-norm": "pangu_light.passes.drop_post_norm:DropPostNormPass",
 }
 
 
