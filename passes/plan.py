@@ -1,7 +1,10 @@
 """The prune plan: every data-dependent decision, written down so the passes can stay pure.
 
 The planner (``pangu_light.calib.planner``) turns calibration statistics and targets into a
-``PrunePlan``; the passes read it (option ``plan=PATH``) and never look at data. The JSON
+``PrunePlan``. ``compile --plan plan.json`` records the plan in the graph's metadata
+(``pangu_light.plan``) and runs ``plan.pipeline()``, whose passes take the option
+``plan=true``: they read the plan from the graph they rewrite, so a pass stays a pure
+function of its input graph, and the output graph carries the plan that made it. The JSON
 form is meant to be read by people::
 
     {
@@ -35,6 +38,8 @@ import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import onnx_ir as ir
 
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.pipeline import PassSpec, Pipeline
@@ -327,10 +332,26 @@ class PrunePlan:
 
     # -- what to run -----------------------------------------------------------------------
 
-    def pipeline(self, plan_path: str, *, slnp: bool | None = None, clap: bool | None = None) -> Pipeline:
-        """The passes that carry out this plan, in an order in which they compose."""
+    def attach(self, model: ir.Model) -> None:
+        """Record the plan in ``model``'s metadata, where ``plan=true`` passes read it."""
+        model.metadata_props[PLAN_KEY] = json.dumps(self.to_json(), separators=(",", ":"))
+
+    @classmethod
+    def from_model(cls, model: ir.Model, pass_name: str) -> PrunePlan:
+        """The plan recorded in ``model`` (by ``attach``); a clear error when there is none."""
+        text = model.metadata_props.get(PLAN_KEY)
+        if not text:
+            raise PanguLightError(
+                f"pass {pass_name}: plan=true but the graph carries no plan; run it through "
+                "`pangu-light compile --plan plan.json`, or give the kept indices explicitly"
+            )
+        return cls.from_json(json.loads(text), where=f"the plan recorded in the graph (pass {pass_name})")
+
+    def pipeline(self, *, slnp: bool | None = None, clap: bool | None = None) -> Pipeline:
+        """The passes that carry out this plan (attached to the graph), in an order in which
+        they compose."""
         specs: list[PassSpec] = []
-        path = str(plan_path)
+        path = True
         if any(len(l.kv_groups) < s.num_kv_heads for l, s in zip(self.layers, self.shapes)):
             specs.append(PassSpec("prune-kv-groups", {"plan": path}))
         if any(len(l.heads) < s.num_heads for l, s in zip(self.layers, self.shapes)):
