@@ -1,0 +1,202 @@
+"""Calibration statistics (paper section 3): what the planner ranks, computed through the graph.
+
+For calibration tokens X (padding excluded) and per-sample sums from ``calib.taps``:
+
+    S_channel[k] = sum_l sum_{x in X} |RMSNorm_l(x)[k]|          every hidden-size norm   (eq. 1)
+    S_head_l[j]  = sum_{x in X} || attn_l(x)[head j] ||_2        before o_proj            (eq. 2)
+    S_ffn_l[m]   = sum_{x in X} | act(x W_gate) * (x W_up) |[m]  input of down_proj       (eq. 3)
+    BI_l         = 1 - mean_{x in X} cos(h_{l-1}(x), h_l(x))     layer input vs output    (eq. 4)
+    s_inv_n      = mean_{x in X} 1 / sqrt(mean_k x_k^2 + eps)    input of each post-norm  (eq. 8)
+
+``aggregation="paper"`` sums over every token as written above. ``"minitron"`` (Minitron,
+Muralidharan et al. 2024) takes, for each sample, the mean over its tokens and then the L2
+norm over samples; for S_channel that is done per norm and the norms are then summed.
+Block Influence and s_inv are means over all tokens in both cases.
+
+Per norm, the statistics of its effective gamma (1 + w for Gemma) are stored too (paper
+Figure 3: how spread the post-norm scales are): mean, std, min, max, mean |gamma|, L2.
+
+Saved as .npz: ``channel`` [H], ``head.<l>``, ``ffn.<l>``, ``block_influence`` [L],
+``s_inv.<gamma name>`` (scalar), ``gamma.<gamma name>`` [6], ``tokens``, and ``meta`` (JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from pangu_light.calib.taps import TapLayout, add_statistic_taps
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.model_map import ModelMap
+
+__all__ = ["AGGREGATIONS", "CalibrationStats", "GAMMA_FIELDS", "StatsAccumulator", "calibrate", "gamma_statistics"]
+
+AGGREGATIONS = ("paper", "minitron")
+GAMMA_FIELDS = ("mean", "std", "min", "max", "mean_abs", "l2")
+STATS_FORMAT = "pangu-light-stats/1"
+
+
+@dataclasses.dataclass
+class CalibrationStats:
+    channel: np.ndarray
+    heads: list[np.ndarray]
+    ffn: list[np.ndarray]
+    block_influence: np.ndarray
+    s_inv: dict[str, float]
+    gamma: dict[str, np.ndarray]
+    tokens: int
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temporary file in the same folder, then rename)."""
+        arrays: dict[str, np.ndarray] = {
+            "channel": self.channel,
+            "block_influence": self.block_influence,
+            "tokens": np.array(self.tokens),
+            "meta": np.array(json.dumps({"format": STATS_FORMAT, **self.meta})),
+        }
+        arrays.update({f"head.{i}": h for i, h in enumerate(self.heads)})
+        arrays.update({f"ffn.{i}": f for i, f in enumerate(self.ffn)})
+        arrays.update({f"s_inv.{name}": np.array(v) for name, v in self.s_inv.items()})
+        arrays.update({f"gamma.{name}": g for name, g in self.gamma.items()})
+        path = Path(path)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, **arrays)
+        os.replace(tmp.name, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationStats:
+        path = Path(path)
+        try:
+            data = np.load(path, allow_pickle=False)
+            meta = json.loads(str(data["meta"]))
+        except (OSError, ValueError, KeyError) as error:
+            raise PanguLightError(
+                f"{path} is not a statistics file written by `pangu-light calibrate` ({error})"
+            ) from None
+        if meta.pop("format", None) != STATS_FORMAT:
+            raise PanguLightError(f"{path} has an unknown statistics format; re-run `pangu-light calibrate`")
+        layers = sum(1 for key in data.files if key.startswith("head."))
+        return cls(
+            channel=data["channel"],
+            heads=[data[f"head.{i}"] for i in range(layers)],
+            ffn=[data[f"ffn.{i}"] for i in range(layers)],
+            block_influence=data["block_influence"],
+            s_inv={k[len("s_inv."):]: float(data[k]) for k in data.files if k.startswith("s_inv.")},
+            gamma={k[len("gamma."):]: data[k] for k in data.files if k.startswith("gamma.")},
+            tokens=int(data["tokens"]),
+            meta=meta,
+        )
+
+
+def gamma_statistics(model_map: ModelMap) -> dict[str, np.ndarray]:
+    """Per norm (hidden, q/k), GAMMA_FIELDS of the effective gamma."""
+    result = {}
+    for norm in model_map.all_norms():
+        g = norm.effective_gamma().astype(np.float64)
+        result[norm.gamma.name] = np.array(
+            [g.mean(), g.std(), g.min(), g.max(), np.abs(g).mean(), np.sqrt((g * g).sum())]
+        )
+    return result
+
+
+class StatsAccumulator:
+    """Folds per-batch tap outputs into float64 totals, both aggregations at once."""
+
+    def __init__(self, layout: TapLayout):
+        self.layout = layout
+        self.tokens = 0
+        self.sums: dict[str, np.ndarray] = {}  # paper: sum over every token
+        self.squares: dict[str, np.ndarray] = {}  # minitron: sum over samples of (per-sample mean)^2
+
+    def add(self, outputs: dict[str, np.ndarray], mask: np.ndarray) -> None:
+        counts = mask.sum(axis=1).astype(np.float64)  # tokens per sample
+        if (counts == 0).any():
+            raise PanguLightError("a calibration sample has no tokens (all padding)")
+        self.tokens += int(counts.sum())
+        for name, value in outputs.items():
+            value = value.astype(np.float64)
+            per_sample_mean = value / counts.reshape((-1,) + (1,) * (value.ndim - 1))
+            self.sums[name] = self.sums.get(name, 0.0) + value.sum(axis=0)
+            self.squares[name] = self.squares.get(name, 0.0) + (per_sample_mean**2).sum(axis=0)
+
+    def _aggregate(self, name: str, aggregation: str) -> np.ndarray:
+        return self.sums[name] if aggregation == "paper" else np.sqrt(self.squares[name])
+
+    def result(self, model_map: ModelMap, aggregation: str = "paper", meta: dict | None = None) -> CalibrationStats:
+        if aggregation not in AGGREGATIONS:
+            raise PanguLightError(f"unknown aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+        if not self.tokens:
+            raise PanguLightError("no calibration tokens were seen")
+        layout = self.layout
+        channel = sum(self._aggregate(name, aggregation) for name in layout.channel.values())
+        mean_cos = np.array([self.sums[name] / self.tokens for name in layout.cosine])
+        return CalibrationStats(
+            channel=np.asarray(channel),
+            heads=[self._aggregate(name, aggregation) for name in layout.heads],
+            ffn=[self._aggregate(name, aggregation) for name in layout.ffn],
+            block_influence=1.0 - mean_cos,
+            s_inv={gamma: float(self.sums[name] / self.tokens) for gamma, name in layout.s_inv.items()},
+            gamma=gamma_statistics(model_map),
+            tokens=self.tokens,
+            meta={"aggregation": aggregation, **(meta or {})},
+        )
+
+
+def calibrate(
+    graph_path: str | os.PathLike,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    *,
+    aggregation: str = "paper",
+    provider: str = "cpu",
+    threads: int | None = None,
+    meta: dict | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> CalibrationStats:
+    """Run the tapped graph over ``batches`` of (input_ids [B, S], attention_mask [B, S]).
+
+    The graph at ``graph_path`` is not modified: a tapped copy is written to a temporary file
+    (ONNX Runtime reads models from files) and removed afterwards."""
+    from pangu_light.runtime.session import create_session
+
+    if aggregation not in AGGREGATIONS:
+        raise PanguLightError(f"unknown aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
+    model = ir.load(graph_path)
+    model_map = ModelMap.from_model(model)
+    layout = add_statistic_taps(model, model_map)
+    past_inputs = [v for v in model.graph.inputs if v.name.startswith("past_key_values.")]
+    with tempfile.TemporaryDirectory(prefix="pangu-light-calib-") as workdir:
+        tapped = Path(workdir) / "tapped.onnx"
+        ir.save(model, tapped, external_data="tapped.onnx.data")
+        del model
+        info = create_session(tapped, provider=provider, threads=threads)
+        accumulator = StatsAccumulator(layout)
+        names = layout.outputs()
+        for input_ids, mask in batches:
+            feeds = {"input_ids": input_ids.astype(np.int64), layout.mask_name: mask.astype(np.int64)}
+            for past in past_inputs:  # a decode graph calibrates with an empty past
+                kv_heads, head_dim = past.shape[1], past.shape[3]
+                feeds[past.name] = np.zeros((input_ids.shape[0], kv_heads, 0, head_dim), np.float32)
+            outputs = dict(zip(names, info.session.run(names, feeds)))
+            accumulator.add(outputs, mask)
+            if on_batch is not None:
+                on_batch(int(mask.sum()))
+    stats_meta = {"graph": str(graph_path), "providers": info.providers_in_use, **(meta or {})}
+    return accumulator.result(model_map, aggregation, stats_meta)
+
+
+def batched(sequences: np.ndarray, batch_size: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, all-ones mask) batches over fixed-length token sequences [N, L]."""
+    if batch_size < 1:
+        raise PanguLightError(f"batch size must be at least 1 (got {batch_size})")
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        yield chunk, np.ones_like(chunk)

@@ -1,0 +1,137 @@
+"""Statistic taps: reductions added to a copy of the graph so ORT computes what calibration needs.
+
+The statistics of the method are sums over tokens of functions of intermediate values. The
+values themselves are [batch, seq, width] per layer, far too much to copy out of the session
+(SmolLM2-135M at 8 x 256 tokens: ~0.7 GB per batch), so each tap adds a small reduction after
+the value it reads and makes only the per-sample result a graph output. Padding never counts:
+every per-token term goes through ``Where(mask, term, 0)`` before the sum over the sequence
+(a padded position may hold anything, even NaN)::
+
+    y = RMSNorm_l(x)      [B,S,H] --Abs--Where(mask)--ReduceSum(S)-->   tap.channel.<norm>  [B,H]
+    context (o_proj in)   [B,S,n*d] --Reshape[B,S,n,d]--ReduceL2(d)--Where--ReduceSum(S)-->
+                                                                         tap.head.<l>     [B,n]
+    act(g)*u (down in)    [B,S,F] --Abs--Where--ReduceSum(S)-->          tap.ffn.<l>      [B,F]
+    layer in x, out y     [B,S,H] --cos(x,y) [B,S]--Where--ReduceSum(S)--> tap.cos.<l>    [B]
+    post-norm 1/rms(x)    [B,S,1] (the norm's own Reciprocal) --Where--ReduceSum(S,1)-->
+                                                                         tap.s_inv.<norm> [B]
+
+The tapped graph outputs only the taps (not the logits), so ORT skips the lm_head: the
+statistics cost less than a plain forward. Sums inside one batch are float32; the caller
+accumulates batches in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.model_map import ModelMap, Norm
+
+__all__ = ["TapLayout", "add_statistic_taps"]
+
+
+@dataclasses.dataclass
+class TapLayout:
+    """Which graph output holds which statistic (names are the graph outputs)."""
+
+    channel: dict[str, str]  # hidden norm gamma name -> output [B, H]
+    heads: list[str]  # per layer -> output [B, num_heads]
+    ffn: list[str]  # per layer -> output [B, F]
+    cosine: list[str]  # per layer -> output [B]
+    s_inv: dict[str, str]  # post-norm gamma name -> output [B]
+    mask_name: str
+
+    def outputs(self) -> list[str]:
+        return [*self.channel.values(), *self.heads, *self.ffn, *self.cosine, *self.s_inv.values()]
+
+
+class _Builder:
+    def __init__(self, model: ir.Model):
+        self.graph = model.graph
+        self.count = 0
+
+    def const(self, array: np.ndarray) -> ir.Value:
+        node = ir.node("Constant", [], attributes={"value": ir.tensor(array)})
+        self.graph.append(node)
+        return node.outputs[0]
+
+    def op(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
+        node = ir.node(op_type, list(inputs), attributes=attributes)
+        self.graph.append(node)
+        self.count += 1
+        node.outputs[0].name = f"pangu_light.tap.{self.count}.{op_type}"
+        return node.outputs[0]
+
+    def output(self, value: ir.Value, name: str) -> str:
+        out = self.op("Identity", value)
+        out.name = name
+        out.dtype = ir.DataType.FLOAT
+        self.graph.outputs.append(out)
+        return name
+
+
+def add_statistic_taps(model: ir.Model, model_map: ModelMap | None = None) -> TapLayout:
+    """Add the reductions and outputs in place (use a copy: ``ir.load`` the graph again).
+
+    All previous outputs are removed: the tapped graph computes statistics only."""
+    model_map = model_map or ModelMap.from_model(model)
+    graph = model.graph
+    mask_input = next((v for v in graph.inputs if v.name == "attention_mask"), None)
+    if mask_input is None:
+        raise PanguLightError("calibration needs a graph with an attention_mask input (exported by pangu-light)")
+    graph.outputs.clear()
+    b = _Builder(model)
+    seq_axis = b.const(np.array([1], np.int64))
+    seq_and_last = b.const(np.array([1, 2], np.int64))
+    last_axis = b.const(np.array([-1], np.int64))
+    zero = b.const(np.array(0.0, np.float32))
+    # The mask covers past + current tokens; calibration runs with an empty past, so it is [B, S].
+    token_mask = b.op("Cast", mask_input, to=ir.DataType.BOOL)  # [B, S]
+    token_mask3 = b.op("Unsqueeze", token_mask, last_axis)  # [B, S, 1]
+
+    def masked_sum(term: ir.Value, mask: ir.Value, axes: ir.Value) -> ir.Value:
+        return b.op("ReduceSum", b.op("Where", mask, term, zero), axes, keepdims=0)
+
+    layout = TapLayout({}, [], [], [], {}, mask_input.name)
+    for norm in model_map.hidden_norms():
+        value = masked_sum(b.op("Abs", norm.output), token_mask3, seq_axis)
+        layout.channel[norm.gamma.name] = b.output(value, f"tap.channel.{norm.gamma.name}")
+    for layer in model_map.layers:
+        attention = layer.attention
+        heads_shape = b.const(np.array([0, 0, attention.num_heads, attention.head_dim], np.int64))
+        per_head = b.op("Reshape", attention.context, heads_shape)  # [B, S, n, d]
+        head_norm = b.op("ReduceL2", per_head, b.const(np.array([3], np.int64)), keepdims=0)  # [B, S, n]
+        layout.heads.append(b.output(masked_sum(head_norm, token_mask3, seq_axis), f"tap.head.{layer.index}"))
+
+        neurons = b.op("Abs", layer.ffn.down.input)
+        layout.ffn.append(b.output(masked_sum(neurons, token_mask3, seq_axis), f"tap.ffn.{layer.index}"))
+
+        x, y = layer.input, layer.output
+        dot = b.op("ReduceSum", b.op("Mul", x, y), last_axis, keepdims=0)
+        norms = b.op("Mul", b.op("ReduceL2", x, last_axis, keepdims=0), b.op("ReduceL2", y, last_axis, keepdims=0))
+        cosine = b.op("Div", dot, norms)  # [B, S]
+        layout.cosine.append(b.output(masked_sum(cosine, token_mask, seq_axis), f"tap.cos.{layer.index}"))
+
+        for role in ("post_attn", "post_ffn"):
+            norm = layer.norms.get(role)
+            if norm is None:
+                continue
+            inverse_rms = _inverse_rms(norm)
+            layout.s_inv[norm.gamma.name] = b.output(
+                masked_sum(inverse_rms, token_mask3, seq_and_last), f"tap.s_inv.{norm.gamma.name}"
+            )
+    return layout
+
+
+def _inverse_rms(norm: Norm) -> ir.Value:
+    """The norm's own 1 / sqrt(mean(x^2) + eps), [B, S, 1]: the Reciprocal node of its chain."""
+    reciprocal = next((n for n in norm.nodes if n.op_type == "Reciprocal"), None)
+    if reciprocal is None:
+        raise PanguLightError(
+            f"norm {norm.module}: no Reciprocal node in its RMSNorm chain "
+            f"({', '.join(n.op_type for n in norm.nodes)}); cannot tap 1/rms for post-norm absorption"
+        )
+    return reciprocal.outputs[0]
