@@ -1,0 +1,353 @@
+"""The planner: calibration statistics + targets -> a PrunePlan (which indices survive).
+
+Choices, each by the statistics of ``calib.stats`` (higher = more important):
+
+- hidden channels: the top ``hidden`` channels by S_channel, one global ranking (eq. 1);
+- KV groups of a layer: the top ``kv_groups`` groups by the mean S_head of their query heads;
+- query heads: inside every kept group, the top ``heads_per_group`` heads by S_head (eq. 2),
+  so every group of a layer keeps the same number and GQA stays regular;
+- FFN neurons: per layer the top ``ffn`` neurons by S_ffn (eq. 3). Without ``uniform`` the
+  same total is spread over the layers by one ranking of the neurons' scores divided by their
+  layer's mean score (raw scores grow with depth, which would starve the first layers);
+- layers: the ``drop_layers`` layers with the lowest Block Influence (eq. 4), or named ones;
+- CLAP (3.2.1): each removed layer merges into the nearest kept layer before it (a removed
+  first layer: the next kept one); the KV groups of the kept layer and of all layers merging
+  into it are ranked together by the mean S_head of their surviving heads (eq. 5) and the top
+  K are kept, K = the kept layer's own count;
+- SLNP (eq. 6) scales ||gamma_orig|| / ||gamma_kept|| are written for every hidden norm;
+- post-norm absorption (eq. 8): the calibrated s_inv of every post-norm.
+
+A parameter budget (``params``: a fraction of the current count) fixes the widths nobody
+gave: hidden, heads per group and FFN shrink by one factor r (found by bisection), then the
+FFN width, the finest axis, is solved for exactly, so the plan lands within 1% of the budget.
+``align`` rounds hidden and FFN widths to multiples of N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pangu_light.calib.stats import CalibrationStats
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.model_map import Layer, ModelMap
+from pangu_light.passes.plan import ClapMerge, PrunePlan
+
+__all__ = ["Targets", "make_plan", "count_parameters", "Shape"]
+
+BUDGET_TOLERANCE = 0.01
+
+
+@dataclasses.dataclass
+class Targets:
+    """What to keep. ``None`` = keep all (or, with ``params``, let the budget decide)."""
+
+    hidden: int | None = None
+    heads_per_group: int | list[int] | None = None
+    kv_groups: int | list[int] | None = None
+    ffn: int | list[int] | None = None
+    drop_layers: int | None = None  # how many, chosen by Block Influence
+    layers: list[int] | None = None  # or exactly which
+    params: float | None = None  # budget: fraction of the current parameter count
+    uniform: bool = False
+    align: int = 1
+    clap: bool = False
+    slnp: bool = True
+    absorb_post_norms: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class Shape:
+    """The kept sizes: hidden, and per layer (original numbering) heads per group, groups, FFN."""
+
+    hidden: int
+    heads_per_group: list[int]
+    kv_groups: list[int]
+    ffn: list[int]
+    dropped: set[int]
+
+
+# ------------------------------------------------------------------------------ counting
+
+
+def count_parameters(model_map: ModelMap, shape: Shape) -> int:
+    """Parameters of the model ``shape`` makes of ``model_map`` (same count as GraphStats)."""
+    h = shape.hidden
+    total = model_map.vocab_size * h + h  # embedding + final norm
+    if not model_map.tied_embeddings:
+        total += model_map.vocab_size * h + (model_map.vocab_size if model_map.lm_head.bias is not None else 0)
+    for layer in model_map.layers:
+        if layer.index in shape.dropped:
+            continue
+        a, f = layer.attention, layer.ffn
+        groups = shape.kv_groups[layer.index]
+        heads = groups * shape.heads_per_group[layer.index]
+        width = shape.ffn[layer.index]
+        total += h * len(layer.norms)
+        total += sum(n.gamma.const_value.size for n in (a.q_norm, a.k_norm) if n is not None)
+        q, kv = heads * a.head_dim, groups * a.head_dim
+        total += h * q + (q if a.q.bias is not None else 0)
+        total += 2 * (h * kv) + (kv if a.k.bias is not None else 0) + (kv if a.v.bias is not None else 0)
+        total += q * h + (h if a.o.bias is not None else 0)
+        if f.fused_gate_up:
+            total += 2 * width * h + (2 * width if f.gate.bias is not None else 0)
+        else:
+            total += 2 * width * h + (width if f.gate.bias is not None else 0) + (width if f.up.bias is not None else 0)
+        total += width * h + (h if f.down.bias is not None else 0)
+    return int(total)
+
+
+def original_shape(model_map: ModelMap) -> Shape:
+    return Shape(
+        hidden=model_map.hidden_size,
+        heads_per_group=[l.attention.num_heads // l.attention.num_kv_heads for l in model_map.layers],
+        kv_groups=[l.attention.num_kv_heads for l in model_map.layers],
+        ffn=[l.ffn.intermediate_size for l in model_map.layers],
+        dropped=set(),
+    )
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) -> PrunePlan:
+    """Turn ``targets`` into a validated plan; impossible targets are PanguLightErrors."""
+    _check_stats(model_map, stats)
+    if targets.align < 1:
+        raise PanguLightError(f"--align must be at least 1 (got {targets.align})")
+    dropped = _layers_to_drop(model_map, stats, targets)
+    shape = _resolve_shape(model_map, targets, dropped)
+    plan = PrunePlan.identity(model_map)
+    plan.hidden = _top(stats.channel, shape.hidden)
+    for layer, layer_plan in zip(model_map.layers, plan.layers):
+        heads = stats.heads[layer.index]
+        rep = layer.attention.num_heads // layer.attention.num_kv_heads
+        group_scores = heads.reshape(layer.attention.num_kv_heads, rep).mean(axis=1)
+        layer_plan.kv_groups = _top(group_scores, shape.kv_groups[layer.index])
+        layer_plan.heads = sorted(
+            g * rep + int(r)
+            for g in layer_plan.kv_groups
+            for r in _top(heads[g * rep : (g + 1) * rep], shape.heads_per_group[layer.index])
+        )
+    for index, keep in _ffn_choice(model_map, stats, shape, targets.uniform).items():
+        plan.layers[index].ffn = keep
+    plan.drop_layers = sorted(dropped)
+    plan.clap = targets.clap
+    if targets.clap and dropped:
+        plan.clap_merges = clap_merges(model_map, stats, plan)
+    plan.slnp = targets.slnp
+    plan.slnp_scales = _slnp_scales(model_map, plan.hidden)
+    plan.absorb_post_norms = targets.absorb_post_norms
+    plan.post_norm_s_inv = dict(stats.s_inv)
+    if targets.absorb_post_norms and not stats.s_inv:
+        raise PanguLightError("--absorb-post-norms: this model has no post-norms (it is not a sandwich-norm model)")
+    before = count_parameters(model_map, original_shape(model_map))
+    after = count_parameters(model_map, shape)
+    plan.targets = targets.to_json()
+    plan.source = {"stats": dict(stats.meta), "calibration_tokens": stats.tokens}
+    plan.estimate = {
+        "parameters_before": before,
+        "parameters_after": after,
+        "parameter_ratio": round(after / before, 6),
+        "hidden": shape.hidden,
+        "heads_per_group": _compact(shape.heads_per_group, dropped),
+        "kv_groups": _compact(shape.kv_groups, dropped),
+        "ffn": _compact(shape.ffn, dropped),
+        "layers": len(model_map.layers) - len(dropped),
+    }
+    plan.validate("the new plan")
+    return plan
+
+
+def clap_merges(model_map: ModelMap, stats: CalibrationStats, plan: PrunePlan) -> list[ClapMerge]:
+    """Eq. 5: per kept layer receiving removed layers, the top-K KV groups over all of them."""
+    dropped = set(plan.drop_layers)
+    kept = [l.index for l in model_map.layers if l.index not in dropped]
+    receivers: dict[int, list[int]] = {}
+    for index in sorted(dropped):
+        before = [k for k in kept if k < index]
+        receivers.setdefault(before[-1] if before else kept[0], []).append(index)
+
+    def candidates(index: int) -> list[tuple[float, int, int]]:
+        layer_plan = plan.layers[index]
+        rep = plan.shapes[index].heads_per_group
+        scores = stats.heads[index]
+        out = []
+        for group in layer_plan.kv_groups:
+            surviving = [h for h in layer_plan.heads if h // rep == group]
+            out.append((float(np.mean(scores[surviving])), index, group))
+        return out
+
+    merges = []
+    for into, removed in sorted(receivers.items()):
+        pool = candidates(into) + [c for r in removed for c in candidates(r)]
+        k = len(plan.layers[into].kv_groups)
+        best = sorted(pool, key=lambda c: (-c[0], c[1], c[2]))[:k]
+        chosen = sorted((layer, group) for _, layer, group in best)
+        for r in removed:
+            merges.append(ClapMerge(removed=r, into=into, groups=chosen))
+    return merges
+
+
+# ------------------------------------------------------------------------------ internals
+
+
+def _check_stats(model_map: ModelMap, stats: CalibrationStats) -> None:
+    if stats.channel.shape != (model_map.hidden_size,) or len(stats.heads) != len(model_map.layers):
+        raise PanguLightError(
+            f"the statistics are for another graph (hidden {stats.channel.shape[0]}, {len(stats.heads)} layers; "
+            f"this graph: hidden {model_map.hidden_size}, {len(model_map.layers)} layers); "
+            "re-run `pangu-light calibrate` on this graph"
+        )
+    for layer in model_map.layers:
+        if stats.heads[layer.index].shape != (layer.attention.num_heads,) or stats.ffn[layer.index].shape != (
+            layer.ffn.intermediate_size,
+        ):
+            raise PanguLightError(
+                f"the statistics do not match layer {layer.index} of this graph; re-run `pangu-light calibrate` on it"
+            )
+
+
+def _layers_to_drop(model_map: ModelMap, stats: CalibrationStats, targets: Targets) -> set[int]:
+    n = len(model_map.layers)
+    if targets.layers is not None and targets.drop_layers is not None:
+        raise PanguLightError("give either the number of layers to drop or which layers, not both")
+    if targets.layers is not None:
+        bad = [i for i in targets.layers if not 0 <= i < n]
+        if bad:
+            raise PanguLightError(f"layer {bad[0]} does not exist; the model has {n} layers (0..{n - 1})")
+        chosen = set(targets.layers)
+    elif targets.drop_layers:
+        if not 0 <= targets.drop_layers:
+            raise PanguLightError(f"cannot drop {targets.drop_layers} layers")
+        chosen = set(int(i) for i in np.argsort(stats.block_influence, kind="stable")[: targets.drop_layers])
+    else:
+        chosen = set()
+    if len(chosen) >= n:
+        raise PanguLightError(f"dropping {len(chosen)} of {n} layers leaves no layer; keep at least one")
+    return chosen
+
+
+def _per_layer(value: int | list[int] | None, default: list[int], what: str, limit: list[int]) -> list[int] | None:
+    if value is None:
+        return None
+    values = [value] * len(default) if isinstance(value, int) else list(value)
+    if len(values) != len(default):
+        raise PanguLightError(f"{what}: {len(values)} values for {len(default)} layers")
+    for index, (v, most) in enumerate(zip(values, limit)):
+        if not 1 <= v <= most:
+            raise PanguLightError(f"{what}={v} for layer {index}: it has {most}; keep between 1 and {most}")
+    return values
+
+
+def _align(width: float, align: int, most: int) -> int:
+    return int(min(most, max(align, align * round(width / align))))
+
+
+def _resolve_shape(model_map: ModelMap, targets: Targets, dropped: set[int]) -> Shape:
+    full = original_shape(model_map)
+    if targets.hidden is not None and not 1 <= targets.hidden <= full.hidden:
+        raise PanguLightError(f"hidden={targets.hidden}: the model has {full.hidden} channels; keep between 1 and {full.hidden}")
+    fixed_heads = _per_layer(targets.heads_per_group, full.heads_per_group, "heads per group", full.heads_per_group)
+    fixed_groups = _per_layer(targets.kv_groups, full.kv_groups, "KV groups", full.kv_groups)
+    fixed_ffn = _per_layer(targets.ffn, full.ffn, "FFN width", full.ffn)
+    if targets.uniform:
+        for values, what in ((fixed_heads, "heads per group"), (fixed_groups, "KV groups"), (fixed_ffn, "FFN width")):
+            if values is not None and len(set(values)) > 1:
+                raise PanguLightError(f"--uniform: {what} differs between layers ({values})")
+
+    def shape_at(r: float) -> Shape:
+        hidden = targets.hidden if targets.hidden is not None else _align(r * full.hidden, targets.align, full.hidden)
+        return Shape(
+            hidden=hidden,
+            heads_per_group=fixed_heads or [max(1, round(r * n)) for n in full.heads_per_group],
+            kv_groups=fixed_groups or list(full.kv_groups),
+            ffn=fixed_ffn or [_align(r * f, targets.align, f) for f in full.ffn],
+            dropped=dropped,
+        )
+
+    if targets.params is None:
+        return shape_at(1.0)
+    if not 0 < targets.params <= 1:
+        raise PanguLightError(f"--params {targets.params}: give the fraction of parameters to keep, in (0, 1]")
+    before = count_parameters(model_map, full)
+    budget = targets.params * before
+    smallest = count_parameters(model_map, shape_at(0.0))
+    if smallest > budget * (1 + BUDGET_TOLERANCE):
+        embedding = model_map.vocab_size * shape_at(0.0).hidden
+        raise PanguLightError(
+            f"--params {targets.params}: a budget of {budget:,.0f} parameters is below the smallest model these "
+            f"targets allow ({smallest:,}; the {model_map.vocab_size}-token embedding alone holds {embedding:,} at "
+            f"hidden {shape_at(0.0).hidden}); raise the budget or drop more layers"
+        )
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if count_parameters(model_map, shape_at(mid)) <= budget else (low, mid)
+    shape = shape_at(low)
+    if fixed_ffn is None:  # solve the FFN width (same in every layer) for the budget exactly
+        unit = count_parameters(model_map, dataclasses.replace(shape, ffn=[1] * len(full.ffn))) - count_parameters(
+            model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn))
+        )
+        rest = count_parameters(model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn)))
+        width = (budget - rest) / unit if unit else 0
+        shape.ffn = [_align(width, targets.align, f) for f in full.ffn]
+    got = count_parameters(model_map, shape)
+    if abs(got - budget) > BUDGET_TOLERANCE * budget:
+        raise PanguLightError(
+            f"--params {targets.params}: the closest plan has {got:,} parameters ({got / before:.3f} of {before:,}); "
+            f"the fixed targets leave too little room: relax --hidden/--heads-per-group/--kv-groups/--ffn or --align"
+        )
+    return shape
+
+
+def _ffn_choice(model_map: ModelMap, stats: CalibrationStats, shape: Shape, uniform: bool) -> dict[int, list[int]]:
+    kept_layers = [l for l in model_map.layers if l.index not in shape.dropped]
+    widths = {l.index: shape.ffn[l.index] for l in kept_layers}
+    total = sum(widths.values())
+    full = sum(l.ffn.intermediate_size for l in kept_layers)
+    if uniform or total == full or len(set(widths.values())) > 1 or len(kept_layers) == 1:
+        return {l.index: _top(stats.ffn[l.index], widths[l.index]) for l in kept_layers}
+    # One ranking over all kept layers of scores normalised by their layer's mean.
+    entries = []
+    for layer in kept_layers:
+        scores = stats.ffn[layer.index]
+        normalised = scores / max(float(scores.mean()), 1e-30)
+        entries += [(-float(s), layer.index, m) for m, s in enumerate(normalised)]
+    entries.sort()
+    chosen: dict[int, list[int]] = {l.index: [] for l in kept_layers}
+    for _, index, m in entries[:total]:
+        chosen[index].append(m)
+    for layer in kept_layers:  # every layer keeps at least one neuron
+        if not chosen[layer.index]:
+            chosen[layer.index] = _top(stats.ffn[layer.index], 1)
+    return {index: sorted(keep) for index, keep in chosen.items()}
+
+
+def _slnp_scales(model_map: ModelMap, hidden: list[int]) -> dict[str, float]:
+    if len(hidden) == model_map.hidden_size:
+        return {}
+    scales = {}
+    for norm in model_map.hidden_norms():
+        gamma = norm.effective_gamma().astype(np.float64)
+        kept = np.linalg.norm(gamma[hidden])
+        scales[norm.gamma.name] = float(np.linalg.norm(gamma) / kept) if kept > 0 else 1.0
+    return scales
+
+
+def _top(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the k highest scores, sorted by index (ties: the lower index wins)."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    return sorted(int(i) for i in order[:k])
+
+
+def _compact(values: Sequence[int], dropped: set[int]) -> int | list[int]:
+    kept = [v for i, v in enumerate(values) if i not in dropped]
+    return kept[0] if len(set(kept)) == 1 else kept

@@ -1,0 +1,164 @@
+"""The planner: choices follow the statistics, budgets are met, impossible targets are errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from pangu_light.calib.planner import Targets, count_parameters, make_plan, original_shape
+from pangu_light.calib.stats import CalibrationStats
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.graph_stats import GraphStats
+from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.plan import PrunePlan, load_plan
+
+
+def fake_stats(model_map: ModelMap, seed: int = 0) -> CalibrationStats:
+    """Statistics of the right shapes with distinct random values (the planner only ranks)."""
+    rng = np.random.default_rng(seed)
+    return CalibrationStats(
+        channel=rng.random(model_map.hidden_size),
+        heads=[rng.random(l.attention.num_heads) for l in model_map.layers],
+        ffn=[rng.random(l.ffn.intermediate_size) for l in model_map.layers],
+        block_influence=rng.random(len(model_map.layers)),
+        s_inv={n.gamma.name: float(rng.random()) for l in model_map.layers for r, n in l.norms.items() if r.startswith("post")},
+        gamma={},
+        tokens=100,
+        meta={"aggregation": "paper"},
+    )
+
+
+@pytest.fixture
+def llama_map(exported_graph):
+    _, path = exported_graph("llama")
+    return ModelMap.from_model(ir.load(path))
+
+
+def test_parameter_count_matches_graph_stats(exported_graph, family):
+    _, path = exported_graph(family)
+    model = ir.load(path)
+    model_map = ModelMap.from_model(model)
+    assert count_parameters(model_map, original_shape(model_map)) == GraphStats.from_model(model).total_parameters
+
+
+def test_choices_follow_the_statistics(llama_map):
+    stats = fake_stats(llama_map)
+    plan = make_plan(llama_map, stats, Targets(hidden=40, heads_per_group=1, kv_groups=1, ffn=50, drop_layers=1, uniform=True))
+    assert plan.hidden == sorted(np.argsort(-stats.channel)[:40].tolist())
+    for layer, layer_plan in zip(llama_map.layers, plan.layers):
+        heads = stats.heads[layer.index]  # 4 heads in 2 groups of 2
+        best_group = int(np.argmax(heads.reshape(2, 2).mean(1)))
+        assert layer_plan.kv_groups == [best_group]
+        assert layer_plan.heads == [best_group * 2 + int(np.argmax(heads[best_group * 2 : best_group * 2 + 2]))]
+        if layer.index not in plan.drop_layers:
+            assert layer_plan.ffn == sorted(np.argsort(-stats.ffn[layer.index])[:50].tolist())
+    assert plan.drop_layers == [int(np.argmin(stats.block_influence))]
+
+
+def test_plan_round_trips_through_json(tmp_path, exported_graph):
+    _, path = exported_graph("gemma2")
+    model_map = ModelMap.from_model(ir.load(path))
+    plan = make_plan(model_map, fake_stats(model_map), Targets(params=0.7, drop_layers=1, clap=True, absorb_post_norms=True))
+    plan.save(tmp_path / "plan.json")
+    again = load_plan(tmp_path / "plan.json")
+    assert again.to_json() == plan.to_json()
+    assert again.post_norm_s_inv and again.slnp_scales and again.clap_merges
+
+
+@pytest.mark.parametrize("budget", [0.4, 0.62, 0.8, 1.0])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_budget_is_met_within_one_percent(llama_map, budget, uniform):
+    plan = make_plan(llama_map, fake_stats(llama_map), Targets(params=budget, uniform=uniform))
+    assert abs(plan.estimate["parameter_ratio"] - budget) <= 0.01 * budget
+    shape_params = plan.estimate["parameters_after"]
+    assert shape_params == count_parameters(llama_map, _shape_of(plan))
+
+
+@pytest.mark.real_model
+def test_budget_on_smollm2(smollm2_graph):
+    model_map = ModelMap.from_model(ir.load(smollm2_graph()))
+    plan = make_plan(model_map, fake_stats(model_map), Targets(params=0.62, align=32, uniform=True))
+    assert abs(plan.estimate["parameter_ratio"] - 0.62) <= 0.0062
+    assert plan.estimate["hidden"] % 32 == 0 and plan.estimate["ffn"] % 32 == 0
+
+
+def test_align_rounds_widths(llama_map):
+    plan = make_plan(llama_map, fake_stats(llama_map), Targets(hidden=45, ffn=55, align=16, uniform=True))
+    assert len(plan.hidden) == 45  # explicit widths are kept as given
+    plan = make_plan(llama_map, fake_stats(llama_map), Targets(params=0.6, align=2, uniform=True))
+    assert len(plan.hidden) % 2 == 0
+    assert all(len(l.ffn) % 2 == 0 for l in plan.layers)
+
+
+def test_non_uniform_ffn_keeps_the_same_total(llama_map):
+    stats = fake_stats(llama_map)
+    uniform = make_plan(llama_map, stats, Targets(ffn=48, uniform=True))
+    spread = make_plan(llama_map, stats, Targets(ffn=48))
+    assert sum(len(l.ffn) for l in spread.layers) == sum(len(l.ffn) for l in uniform.layers) == 4 * 48
+    assert all(len(l.ffn) == 48 for l in uniform.layers)
+
+
+def test_clap_merges_rank_groups_of_both_layers(llama_map):
+    stats = fake_stats(llama_map)
+    stats.block_influence = np.array([0.9, 0.8, 0.1, 0.7])  # layer 2 goes, merges into layer 1
+    stats.heads[1] = np.array([1.0, 1.0, 5.0, 5.0])  # layer 1: group 1 strong
+    stats.heads[2] = np.array([9.0, 9.0, 0.5, 0.5])  # layer 2: group 0 strongest of all
+    plan = make_plan(llama_map, stats, Targets(drop_layers=1, clap=True))
+    (merge,) = plan.clap_merges
+    assert (merge.removed, merge.into) == (2, 1)
+    assert merge.groups == [(1, 1), (2, 0)]
+
+
+def test_clap_of_layer_zero_merges_forward(llama_map):
+    stats = fake_stats(llama_map)
+    stats.block_influence = np.array([0.0, 0.8, 0.9, 0.7])
+    plan = make_plan(llama_map, stats, Targets(drop_layers=1, clap=True))
+    assert [(m.removed, m.into) for m in plan.clap_merges] == [(0, 1)]
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (Targets(heads_per_group=3), "heads per group=3 for layer 0: it has 2"),
+        (Targets(kv_groups=0), "KV groups=0"),
+        (Targets(hidden=65), "hidden=65"),
+        (Targets(drop_layers=4), "leaves no layer"),
+        (Targets(layers=[7]), "layer 7 does not exist"),
+        (Targets(params=0.001), "below the smallest model"),
+        (Targets(params=1.5), "in \\(0, 1\\]"),
+        (Targets(ffn=[10, 20, 30]), "3 values for 4 layers"),
+        (Targets(ffn=[10, 20, 30, 40], uniform=True), "--uniform"),
+        (Targets(absorb_post_norms=True), "no post-norms"),
+    ],
+)
+def test_impossible_targets_are_clear_errors(llama_map, targets, message):
+    with pytest.raises(PanguLightError, match=message):
+        make_plan(llama_map, fake_stats(llama_map), targets)
+
+
+def test_stats_of_another_graph_are_refused(llama_map, exported_graph):
+    _, path = exported_graph("qwen2")
+    other = ModelMap.from_model(ir.load(path))
+    stats = fake_stats(llama_map)
+    stats.channel = np.ones(other.hidden_size + 1)
+    with pytest.raises(PanguLightError, match="statistics are for another graph"):
+        make_plan(other, stats, Targets(hidden=8))
+
+
+def test_same_statistics_same_plan(llama_map):
+    a = make_plan(llama_map, fake_stats(llama_map, seed=3), Targets(params=0.5, drop_layers=1))
+    b = make_plan(llama_map, fake_stats(llama_map, seed=3), Targets(params=0.5, drop_layers=1))
+    assert a.dumps() == b.dumps()
+
+
+def _shape_of(plan: PrunePlan):
+    from pangu_light.calib.planner import Shape
+
+    return Shape(
+        hidden=len(plan.hidden),
+        heads_per_group=[len(l.heads) // len(l.kv_groups) for l in plan.layers],
+        kv_groups=[len(l.kv_groups) for l in plan.layers],
+        ffn=[len(l.ffn) for l in plan.layers],
+        dropped=set(plan.drop_layers),
+    )
