@@ -1,0 +1,172 @@
+"""absorb-post-norm: replace each post-RMSNorm by a constant scale folded into its projection.
+
+Paper section 3.3, for sandwich-norm models. A post-norm computes
+``y = gamma_eff * x / sqrt(mean(x^2) + eps)`` (gamma_eff = w, or 1 + w for Gemma). Over the
+calibration tokens its inverse RMS is replaced by a constant::
+
+    s_inv     = mean_tokens 1 / sqrt(mean(x^2) + eps)          (eq. 8, from calibration)
+    gamma_abs = s_inv * gamma_eff                              (eq. 9)
+    y         = gamma_abs * x,   x = W z + b                   (eq. 10)
+              = (diag(gamma_abs) W) z + gamma_abs * b
+
+so the norm disappears and ``W[out, in]`` (o_proj or down_proj, read through a Transpose)
+has its output row k, and its bias entry k, multiplied by gamma_abs[k]::
+
+    x --RMSNorm(post)--> y --Add--> residual        becomes        x --Add--> residual
+          ^ gamma                                                  (o_proj rows * gamma_abs)
+
+Post-norms are found through the model map (roles ``post_attn``/``post_ffn``, whatever their
+names). s_inv comes from the options (``s_inv=[...]``, one per post-norm in model-map order:
+layer by layer, post_attn then post_ffn) or from the plan recorded in the graph
+(``plan=true``: ``PrunePlan.post_norm_s_inv``, keyed by the norm's gamma initializer name).
+Weights are scaled in float64 and cast back once. Every fold is checked before anything is
+edited: a weight, bias or projection output that something else also reads is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from pangu_light.passes.base import Option, PanguPass
+from pangu_light.passes.drop_post_norm import PostNorm, check_removable, post_norms, remove_norm
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.graph_utils import module_scopes, replace_initializer
+from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.plan import PrunePlan
+
+__all__ = ["AbsorbPostNormPass"]
+
+_log = logging.getLogger(__name__)
+
+
+class AbsorbPostNormPass(PanguPass):
+    name = "absorb-post-norm"
+    options_schema = {
+        "s_inv": Option(
+            list[float], default=None,
+            doc="mean inverse RMS of each post-norm's input, in model-map order (layer by layer, post_attn then post_ffn)",
+        ),
+        "plan": Option(bool, default=False, doc="read s_inv from the plan recorded in the graph"),
+    }
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if (self.options["s_inv"] is None) == (not self.options["plan"]):
+            raise PanguLightError(
+                f"pass {self.name}: give exactly one of s_inv=[...] (one value per post-norm) or plan=true"
+            )
+        model_map = ModelMap.from_model(model)
+        posts = post_norms(model_map)
+        if not posts:
+            self.stats["post_norms_absorbed"] = 0
+            self.stats["note"] = "no post-norms to absorb"
+            _log.info("pass %s: no post-norms to absorb (a pre-norm-only model); nothing changed", self.name)
+            return ir.passes.PassResult(model, modified=False)
+        scales = self._s_inv(model, model_map, posts)
+        # Check every fold first, so that a refusal leaves the graph untouched.
+        for post, s_inv in zip(posts, scales):
+            check_removable(post, self.name)
+            self._check_private(post)
+            if not (math.isfinite(s_inv) and s_inv > 0):
+                raise PanguLightError(
+                    f"pass {self.name}: {post.where}: s_inv={s_inv} must be a positive finite number "
+                    "(a mean inverse RMS); recompute it with `pangu-light calibrate`"
+                )
+        for post, s_inv in zip(posts, scales):
+            gamma_abs = s_inv * post.norm.effective_gamma()  # float64
+            source = post.source
+            weight = source.weight.const_value.numpy().astype(np.float64)
+            replace_initializer(source.weight, weight * gamma_abs[:, None])
+            self.tag(source.weight)
+            self.count("weights_scaled")
+            if source.bias is not None:
+                bias = source.bias.const_value.numpy().astype(np.float64)
+                replace_initializer(source.bias, bias * gamma_abs)
+                self.tag(source.bias)
+                self.count("weights_scaled")
+            removed, readers = remove_norm(model, post.norm)
+            for node in readers:
+                self.tag(node)
+            self.count("post_norms_absorbed")
+            self.count("nodes_removed", removed)
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        if self.stats.get("post_norms_absorbed"):
+            left = post_norms(ModelMap.from_model(model))
+            if left:
+                raise PanguLightError(f"pass {self.name}: {left[0].where} is still in the graph")
+
+    # -- s_inv -----------------------------------------------------------------------------
+
+    def _s_inv(self, model: ir.Model, model_map: ModelMap, posts: list[PostNorm]) -> list[float]:
+        listed = self.options["s_inv"]
+        if listed is not None:
+            if len(listed) != len(posts):
+                order = ", ".join(f"{p.layer}.{p.role}" for p in posts[:4])
+                raise PanguLightError(
+                    f"pass {self.name}: s_inv has {len(listed)} values but the graph has {len(posts)} "
+                    f"post-norms; give one per post-norm, layer by layer, post_attn then post_ffn "
+                    f"({order}{', ...' if len(posts) > 4 else ''})"
+                )
+            return list(listed)
+        plan = PrunePlan.from_model(model, self.name)
+        if len(model_map.layers) != len(plan.shapes):
+            raise PanguLightError(
+                f"pass {self.name}: the plan is for {len(plan.shapes)} layers but the graph has "
+                f"{len(model_map.layers)}; apply the plan to the graph it was made for, with drop-layers last"
+            )
+        table = plan.post_norm_s_inv
+        names = [p.norm.gamma.name for p in posts]
+        missing = [name for name in names if name not in table]
+        if missing:
+            raise PanguLightError(
+                f"pass {self.name}: the plan has no s_inv for {missing[0]}"
+                f"{f' (and {len(missing) - 1} more post-norms)' if len(missing) > 1 else ''}; "
+                "make the plan from calibration statistics of this model (`pangu-light calibrate`, then `pangu-light plan`)"
+            )
+        extra = sorted(set(table) - set(names))
+        if extra:
+            raise PanguLightError(
+                f"pass {self.name}: the plan gives s_inv for {extra[0]}, which is not a post-norm gamma of "
+                "this graph; the plan is for another model"
+            )
+        return [table[name] for name in names]
+
+    # -- safety ----------------------------------------------------------------------------
+
+    def _check_private(self, post: PostNorm) -> None:
+        """Refuse to fold into a weight, bias or projection output that others also read."""
+        source = post.source
+        where = f"pass {self.name}: {post.where}: cannot fold gamma_abs into {source.module or 'its projection'}"
+        own = [source.transpose]
+        weight_readers = [u.node for u in source.weight.uses() if u.node not in own]
+        transposed_readers = [u.node for u in source.transpose.outputs[0].uses() if u.node is not source.matmul]
+        for value, readers in ((source.weight, weight_readers), (source.transpose.outputs[0], transposed_readers)):
+            if readers or value.is_graph_input() or value.is_graph_output():
+                others = ", ".join(_describe(n) for n in readers) or "the graph's inputs/outputs"
+                raise PanguLightError(
+                    f"{where}: the weight {source.weight.name} is also read by {others}; scaling it would "
+                    "change them too. Give this projection its own copy of the weight, or use drop-post-norm"
+                )
+        if source.bias is not None:
+            bias_readers = [u.node for u in source.bias.uses() if u.node is not source.bias_add]
+            if bias_readers or source.bias.is_graph_input():
+                raise PanguLightError(
+                    f"{where}: the bias {source.bias.name} is also read by "
+                    f"{', '.join(_describe(n) for n in bias_readers) or 'a graph input'}; give it its own copy"
+                )
+        out_readers = [u.node for u in source.output.uses() if u.node not in post.norm.nodes]
+        if out_readers or source.output.is_graph_output():
+            raise PanguLightError(
+                f"{where}: its output {source.output.name} is also read by "
+                f"{', '.join(_describe(n) for n in out_readers) or 'a graph output'}, which would see the scaled values"
+            )
+
+
+def _describe(node: ir.Node) -> str:
+    scopes = module_scopes(node)
+    return f"{node.op_type} {node.name or '?'}" + (f" in {scopes[-1]}" if scopes else "")
