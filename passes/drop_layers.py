@@ -26,6 +26,7 @@ from pangu_light.passes.base import Option, PanguPass
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.graph_utils import NAME_SCOPES_KEY
 from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.plan import PrunePlan
 
 __all__ = ["DropLayersPass"]
 
@@ -34,11 +35,15 @@ _KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 
 class DropLayersPass(PanguPass):
     name = "drop-layers"
-    options_schema = {"layers": Option(list[int], doc="indices of the layers to remove")}
+    options_schema = {
+        "layers": Option(list[int], default=None, doc="indices of the layers to remove"),
+        "plan": Option(bool, default=False, doc="remove the plan's drop_layers (plan recorded in the graph)"),
+        "clap": Option(bool, default=None, doc="merge KV groups into the kept neighbour (default: as the plan says)"),
+    }
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model_map = ModelMap.from_model(model)
-        drop = self._validated(model_map)
+        drop = self._validated(model, model_map)
         if not drop:
             return ir.passes.PassResult(model, modified=False)
         graph = model.graph
@@ -85,8 +90,30 @@ class DropLayersPass(PanguPass):
             node.replace_input_with(use.idx, stand_in)
             self.tag(node)
 
-    def _validated(self, model_map: ModelMap) -> set[int]:
-        requested = self.options["layers"]
+    def _requested(self, model: ir.Model, model_map: ModelMap) -> list[int]:
+        layers, from_plan = self.options["layers"], self.options["plan"]
+        if (layers is None) == (not from_plan):
+            raise PanguLightError("pass drop-layers: give exactly one of layers=[...] or plan=true")
+        if not from_plan:
+            if self.options["clap"]:
+                raise PanguLightError("pass drop-layers: clap=true needs plan=true (the merges come from the plan)")
+            return layers
+        plan = PrunePlan.from_model(model, self.name)
+        if len(model_map.layers) != len(plan.shapes):
+            raise PanguLightError(
+                f"pass drop-layers: the plan is for {len(plan.shapes)} layers but the graph has "
+                f"{len(model_map.layers)}; was drop-layers already applied?"
+            )
+        clap = plan.clap if self.options["clap"] is None else self.options["clap"]
+        if clap and plan.drop_layers:
+            raise PanguLightError(
+                "pass drop-layers: the plan asks for CLAP merges, which this version does not carry out yet; "
+                "re-plan without --clap or run drop-layers{plan=true,clap=false}"
+            )
+        return list(plan.drop_layers)
+
+    def _validated(self, model: ir.Model, model_map: ModelMap) -> set[int]:
+        requested = self._requested(model, model_map)
         count = len(model_map.layers)
         bad = [i for i in requested if not 0 <= i < count]
         if bad:

@@ -2,11 +2,15 @@
 
 Every stage reads and writes files, so each can be run, inspected and cached alone:
 
-    export   HF model -> clean ONNX graph (no-cache or decode)
-    inspect  print the model map derived from a graph
-    compile  run a pipeline of rewrite passes over a graph
-    diff     compare two graphs: parameters, FLOPs, per-layer shapes, tagged nodes
-    run      greedy generation with a decode graph under ONNX Runtime
+    prune      the whole job: export, calibrate, plan, compile, evaluate -> OUTDIR
+    export     HF model -> clean ONNX graph (no-cache or decode)
+    inspect    print the model map derived from a graph
+    calibrate  graph + text -> importance statistics (stats.npz)
+    plan       statistics + targets -> prune plan (plan.json)
+    compile    run a pipeline of rewrite passes (or a plan) over a graph
+    eval       perplexity of graphs on held-out text
+    diff       compare two graphs: parameters, FLOPs, per-layer shapes, tagged nodes
+    run        greedy generation with a decode graph under ONNX Runtime
 
 Each command module defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -24,9 +28,13 @@ __all__ = ["main"]
 
 # Explicit table: a command exists because it is listed here, not because a module was imported.
 COMMANDS: dict[str, str] = {
+    "prune": "pangu_light.tools.prune_cmd",
     "export": "pangu_light.tools.export_cmd",
     "inspect": "pangu_light.tools.inspect_cmd",
+    "calibrate": "pangu_light.tools.calibrate_cmd",
+    "plan": "pangu_light.tools.plan_cmd",
     "compile": "pangu_light.tools.compile_cmd",
+    "eval": "pangu_light.tools.eval_cmd",
     "diff": "pangu_light.tools.diff_cmd",
     "run": "pangu_light.tools.run_cmd",
 }

@@ -11,6 +11,12 @@ integers (448), floats (0.5), booleans (true/false), words (name) or "quoted str
 lists in brackets ([3,7], [[0,1],[2,3]]). Spaces are allowed and ignored. Unknown passes and
 options are errors; `--list-passes` prints the passes and their options.
 
+With --plan plan.json (from `pangu-light plan`) the pipeline comes from the plan: it is
+recorded in the graph's metadata (pangu_light.plan) and its passes run with plan=true,
+reading their decisions from it:
+
+    pangu-light compile model.onnx --plan plan.json -o pruned.onnx
+
 The canonical pipeline text and each pass's counts are written into the output model's
 metadata (pangu_light.pipeline, pangu_light.pass_stats). The input is never overwritten, and
 a failed run leaves no output file.
@@ -25,6 +31,7 @@ from pathlib import Path
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.manager import run_pipeline
 from pangu_light.passes.pipeline import Pipeline
+from pangu_light.passes.plan import load_plan
 from pangu_light.passes import registry
 from pangu_light.tools.io import load_model, refuse_overwrite_input, save_model_atomic
 
@@ -39,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-p", "--pipeline", help='pipeline text, e.g. "drop-layers{layers=[3,7]},slice-hidden{keep_first=448}"'
     )
+    parser.add_argument("--plan", type=Path, help="a plan from `pangu-light plan`: run the passes that carry it out")
+    parser.add_argument("--no-slnp", action="store_true", help="with --plan: leave out SLNP (ablation)")
     parser.add_argument(
         "--verify",
         action="store_true",
@@ -69,18 +78,28 @@ def run(args: argparse.Namespace) -> int:
     if args.list_passes:
         print(list_passes())
         return 0
-    missing = [flag for flag, value in (("MODEL", args.model), ("-o OUTPUT", args.output), ("--pipeline", args.pipeline)) if value is None]
+    missing = [flag for flag, value in (("MODEL", args.model), ("-o OUTPUT", args.output)) if value is None]
+    if (args.pipeline is None) == (args.plan is None):
+        missing.append("one of --pipeline or --plan")
     if missing:
         raise PanguLightError(
             f"compile needs {', '.join(missing)}; e.g. `pangu-light compile model.onnx "
             '--pipeline "drop-layers{layers=[3]}" -o out.onnx`'
         )
-    refuse_overwrite_input(args.output, args.model)
-    pipeline = Pipeline.parse(args.pipeline)
+    refuse_overwrite_input(args.output, args.model, *([args.plan] if args.plan else []))
+    plan = None
+    if args.plan is not None:
+        plan = load_plan(args.plan)
+        pipeline = plan.pipeline(slnp=False if args.no_slnp else None)
+    else:
+        pipeline = Pipeline.parse(args.pipeline)
     # Build every pass before loading the graph, so option errors come back at once.
     for spec in pipeline:
         registry.build_pass(spec)
     model = load_model(args.model)
+    if plan is not None:
+        plan.attach(model)
+        print(f"plan {args.plan}: {pipeline}")
 
     after_change = None
     if args.dump_after_change is not None:

@@ -1,0 +1,171 @@
+"""The whole job in one command: export, calibrate, plan, compile, evaluate.
+
+    pangu-light prune smollm2-135m --params 0.7 -o out/prune
+    pangu-light prune ./my-hf-dir --hidden 448 --heads-per-group 2 --ffn 1152 --drop-layers 4 -o out/p
+
+Writes every intermediate into OUTDIR, so each stage can be inspected or re-run alone:
+
+    original.onnx      the exported graph (no KV cache); reused when it exists for the same MODEL
+    stats.npz          calibration statistics (`pangu-light calibrate`)
+    plan.json          the prune plan (`pangu-light plan`)
+    pruned.onnx        the rewritten graph (`pangu-light compile --plan`)
+    original-kv.onnx, pruned-kv.onnx   the decode graphs (KV cache), unless --no-kv-cache
+    summary.json       the table printed at the end
+
+and prints parameters, FLOPs per token and held-out perplexity before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pangu_light.frontend.loading import DEFAULT_MODEL
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.tools.plan_cmd import add_target_arguments, describe_plan, targets_from_args
+from pangu_light.tools.text_data import add_text_arguments
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "export, calibrate, plan, compile and evaluate in one go (-> OUTDIR)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias, HF model directory or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output directory for every intermediate")
+    add_target_arguments(parser)
+    calib = parser.add_argument_group("calibration")
+    add_text_arguments(calib, role="calib", samples=64, seq_len=256)
+    calib.add_argument("--aggregation", choices=("paper", "minitron"), default="paper", help="statistic aggregation (default paper)")
+    evaluation = parser.add_argument_group("evaluation")
+    add_text_arguments(evaluation, role="eval", samples=32, seq_len=256)
+    evaluation.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
+    parser.add_argument("--no-kv-cache", action="store_true", help="do not export and prune the decode graph")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per ONNX Runtime call (default 4)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pangu_light.calib.planner import make_plan
+    from pangu_light.passes.graph_stats import GraphStats
+    from pangu_light.passes.manager import run_pipeline
+    from pangu_light.passes.model_map import ModelMap
+    from pangu_light.tools.calibrate_cmd import calibrate_graph, load_model_metadata
+    from pangu_light.tools.eval_cmd import evaluate_graphs
+    from pangu_light.tools.export_cmd import SOURCE_MODEL_KEY, export_to_file
+    from pangu_light.tools.io import load_model, save_model_atomic
+
+    targets = targets_from_args(args)
+    if targets == type(targets)() or targets == type(targets)(align=args.align):
+        raise PanguLightError(
+            "prune needs a target: --params 0.7, or widths such as --hidden 448 --heads-per-group 2 "
+            "--ffn 1152, or --drop-layers 6 (see `pangu-light prune --help`)"
+        )
+    out: Path = args.output
+    if out.exists() and not out.is_dir():
+        raise PanguLightError(f"{out} exists and is not a directory; pass a directory for -o")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    def note(message: str) -> None:
+        if not args.quiet:
+            print(f"... {message} [{time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+
+    def exported(name: str, kv_cache: bool) -> Path:
+        path = out / name
+        if path.is_file() and load_model_metadata(path).get(SOURCE_MODEL_KEY) == str(args.model):
+            note(f"reusing {path} (exported from {args.model})")
+            return path
+        note(f"exporting {args.model} -> {path}")
+        export_to_file(args.model, path, kv_cache=kv_cache, progress=note)
+        return path
+
+    original = exported("original.onnx", kv_cache=False)
+    note("calibrating")
+    stats = calibrate_graph(
+        original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        batch_size=args.batch_size, aggregation=args.aggregation, threads=args.threads,
+        tokenizer=args.tokenizer, quiet=args.quiet,
+    )
+    stats.save(out / "stats.npz")
+
+    model = load_model(original)
+    plan = make_plan(ModelMap.from_model(model), stats, targets)
+    plan.source["graph"] = str(original)
+    plan.save(out / "plan.json")
+    if not args.quiet:
+        print(describe_plan(plan), file=sys.stderr)
+
+    def compile_with_plan(graph, source: Path, target: Path):
+        plan.attach(graph)
+        pipeline = plan.pipeline()
+        note(f"compiling {source.name} -> {target.name}: {pipeline}")
+        run_pipeline(graph, pipeline)
+        save_model_atomic(graph, target)
+        return graph
+
+    pruned_model = compile_with_plan(model, original, out / "pruned.onnx")
+    rows = {
+        "original": GraphStats.from_model(load_model(original)),
+        "pruned": GraphStats.from_model(pruned_model),
+    }
+    del model, pruned_model
+    if not args.no_kv_cache:
+        original_kv = exported("original-kv.onnx", kv_cache=True)
+        compile_with_plan(load_model(original_kv), original_kv, out / "pruned-kv.onnx")
+
+    perplexities = {}
+    if not args.no_eval:
+        note(f"perplexity on {args.eval_data!r} (eval split)")
+        results = evaluate_graphs(
+            [original, out / "pruned.onnx"], data=args.eval_data, samples=args.eval_samples,
+            seq_len=args.eval_seq_len, seed=args.seed, tokenizer=args.tokenizer,
+            batch_size=args.batch_size, threads=args.threads, quiet=args.quiet,
+        )
+        perplexities = dict(zip(("original", "pruned"), results.values()))
+
+    summary = {
+        "model": str(args.model),
+        "plan": describe_plan(plan).splitlines(),
+        "calibration": {"data": args.data, "tokens": stats.tokens, "samples": args.samples, "seq_len": args.seq_len},
+        "evaluation": None if args.no_eval else {"data": args.eval_data, "samples": args.eval_samples, "seq_len": args.eval_seq_len},
+        "graphs": {
+            name: {
+                "parameters": s.total_parameters,
+                "flops_per_token": s.flops_per_token,
+                "layers": s.num_layers,
+                "hidden_size": s.hidden_size,
+                **({"perplexity": perplexities[name].perplexity} if name in perplexities else {}),
+            }
+            for name, s in rows.items()
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(_table(summary))
+    print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} in {out}")
+    return 0
+
+
+def _table(summary: dict) -> str:
+    graphs = summary["graphs"]
+    o, p = graphs["original"], graphs["pruned"]
+    lines = [f"{'':<16} {'original':>14} {'pruned':>14} {'ratio':>7}"]
+
+    def row(label: str, key: str, fmt: str) -> None:
+        if key in o and key in p:
+            lines.append(f"{label:<16} {format(o[key], fmt):>14} {format(p[key], fmt):>14} {p[key] / o[key]:>7.3f}")
+
+    row("parameters", "parameters", ",")
+    row("FLOPs/token", "flops_per_token", ",")
+    row("layers", "layers", "d")
+    row("hidden size", "hidden_size", "d")
+    if summary["evaluation"]:
+        row(f"perplexity", "perplexity", ".2f")
+        lines.append(f"(perplexity on {summary['evaluation']['data']!r}, eval split, "
+                     f"{summary['evaluation']['samples']} x {summary['evaluation']['seq_len']} tokens)")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""Command-line plumbing shared by the commands that read text: which corpus, how much of it,
+and the tokenizer that turns it into token sequences for a graph."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pangu_light.calib import corpora
+from pangu_light.passes.errors import PanguLightError
+
+__all__ = ["add_text_arguments", "graph_tokenizer", "sequences_for"]
+
+
+def add_text_arguments(parser: argparse.ArgumentParser, *, role: str, samples: int | None, seq_len: int) -> None:
+    """--data, --samples, --seq-len, --seed, --tokenizer, for ``role`` "calib" or "eval"."""
+    default = corpora.CALIB_DEFAULT if role == "calib" else corpora.EVAL_DEFAULT
+    prefix = "" if role == "calib" else "eval-"
+    parser.add_argument(
+        f"--{prefix}data",
+        default=default,
+        help=f"text: wiki, lambada, or a .txt/.jsonl file (default {default}); the {role} split is used, "
+        "so calibration and evaluation never share a document",
+    )
+    parser.add_argument(
+        f"--{prefix}samples",
+        type=int,
+        default=samples,
+        help=f"number of token sequences (default {samples if samples else 'all of the split'})",
+    )
+    parser.add_argument(f"--{prefix}seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
+    if role == "calib":
+        parser.add_argument("--seed", type=int, default=0, help="seed for drawing the sequences (default 0)")
+        parser.add_argument(
+            "--tokenizer",
+            type=Path,
+            help="Hugging Face model directory with the tokenizer (default: the one recorded in the graph at export)",
+        )
+
+
+def graph_tokenizer(graph_path: str | os.PathLike, metadata, override: Path | None):
+    """(encode without special tokens, eos id) of the tokenizer the graph was exported with."""
+    from pangu_light.runtime.tokenizer import find_tokenizer_dir, load_tokenizer
+
+    tokenizer = load_tokenizer(find_tokenizer_dir(graph_path, metadata, override))
+    if tokenizer.hf:
+        backend = tokenizer.backend
+
+        def encode(text: str) -> list[int]:
+            return list(backend(text, add_special_tokens=False)["input_ids"])
+
+        return encode, backend.eos_token_id
+    raw = tokenizer.backend
+
+    def encode_raw(text: str) -> list[int]:
+        return list(raw.encode(text, add_special_tokens=False).ids)
+
+    stops = tokenizer.stop_token_ids()
+    return encode_raw, (sorted(stops)[0] if stops else None)
+
+
+def sequences_for(source: str, encode, eos_id, *, samples: int | None, seq_len: int, seed: int, split: str) -> np.ndarray:
+    if samples is not None and samples < 1:
+        raise PanguLightError(f"--samples must be at least 1 (got {samples})")
+    return corpora.token_sequences(
+        source, encode, samples=samples, seq_len=seq_len, seed=seed, split=split, eos_id=eos_id
+    )
