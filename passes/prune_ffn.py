@@ -1,0 +1,88 @@
+"""prune-ffn: keep a subset of each layer's FFN neurons (paper section 3.1, eq. 3 ranks them).
+
+A gated FFN is ``y = sum_m act(x W_gate[m]) (x W_up[m]) W_down[:, m]``: neuron m reads row m
+of gate_proj and up_proj and writes column m of down_proj, and nothing else. Keeping
+neurons K (per layer; layers may end with different widths)::
+
+    x --gate_proj[K]--> act --+
+    x --up_proj[K]----------- * --down_proj[:, K]--> y
+
+GLM4 computes gate and up with one Linear whose rows are [gate; up] stacked, split in two
+equal halves by ``Split(num_outputs=2)``: it keeps rows K and I + K (I the current width),
+so the halves stay equal. Biases of gate/up lose the same entries; down's bias (over the
+hidden size) is untouched. No shape constant encodes the FFN width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from pangu_light.passes.base import Option, PanguPass
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.passes.head_surgery import (
+    check_keep_lists,
+    clear_intermediate_shapes,
+    per_layer,
+    take_columns,
+    take_rows,
+)
+from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.plan import PrunePlan
+
+__all__ = ["PruneFFNPass"]
+
+
+class PruneFFNPass(PanguPass):
+    name = "prune-ffn"
+    options_schema = {
+        "keep": Option(list[list[int]], default=None, doc="per layer, the FFN neurons to keep"),
+        "keep_first": Option(int, default=None, doc="keep neurons 0..N-1 in every layer"),
+        "plan": Option(bool, default=False, doc="keep the neurons of the plan recorded in the graph"),
+    }
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model_map = ModelMap.from_model(model)
+        keep = self._kept_neurons(model, model_map)
+        before = [layer.ffn.intermediate_size for layer in model_map.layers]
+        if all(len(kept) == width for kept, width in zip(keep, before)):
+            return ir.passes.PassResult(model, modified=False)
+        for layer, kept in zip(model_map.layers, keep):
+            ffn = layer.ffn
+            width = ffn.intermediate_size
+            if len(kept) == width:
+                continue
+            neurons = np.asarray(kept, dtype=np.int64)
+            if ffn.fused_gate_up:
+                if ffn.gate.out_features != 2 * width:
+                    raise PanguLightError(
+                        f"pass prune-ffn: layer {layer.index}: fused {ffn.gate.module} has {ffn.gate.out_features} "
+                        f"rows, expected gate and up stacked (2 x {width})"
+                    )
+                take_rows(self, ffn.gate, np.concatenate([neurons, width + neurons]))
+            else:
+                take_rows(self, ffn.gate, neurons)
+                take_rows(self, ffn.up, neurons)
+            take_columns(self, ffn.down, neurons)
+            self.count("neurons_removed", width - len(kept))
+        clear_intermediate_shapes(model)
+        self.stats["ffn"] = f"{per_layer(before)}->{per_layer([len(k) for k in keep])}"
+        return ir.passes.PassResult(model, modified=True)
+
+    def _kept_neurons(self, model: ir.Model, model_map: ModelMap) -> list[list[int]]:
+        keep, keep_first, plan = self.options["keep"], self.options["keep_first"], self.options["plan"]
+        if sum((keep is not None, keep_first is not None, plan)) != 1:
+            raise PanguLightError(
+                "pass prune-ffn: give exactly one of keep=[[...], ...] (neurons per layer), keep_first=N or plan=true"
+            )
+        widths = [layer.ffn.intermediate_size for layer in model_map.layers]
+        if keep_first is not None:
+            if not 0 < keep_first <= min(widths):
+                raise PanguLightError(
+                    f"pass prune-ffn: keep_first={keep_first} must be between 1 and the FFN width "
+                    f"of every layer (the narrowest has {min(widths)})"
+                )
+            keep = [list(range(keep_first))] * len(widths)
+        elif plan:
+            keep = PrunePlan.from_model(model, self.name).kept_ffn(model_map, self.name)
+        return check_keep_lists(self.name, keep, model_map, widths, "FFN neuron")
