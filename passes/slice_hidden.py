@@ -12,6 +12,12 @@ Each RMSNorm then averages over |K| channels instead of H. q/k norms act on head
 are untouched; so are Gemma's embedding scale sqrt(H) (a constant the model was trained
 with) and every shape constant (none encodes H). Stale intermediate shapes are cleared,
 as ORT rejects graphs whose recorded shapes contradict the new weights.
+
+For SLNP (paper eq. 6, the ``slnp`` pass), every gamma it slices records ||gamma_eff||_2 of
+the effective gamma before slicing (``1 + w`` for Gemma's norms), in float64, in the
+value's ``metadata_props["pangu_light.gamma_l2_before_slice"]``: once, so a second slice
+keeps the original norm; slicing again also clears slnp's "applied" mark, so slnp then
+rescales to the original norm again.
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ import onnx_ir as ir
 from pangu_light.passes.base import Option, PanguPass
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.graph_utils import replace_initializer
+from pangu_light.passes.head_surgery import clear_intermediate_shapes
 from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.plan import PrunePlan
 
-__all__ = ["SliceHiddenPass"]
+__all__ = ["SliceHiddenPass", "GAMMA_L2_KEY", "SLNP_APPLIED_KEY"]
+
+GAMMA_L2_KEY = "pangu_light.gamma_l2_before_slice"  # ||gamma_eff||_2 before any slicing
+SLNP_APPLIED_KEY = "pangu_light.slnp_applied"  # set by slnp, cleared here when sliced again
 
 
 class SliceHiddenPass(PanguPass):
@@ -32,11 +43,12 @@ class SliceHiddenPass(PanguPass):
     options_schema = {
         "keep": Option(list[int], default=None, doc="hidden channel indices to keep"),
         "keep_first": Option(int, default=None, doc="keep channels 0..N-1"),
+        "plan": Option(bool, default=False, doc="keep the channels of the plan recorded in the graph"),
     }
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model_map = ModelMap.from_model(model)
-        keep = self._kept_channels(model_map.hidden_size)
+        keep = self._kept_channels(model, model_map)
         if len(keep) == model_map.hidden_size:
             return ir.passes.PassResult(model, modified=False)
         sliced: set[ir.Value] = set()
@@ -59,6 +71,11 @@ class SliceHiddenPass(PanguPass):
         take(model_map.embedding, axis=1)
         take(model_map.lm_head.weight, axis=1)
         for norm in model_map.hidden_norms():
+            if norm.gamma not in sliced:
+                props = norm.gamma.metadata_props
+                if GAMMA_L2_KEY not in props:
+                    props[GAMMA_L2_KEY] = repr(float(np.linalg.norm(norm.effective_gamma())))
+                props.pop(SLNP_APPLIED_KEY, None)
             take(norm.gamma, axis=0)
         for layer in model_map.layers:
             attention, ffn = layer.attention, layer.ffn
@@ -67,16 +84,19 @@ class SliceHiddenPass(PanguPass):
             for linear in (attention.o, ffn.down):
                 take(linear.weight, axis=0)
                 take(linear.bias, axis=0)
-        self._clear_intermediate_shapes(model)
+        clear_intermediate_shapes(model)
         self.stats["hidden"] = f"{model_map.hidden_size}->{len(keep)}"
         return ir.passes.PassResult(model, modified=True)
 
-    def _kept_channels(self, hidden: int) -> np.ndarray:
-        keep, keep_first = self.options["keep"], self.options["keep_first"]
-        if (keep is None) == (keep_first is None):
+    def _kept_channels(self, model: ir.Model, model_map: ModelMap) -> np.ndarray:
+        hidden = model_map.hidden_size
+        keep, keep_first, plan = self.options["keep"], self.options["keep_first"], self.options["plan"]
+        if sum((keep is not None, keep_first is not None, plan)) != 1:
             raise PanguLightError(
-                "pass slice-hidden: give exactly one of keep=[...] (channel indices) or keep_first=N"
+                "pass slice-hidden: give exactly one of keep=[...] (channel indices), keep_first=N or plan=true"
             )
+        if plan:
+            keep = PrunePlan.from_model(model, self.name).kept_hidden(model_map, self.name)
         if keep_first is not None:
             if not 0 < keep_first <= hidden:
                 raise PanguLightError(
@@ -103,12 +123,3 @@ class SliceHiddenPass(PanguPass):
                 f"pass slice-hidden: {value.name} is also read by {sorted(readers)}; "
                 "slicing it would change those readers too"
             )
-
-    @staticmethod
-    def _clear_intermediate_shapes(model: ir.Model) -> None:
-        graph = model.graph
-        boundary = set(graph.inputs) | set(graph.outputs) | set(graph.initializers.values())
-        for node in graph:
-            for value in node.outputs:
-                if value not in boundary:
-                    value.shape = None

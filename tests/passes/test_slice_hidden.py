@@ -10,6 +10,8 @@ from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.manager import run_pipeline
 from pangu_light.passes.model_map import ModelMap
 from pangu_light.passes.pipeline import format_value
+from pangu_light.passes.plan import PrunePlan
+from pangu_light.passes.slice_hidden import GAMMA_L2_KEY
 from reference import (
     compile_graph,
     graph_bytes,
@@ -116,4 +118,50 @@ def test_keeping_everything_changes_nothing(exported_graph, tmp_path):
 def test_bad_requests_are_clear_errors(exported_graph, options, message):
     _, path = exported_graph("llama")
     with pytest.raises(PanguLightError, match=message.replace("[", r"\[")):
+        run_pipeline(ir.load(path), f"slice-hidden{{{options}}}")
+
+
+# ---------------------------------------------------------------- what slnp needs, plan=true
+
+
+def test_records_each_gammas_norm_before_slicing(exported_graph, family):
+    _, path = exported_graph(family)
+    original = ModelMap.from_model(ir.load(path))
+    model = ir.load(path)
+    run_pipeline(model, "slice-hidden{keep_first=48}")
+    run_pipeline(model, "slice-hidden{keep_first=40}")  # a second slice keeps the first record
+    model_map = ModelMap.from_model(model)
+    for before, after in zip(original.hidden_norms(), model_map.hidden_norms()):
+        recorded = float(after.gamma.metadata_props[GAMMA_L2_KEY])
+        # the EFFECTIVE gamma: 1 + w for Gemma's norms
+        assert recorded == pytest.approx(np.linalg.norm(before.effective_gamma()), rel=1e-12)
+    recorded = [v.name for v in model.graph.initializers.values() if GAMMA_L2_KEY in v.metadata_props]
+    assert sorted(recorded) == sorted(n.gamma.name for n in model_map.hidden_norms())
+
+
+def test_plan_keeps_the_plans_channels(exported_graph):
+    _, path = exported_graph("qwen2")
+    by_plan, by_list = ir.load(path), ir.load(path)
+    plan = PrunePlan.identity(ModelMap.from_model(by_plan))
+    plan.hidden = KEEP[::-1]
+    for model in (by_plan, by_list):
+        plan.attach(model)
+    report = run_pipeline(by_plan, "slice-hidden{plan=true}")
+    run_pipeline(by_list, f"slice-hidden{{keep={format_value(KEEP)}}}")
+    assert report.records[0].stats["hidden"] == "64->40"
+    assert graph_bytes(by_plan) == graph_bytes(by_list)
+    # Applying the plan again finds the graph already at the plan's width.
+    assert not run_pipeline(by_plan, "slice-hidden{plan=true}").records[0].modified
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("plan=true,keep_first=4", "give exactly one of keep=[...] (channel indices), keep_first=N or plan=true"),
+        ("plan=true", "plan=true but the graph carries no plan"),
+    ],
+)
+def test_bad_plan_requests_are_clear_errors(exported_graph, options, message):
+    _, path = exported_graph("llama")
+    with pytest.raises(PanguLightError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         run_pipeline(ir.load(path), f"slice-hidden{{{options}}}")
