@@ -12,11 +12,15 @@ the previous step's present tensors as the past. After pruning, layers may be fe
 kv_i / d_i may differ per layer: they are read from the graph's input types, never from a
 config.
 
-The KV cache stays in ONNX Runtime OrtValues through IO binding (on the device of the session's
-provider): only the token ids, the mask and the last position's logits cross into numpy.
+The KV cache lives in buffers allocated once per generation on the device of the session's
+provider, sized for prompt + max_new_tokens - 1 positions, two per cache tensor: each step
+binds (IO binding) its past to one and its present to the other, then they swap. Nothing is
+allocated per step and the cache never crosses into numpy: only the token ids, the mask and
+the last position's logits do.
 
 The choice of the next token is a plug-in (``TokenSelector``: last-position logits [B, V] ->
-token ids [B]); ``greedy_generate`` uses the arg-max. Sampling will plug in here.
+token ids [B]): ``argmax_selector`` (greedy, the default) or ``Sampling(temperature, top_k,
+top_p, seed)``, seeded per row so that a seed reproduces its tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "DecodeLayout",
     "GenerationResult",
     "KVLayer",
+    "Sampling",
     "TokenSelector",
     "argmax_selector",
     "generate",
@@ -59,6 +64,88 @@ def argmax_selector(logits: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; ``selector(batch)`` makes a seeded ``TokenSelector`` from them.
+
+    For each row of last-position logits z (computed in float64):
+
+    1. ``temperature`` T: p = softmax(z / T). T = 0 is greedy (the arg-max).
+    2. ``top_k`` k > 0: keep the k largest logits (k = 1 is the arg-max, first index on ties,
+       exactly as greedy); 0 keeps all.
+    3. ``top_p`` p in (0, 1]: of what is left, keep the smallest set of most likely tokens
+       whose probabilities sum to at least p (the nucleus; always at least one token).
+    4. Draw one token from the kept probabilities, renormalised.
+
+    Each row has its own random stream, ``SeedSequence(seed).spawn(batch)[row]``, so with a
+    seed the same prompts give the same tokens in every call, whatever the other rows do
+    (a finished row still draws, and its draw is discarded). ``seed=None`` draws fresh
+    entropy.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise RuntimeUserError(f"temperature must be 0 (greedy) or more (got {self.temperature})")
+        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise RuntimeUserError(f"top_k must be a whole number, 0 for no limit (got {self.top_k})")
+        if not 0 < self.top_p <= 1:
+            raise RuntimeUserError(f"top_p must be in (0, 1], 1 for no nucleus cut (got {self.top_p})")
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
+            raise RuntimeUserError(f"seed must be a non-negative whole number (got {self.seed})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def selector(self, batch: int) -> TokenSelector:
+        """A fresh selector for ``batch`` rows: the same seed gives the same draws."""
+        if self.greedy:
+            return argmax_selector
+        generators = [np.random.default_rng(child) for child in np.random.SeedSequence(self.seed).spawn(batch)]
+
+        def select(logits: np.ndarray) -> np.ndarray:
+            if logits.shape[0] != batch:
+                raise RuntimeUserError(
+                    f"this sampling selector was made for {batch} rows but got {logits.shape[0]}: "
+                    "make one per generation call (Sampling.selector(batch))"
+                )
+            return np.array(
+                [self.sample_row(row, generator) for row, generator in zip(logits, generators)], dtype=np.int64
+            )
+
+        return select
+
+    def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, probabilities) that one row's draw chooses from, most likely first."""
+        z = np.asarray(logits, dtype=np.float64) / self.temperature
+        vocab = z.shape[-1]
+        if self.top_k and self.top_k < vocab:
+            ids = np.argpartition(-z, self.top_k - 1)[: self.top_k]
+        elif self.top_p < 1:
+            ids = np.arange(vocab)
+        else:  # no cut at all: no need to sort
+            probs = np.exp(z - z.max())
+            return np.arange(vocab), probs / probs.sum()
+        ids = ids[np.lexsort((ids, -z[ids]))]  # by logit, descending; ties by index
+        probs = np.exp(z[ids] - z[ids[0]])
+        probs /= probs.sum()
+        if self.top_p < 1:
+            keep = int(np.searchsorted(np.cumsum(probs), self.top_p)) + 1
+            ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+        return ids, probs
+
+    def sample_row(self, logits: np.ndarray, generator: np.random.Generator) -> int:
+        ids, probs = self.candidates(logits)
+        cumulative = np.cumsum(probs)
+        index = int(np.searchsorted(cumulative, generator.random() * cumulative[-1], side="right"))
+        return int(ids[min(index, len(ids) - 1)])
+
+
+@dataclass(frozen=True)
 class KVLayer:
     """One layer's cache tensors as the graph declares them."""
 
@@ -77,6 +164,7 @@ class DecodeLayout:
 
     layers: tuple[KVLayer, ...]
     vocab: int | None
+    logits_dtype: type = np.float32
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession) -> "DecodeLayout":
@@ -148,7 +236,11 @@ class DecodeLayout:
                 )
             )
         vocab = outputs["logits"].shape[-1]
-        return cls(layers=tuple(layers), vocab=vocab if isinstance(vocab, int) else None)
+        return cls(
+            layers=tuple(layers),
+            vocab=vocab if isinstance(vocab, int) else None,
+            logits_dtype=_NUMPY_DTYPES.get(outputs["logits"].type, np.float32),
+        )
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         """Zero-length past tensors [batch, kv_i, 0, d_i] for the prefill."""
@@ -220,61 +312,104 @@ def _inference_session(session) -> tuple[ort.InferenceSession, str, int]:
 
 
 class _BoundRunner:
-    """Runs the decode graph with IO binding: present tensors stay OrtValues and become the
-    next step's past without a round trip through numpy."""
+    """Runs the decode graph with IO binding into pre-allocated KV buffers.
 
-    def __init__(self, session: ort.InferenceSession, layout: DecodeLayout, device: str, device_id: int):
+    Each layer's key and value get two buffers of ``capacity`` positions, allocated once on
+    the session's device: step t reads its past from one and the graph writes its present
+    into the other, and the next step swaps them (ping-pong). The graph's own Concat still
+    writes past + new into the present (that is the graph's contract), but nothing is
+    allocated per step, and the cache never crosses into numpy. The decode steps' logits
+    [batch, 1, vocab] go into one pre-allocated host buffer; the prefill's [batch, S, vocab]
+    are allocated by ONNX Runtime once.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        layout: DecodeLayout,
+        device: str,
+        device_id: int,
+        batch: int,
+        capacity: int,
+    ):
         self.session = session
         self.layout = layout
         self.device = device
         self.device_id = device_id
+        self.batch = batch
+        self.capacity = capacity
         self.binding = session.io_binding()
-        self.present_names = [present for _, present in layout.past_to_present()]
-        self.past: dict[str, object] = {}
+        # (past name, present name, element type, [kv, d]) per cache tensor
+        self.tensors = []
+        for layer in layout.layers:
+            for past, present in ((layer.past_key, layer.present_key), (layer.past_value, layer.present_value)):
+                self.tensors.append((past, present, layer.dtype, (layer.kv_heads, layer.head_dim)))
+        # Two buffers per cache tensor, sized for the longest cache this generation reaches.
+        self.buffers = [
+            tuple(
+                ort.OrtValue.ortvalue_from_shape_and_type(
+                    [batch, kv, capacity, dim], dtype, device, device_id
+                )
+                for _ in range(2)
+            )
+            for _, _, dtype, (kv, dim) in self.tensors
+        ]
+        self.pointers = [(a.data_ptr(), b.data_ptr()) for a, b in self.buffers]
+        self.current = 0  # which of the two buffers holds the cache written by the last run
+        self.length = 0  # positions in the cache
+        self.step_logits = np.empty((batch, 1, layout.vocab), layout.logits_dtype) if layout.vocab else None
         self._keep: list[np.ndarray] = []
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict | None = None) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         binding = self.binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        batch, new = input_ids.shape
+        if self.length + new > self.capacity:
+            raise RuntimeUserError(
+                f"the KV buffers hold {self.capacity} positions but this step needs {self.length + new}: "
+                "a bug in the generation loop (the capacity is prompt + max_new_tokens - 1)"
+            )
         # bind_cpu_input wraps the numpy buffer: keep the arrays alive until the run returns.
         self._keep = [np.ascontiguousarray(input_ids), np.ascontiguousarray(attention_mask)]
         binding.bind_cpu_input("input_ids", self._keep[0])
         binding.bind_cpu_input("attention_mask", self._keep[1])
-        if past is not None:  # prefill: numpy arrays of length 0
-            for name, array in past.items():
-                self._keep.append(array)
-                binding.bind_cpu_input(name, array)
-        else:
-            for past_name, present_name in self.layout.past_to_present():
-                binding.bind_ortvalue_input(past_name, self.past[present_name])
-        binding.bind_output("logits", "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device, self.device_id)
+        step_logits = new == 1 and self.step_logits is not None
+        if step_logits:
+            binding.bind_output(
+                "logits", "cpu", 0, self.step_logits.dtype.type, list(self.step_logits.shape),
+                self.step_logits.ctypes.data,
+            )
+        else:  # the prefill: ONNX Runtime allocates [batch, S, vocab]; bound first, so output 0
+            binding.clear_binding_outputs()
+            binding.bind_output("logits", "cpu")
+        read, write = self.current, 1 - self.current
+        for (past, present, dtype, (kv, dim)), pointers in zip(self.tensors, self.pointers):
+            binding.bind_input(past, self.device, self.device_id, dtype, [batch, kv, self.length, dim], pointers[read])
+            binding.bind_output(
+                present, self.device, self.device_id, dtype, [batch, kv, self.length + new, dim], pointers[write]
+            )
         self.session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        self.past = dict(zip(self.present_names, values[1:]))
-        return values[0].numpy()
+        self.current, self.length = write, self.length + new
+        if step_logits:
+            return self.step_logits  # overwritten by the next step: selectors must not keep it
+        return binding.get_outputs()[0].numpy()
 
 
 class _NumpyRunner:
-    """Plain ``session.run`` with numpy feeds (for comparison and as a fall-back)."""
+    """Plain ``session.run`` with numpy feeds: every step copies the whole cache out of ONNX
+    Runtime and back in. Kept as an independent reference for the bound loop."""
 
-    def __init__(self, session: ort.InferenceSession, layout: DecodeLayout):
+    def __init__(self, session: ort.InferenceSession, layout: DecodeLayout, batch: int):
         self.session = session
         self.layout = layout
         self.output_names = ["logits"] + [present for _, present in layout.past_to_present()]
-        self.past: dict[str, np.ndarray] = {}
+        self.past: dict[str, np.ndarray] = layout.empty_past(batch)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict | None = None) -> np.ndarray:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if past is not None:
-            feeds.update(past)
-        else:
-            for past_name, present_name in self.layout.past_to_present():
-                feeds[past_name] = self.past[present_name]
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **self.past}
         values = self.session.run(self.output_names, feeds)
-        self.past = dict(zip(self.output_names[1:], values[1:]))
+        self.past = {
+            past: value for (past, _), value in zip(self.layout.past_to_present(), values[1:])
+        }
         return values[0]
 
 
@@ -283,16 +418,19 @@ def generate(
     input_ids: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
-    select: TokenSelector = argmax_selector,
+    select: TokenSelector | Sampling = argmax_selector,
     stop_tokens: Iterable[int] = (),
     pad_token_id: int = 0,
     io_binding: bool = True,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after each prompt, choosing them with ``select``.
 
+    ``select`` is a ``TokenSelector`` (default: arg-max, greedy) or a ``Sampling`` (a fresh
+    seeded selector is made for this call, so the same seed gives the same tokens).
     A sequence ends at its first token in ``stop_tokens`` (which is kept in its output);
     finished sequences are fed ``pad_token_id`` until every sequence has ended or
-    ``max_new_tokens`` is reached.
+    ``max_new_tokens`` is reached. ``io_binding=False`` runs the plain numpy loop instead of
+    the pre-allocated, bound one (same tokens; for comparison).
     """
     ort_session, device, device_id = _inference_session(session)
     layout = DecodeLayout.from_session(ort_session)
@@ -307,15 +445,25 @@ def generate(
                 f"token id {out_of_range[0]} is outside the graph's vocabulary of {layout.vocab}: "
                 "use the tokenizer that belongs to this model"
             )
+    if isinstance(select, Sampling):
+        select = select.selector(batch)
     stops = np.asarray(sorted({int(t) for t in stop_tokens}), dtype=np.int64)
     outputs: list[list[int]] = [[] for _ in range(batch)]
     if max_new_tokens == 0:
         return GenerationResult(outputs, 0.0, 0.0, 0, batch)
 
-    runner = _BoundRunner(ort_session, layout, device, device_id) if io_binding else _NumpyRunner(ort_session, layout)
+    if io_binding:
+        capacity = ids.shape[1] + max_new_tokens - 1  # the last chosen token is never fed
+        runner = _BoundRunner(ort_session, layout, device, device_id, batch, capacity)
+    else:
+        runner = _NumpyRunner(ort_session, layout, batch)
+    # The mask grows by one column of ones per step: kept in one buffer, fed as a prefix.
+    full_mask = np.ones((batch, ids.shape[1] + max_new_tokens), dtype=np.int64)
+    full_mask[:, : ids.shape[1]] = mask
+    length = ids.shape[1]
     finished = np.zeros(batch, dtype=bool)
     start = time.perf_counter()
-    logits = runner.run(ids, mask, layout.empty_past(batch))
+    logits = runner.run(ids, full_mask[:, :length])
     prefill_seconds = time.perf_counter() - start
     steps = 0
     produced = 0  # tokens chosen per sequence so far (finished ones get pad, not counted)
@@ -329,8 +477,8 @@ def generate(
         produced += 1
         if finished.all() or produced >= max_new_tokens:
             break
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        logits = runner.run(chosen.reshape(batch, 1), mask)
+        length += 1
+        logits = runner.run(chosen.reshape(batch, 1), full_mask[:, :length])
         steps += 1
     decode_seconds = time.perf_counter() - start
     return GenerationResult(outputs, prefill_seconds, decode_seconds, steps, batch)

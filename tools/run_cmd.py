@@ -1,11 +1,16 @@
-"""Greedy text generation with a decode graph (exported with --kv-cache) under ONNX Runtime.
+"""Text generation with a decode graph (exported with --kv-cache) under ONNX Runtime.
 
     pangu-light run pruned.onnx --prompt "The capital of France is" --max-new-tokens 32
+    pangu-light run pruned.onnx --prompt "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1
 
 Several --prompt options run as one left-padded batch. The prompt is tokenized as plain text;
 --chat wraps it as one user turn of the tokenizer's chat template instead. The tokenizer comes
 from --tokenizer DIR or, by default, from the directory recorded in the graph's
 pangu_light.tokenizer metadata at export. A sequence stops at the model's EOS token(s).
+
+Greedy (arg-max) by default. --temperature T > 0 samples instead: softmax(logits / T), cut to
+the --top-k most likely tokens and then to the --top-p nucleus; --seed makes the draws
+reproducible (each prompt of the batch has its own stream).
 
 --provider auto picks CANN (when the CANN libraries are present), else CUDA, else the CPU. The
 providers really in use are printed at the end with the speed; a provider that fell back to
@@ -23,13 +28,13 @@ import warnings
 from pathlib import Path
 
 from pangu_light.runtime.errors import RuntimeUserError
-from pangu_light.runtime.generate import generate
+from pangu_light.runtime.generate import Sampling, argmax_selector, generate
 from pangu_light.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES, ProviderFallbackWarning, create_session
 from pangu_light.runtime.tokenizer import find_tokenizer_dir, load_tokenizer
 
-__all__ = ["HELP", "add_arguments", "run"]
+__all__ = ["HELP", "add_arguments", "parse_provider_options", "run", "sampling_from_args"]
 
-HELP = "greedy generation with a decode graph under ONNX Runtime"
+HELP = "greedy or sampled generation with a decode graph under ONNX Runtime"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +67,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", type=Path, help="Hugging Face model directory with the tokenizer (default: from the graph's metadata)"
     )
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, help="sample from the K most likely tokens only (needs --temperature)")
+    parser.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= P (needs --temperature)")
+    parser.add_argument("--seed", type=int, help="seed of the sampling draws (needs --temperature)")
 
 
-def _provider_options(items: list[str]) -> dict[str, str]:
+def sampling_from_args(args: argparse.Namespace) -> Sampling | None:
+    """The ``Sampling`` the options ask for, or None for greedy; sampling options without a
+    temperature are an error rather than silently ignored."""
+    given = [f"--{name.replace('_', '-')}" for name in ("top_k", "top_p", "seed") if getattr(args, name) is not None]
+    if args.temperature == 0:
+        if given:
+            raise RuntimeUserError(
+                f"{', '.join(given)} only apply when sampling: add --temperature T (T > 0), or drop them for greedy"
+            )
+        return None
+    return Sampling(
+        temperature=args.temperature,
+        top_k=args.top_k if args.top_k is not None else 0,
+        top_p=args.top_p if args.top_p is not None else 1.0,
+        seed=args.seed,
+    )
+
+
+def parse_provider_options(items: list[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` from repeated --provider-option flags -> a dict."""
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -77,12 +106,13 @@ def _provider_options(items: list[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise RuntimeUserError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    sampling = sampling_from_args(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ProviderFallbackWarning)
         info = create_session(
             args.model,
             provider=args.provider,
-            provider_options=_provider_options(args.provider_option),
+            provider_options=parse_provider_options(args.provider_option),
             optimization_level=args.optimization,
             threads=args.threads,
             strict=args.strict_provider,
@@ -101,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         info,
         prompts,
         args.max_new_tokens,
+        select=sampling if sampling is not None else argmax_selector,
         stop_tokens=tokenizer.stop_token_ids(),
         pad_token_id=int(pad) if isinstance(pad, int) else 0,
     )
@@ -113,9 +144,18 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{info.describe()} | {len(prompts)} prompt(s), {result.new_tokens} new tokens in {total:.2f} s "
         f"({rate:.1f} tokens/s; prefill {result.prefill_seconds * 1000:.0f} ms, "
-        f"decode {result.decode_tokens_per_second:.1f} tokens/s)"
+        f"decode {result.decode_tokens_per_second:.1f} tokens/s) | {_describe_sampling(sampling)}"
     )
     return 0
+
+
+def _describe_sampling(sampling: Sampling | None) -> str:
+    if sampling is None:
+        return "greedy"
+    return (
+        f"sampling: temperature {sampling.temperature:g}, top-k {sampling.top_k or 'all'}, "
+        f"top-p {sampling.top_p:g}, seed {sampling.seed if sampling.seed is not None else 'none'}"
+    )
 
 
 def _source_config(metadata: dict) -> dict:

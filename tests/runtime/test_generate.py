@@ -1,5 +1,6 @@
-"""Greedy generation over decode graphs against transformers' generate, per-layer KV shapes read
-from the graph, stop tokens, user errors, and the `pangu-light run` command."""
+"""Greedy generation over decode graphs against transformers' generate (also on a graph whose
+layers keep different numbers of KV heads), the pre-allocated KV buffers, per-layer KV shapes
+read from the graph, stop tokens, user errors, and the `pangu-light run` command."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import torch
 import transformers
 
 from pangu_light.runtime.errors import RuntimeUserError
-from pangu_light.runtime.generate import DecodeLayout, generate, greedy_generate, left_pad
+from pangu_light.passes.pipeline import format_value
+from pangu_light.runtime import generate as generate_module
+from pangu_light.runtime.generate import DecodeLayout, Sampling, generate, greedy_generate, left_pad
 from pangu_light.runtime.session import create_session
 from pangu_light.tools import cli
+from reference import compile_graph
+from reference_width import torch_prune_kv_groups
 
 # Lengths 9, 5, 7: all longer than gemma3's sliding window of 4, and different, so the batch is
 # left-padded and sliding layers see windows that cross the padding.
@@ -39,15 +44,79 @@ def hf_greedy(model, prompts, max_new_tokens, pad=0):
     return out[:, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+# Families whose random tiny models give informative greedy tokens: the tiny Llama (tied
+# embeddings) just repeats the last prompt token, which a broken loop could match too; Llama
+# itself is covered by SmolLM2 (real_model).
+INFORMATIVE = ["mistral", "gemma3", "qwen2", "glm4"]
+
+
+@pytest.mark.parametrize("family", INFORMATIVE)
 def test_greedy_matches_transformers(exported_graph, family):
     model, path = exported_graph(family, True)
     expected = hf_greedy(model, PROMPTS, NEW_TOKENS)
     info = create_session(path, provider="cpu")
     got = greedy_generate(info, PROMPTS, NEW_TOKENS)
     assert got == expected
-    # The rows differ from each other: a loop that mixed rows up could not pass by chance.
+    # The rows differ from each other, and within a row the tokens change: a loop that mixed
+    # rows up or ignored the cache could not pass by chance.
     assert len({tuple(row) for row in expected}) == len(PROMPTS)
+    assert len(set(sum(expected, []))) > 2 * len(PROMPTS)
+
+
+# Tiny models have 2 KV groups of 2 query heads: layers keep 2, 1, 1 and 2 groups.
+KV_KEEP = [[0, 1], [0], [1], [0, 1]]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_greedy_on_layers_with_different_kv_heads(exported_graph, family, tmp_path):
+    """The loop reads each layer's KV head count from the pruned graph: its tokens equal
+    transformers' generate on the same groups removed from the PyTorch module, and the plain
+    numpy loop on the same graph."""
+    model, path = exported_graph(family, True)
+    pruned = tmp_path / "kv-pruned.onnx"
+    compile_graph(path, f"prune-kv-groups{{keep={format_value(KV_KEEP)}}}", pruned)
+    info = create_session(pruned, provider="cpu")
+    layout = DecodeLayout.from_session(info.session)
+    assert [layer.kv_heads for layer in layout.layers] == [len(groups) for groups in KV_KEEP]
+
+    expected = hf_greedy(torch_prune_kv_groups(model, KV_KEEP), PROMPTS, NEW_TOKENS)
+    got = greedy_generate(info, PROMPTS, NEW_TOKENS)
+    assert got == expected
+    assert generate(info.session, PROMPTS, NEW_TOKENS, io_binding=False).tokens == expected
+    # The pruning changed the function: equal tokens are not the unpruned model's by accident.
+    assert expected != hf_greedy(model, PROMPTS, NEW_TOKENS)
+
+
+def test_kv_cache_is_written_into_the_preallocated_buffers(exported_graph):
+    """ONNX Runtime writes every present tensor into the loop's two buffers (it allocates no
+    new ones), and after each step the buffer holds exactly what the numpy loop's cache holds."""
+    _, path = exported_graph("gemma3", True)
+    info = create_session(path, provider="cpu")
+    layout = DecodeLayout.from_session(info.session)
+    ids, mask = left_pad(PROMPTS, 0)
+    batch, length = ids.shape
+    steps = 5
+    bound = generate_module._BoundRunner(info.session, layout, "cpu", 0, batch, length + steps)
+    plain = generate_module._NumpyRunner(info.session, layout, batch)
+    pointers = [tuple(value.data_ptr() for value in pair) for pair in bound.buffers]
+    token = None
+    for step in range(steps + 1):
+        feed = ids if step == 0 else token
+        full_mask = np.concatenate([mask, np.ones((batch, step), np.int64)], axis=1)
+        logits_bound = bound.run(feed, full_mask).copy()
+        logits_plain = plain.run(feed, full_mask)
+        np.testing.assert_array_equal(logits_bound, logits_plain)
+        token = np.argmax(logits_plain[:, -1], axis=-1).reshape(batch, 1)
+        outputs = bound.binding.get_outputs()
+        for index, (past_name, _, _, (kv, dim)) in enumerate(bound.tensors):
+            written = bound.buffers[index][bound.current]
+            assert outputs[1 + index].data_ptr() == written.data_ptr() == pointers[index][bound.current]
+            size = batch * kv * bound.length * dim
+            cache = written.numpy().reshape(-1)[:size].reshape(batch, kv, bound.length, dim)
+            np.testing.assert_array_equal(cache, plain.past[past_name])
+    assert bound.length == length + steps
+    with pytest.raises(RuntimeUserError, match="KV buffers hold"):
+        bound.run(token, np.ones((batch, length + steps + 1), np.int64))
 
 
 def test_io_binding_and_numpy_loops_agree(exported_graph):
@@ -230,13 +299,18 @@ def test_run_command_refuses_no_cache_graph(exported_graph, tiny_tokenizer_dir, 
 def test_smollm2_greedy_matches_transformers(smollm2_decode, smollm2_dir, capsys):
     model, path = smollm2_decode
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
-    texts = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived"]
+    texts = [
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea, there lived",
+        "def fibonacci(n):",
+    ]
     prompts = [tokenizer(text)["input_ids"] for text in texts]
-    assert len(prompts[0]) != len(prompts[1])
+    assert len({len(prompt) for prompt in prompts}) == 3
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     expected = hf_greedy(model, prompts, 20, pad=pad)
     got = greedy_generate(create_session(path, provider="cpu"), prompts, 20, pad_token_id=pad)
     assert got == expected
+    assert len({tuple(row) for row in expected}) == 3
 
     # The command prints the same completion (stopping at eos, which these 20 tokens do not reach).
     rc = cli.main(["run", str(path), "--prompt", texts[0], "--max-new-tokens", "20", "--provider", "cpu",
@@ -245,3 +319,18 @@ def test_smollm2_greedy_matches_transformers(smollm2_decode, smollm2_dir, capsys
     assert rc == 0
     if not set(expected[0]) & {tokenizer.eos_token_id}:
         assert f"[1] {texts[0]}\n{tokenizer.decode(expected[0], skip_special_tokens=True)}\n" in out
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_pruned_kv_groups_greedy_matches_transformers(smollm2_decode, tmp_path):
+    """SmolLM2 (3 KV groups of 3 heads) with layers keeping 3, 2 or 1 groups, batch of 3."""
+    model, path = smollm2_decode
+    keep = [[0, 1, 2], [0, 2], [1]] * 10
+    pruned = tmp_path / "smollm2-kv-pruned.onnx"
+    compile_graph(path, f"prune-kv-groups{{keep={format_value(keep)}}}", pruned)
+    info = create_session(pruned, provider="cpu")
+    assert [layer.kv_heads for layer in DecodeLayout.from_session(info.session).layers] == [3, 2, 1] * 10
+    prompts = [[504, 3575, 282, 4649, 314], [1078, 2056, 253, 655, 28, 30, 253, 1165, 3384], [1812, 28]]
+    expected = hf_greedy(torch_prune_kv_groups(model, keep), prompts, 12)
+    assert greedy_generate(info, prompts, 12) == expected
