@@ -20,6 +20,7 @@ from reference import (
     max_diff_on_tokens,
     ort_decode_logits,
     ort_logits,
+    torch_drop_layers,
     torch_logits,
     torch_slice_hidden,
 )
@@ -67,6 +68,19 @@ def test_decode_matches_torch(exported_graph, family, tmp_path):
     got, all_ids, all_mask = ort_decode_logits(tmp_path / "p.onnx", ids, mask, steps=4)
     expected = torch_logits(torch_prune_kv_groups(hf_model, KEEP), all_ids, all_mask)
     assert max_diff_on_tokens(got, expected, all_mask) <= TOLERANCE
+
+
+def test_decode_chained_with_heads_and_drop_layers(exported_graph, tmp_path):
+    """Per-layer KV counts survive drop-layers' renumbering of the cache inputs/outputs."""
+    hf_model, path = exported_graph("mistral", kv_cache=True)
+    pruned, _ = compile_graph(path, f"{PIPELINE},prune-heads{{per_group=1}},drop-layers{{layers=[2]}}", tmp_path / "p.onnx")
+    io = {v.name: v for v in [*pruned.graph.inputs, *pruned.graph.outputs]}
+    assert [io[f"present.{i}.key"].shape[1] for i in range(3)] == [1, 2, 1]
+    heads = [[2], [0, 2], [0], [2]]  # the first head of each kept group
+    reference = torch_drop_layers(torch_prune_attention(hf_model, KEEP, heads), [2])
+    ids, mask = left_padded_batch(hf_model.config.vocab_size)
+    got, all_ids, all_mask = ort_decode_logits(tmp_path / "p.onnx", ids, mask, steps=4)
+    assert max_diff_on_tokens(got, torch_logits(reference, all_ids, all_mask), all_mask) <= TOLERANCE
 
 
 def test_keeping_everything_changes_nothing(exported_graph, tmp_path):
