@@ -1,0 +1,130 @@
+"""`calibrate`, `plan`, `compile --plan`, `eval` and `prune` end to end on a tiny model saved to
+disk with a character-level tokenizer (so real text maps into the tiny vocabulary)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from families import tiny_model
+from pangu_light.calib.stats import CalibrationStats
+from pangu_light.passes.graph_stats import GraphStats
+from pangu_light.passes.plan import PLAN_KEY, load_plan
+from pangu_light.tools.cli import main
+from reference import left_padded_batch, ort_logits, torch_drop_layers, torch_logits
+
+
+def save_char_tokenizer(directory) -> None:
+    """A character-level tokenizer with 99 ids, within the tiny models' vocabulary of 160."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2}
+    for char in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama-chars")
+    model = tiny_model("llama")
+    model.save_pretrained(path)
+    save_char_tokenizer(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tiny_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("graph") / "model.onnx"
+    assert main(["export", str(tiny_dir[0]), "-o", str(path), "--quiet"]) == 0
+    return path
+
+
+CALIB = ["--data", "wiki", "--samples", "6", "--seq-len", "24", "--quiet"]
+
+
+def test_calibrate_plan_compile(tiny_graph, tiny_dir, tmp_path, capsys):
+    stats_path, plan_path, out = tmp_path / "stats.npz", tmp_path / "plan.json", tmp_path / "pruned.onnx"
+    assert main(["calibrate", str(tiny_graph), *CALIB, "-o", str(stats_path)]) == 0
+    stats = CalibrationStats.load(stats_path)
+    assert stats.tokens == 6 * 24 and stats.meta["data"] == "wiki" and stats.meta["graph"] == str(tiny_graph)
+    assert main(["plan", str(stats_path), "--drop-layers", "1", "-o", str(plan_path)]) == 0
+    plan = load_plan(plan_path)
+    (dropped,) = plan.drop_layers
+    assert dropped == int(np.argmin(stats.block_influence))
+    assert main(["compile", str(tiny_graph), "--plan", str(plan_path), "-o", str(out)]) == 0
+    pruned = ir.load(out)
+    assert json.loads(pruned.metadata_props[PLAN_KEY])["drop_layers"] == [dropped]
+    ids, mask = left_padded_batch(160)
+    expected = torch_logits(torch_drop_layers(tiny_dir[1], [dropped]), ids, mask)
+    got = ort_logits(out, ids, mask)
+    assert np.abs(got - expected)[mask.numpy().astype(bool)].max() <= 1e-5
+
+
+def test_same_seed_same_plan(tiny_graph, tmp_path):
+    plans = []
+    for run, seed in enumerate(["3", "3", "4"]):
+        stats = tmp_path / f"stats{run}.npz"
+        assert main(["calibrate", str(tiny_graph), *CALIB, "--seed", seed, "-o", str(stats)]) == 0
+        plan = tmp_path / f"plan{run}.json"
+        assert main(["plan", str(stats), "--params", "0.6", "--drop-layers", "1", "-o", str(plan)]) == 0
+        plans.append(load_plan(plan))
+    assert plans[0].to_json() == plans[1].to_json()
+    assert CalibrationStats.load(tmp_path / "stats0.npz").channel.tolist() != CalibrationStats.load(
+        tmp_path / "stats2.npz"
+    ).channel.tolist()
+
+
+def test_eval_reports_perplexity(tiny_graph, capsys):
+    assert main(["eval", str(tiny_graph), "--samples", "3", "--seq-len", "16", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)[str(tiny_graph)]
+    assert result["tokens"] == 3 * 15 and np.isfinite(result["perplexity"]) and result["perplexity"] > 1
+
+
+def test_prune_writes_every_intermediate(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "job"
+    args = ["prune", str(tiny_dir[0]), "--drop-layers", "1", "-o", str(out), *CALIB,
+            "--eval-samples", "3", "--eval-seq-len", "16"]
+    assert main(args) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"original.onnx", "stats.npz", "plan.json", "pruned.onnx", "original-kv.onnx", "pruned-kv.onnx", "summary.json"} <= names
+    summary = json.loads((out / "summary.json").read_text())
+    pruned = GraphStats.from_model(ir.load(out / "pruned.onnx"))
+    assert summary["graphs"]["pruned"]["parameters"] == pruned.total_parameters
+    assert summary["graphs"]["pruned"]["layers"] == 3 and summary["graphs"]["original"]["layers"] == 4
+    assert all(np.isfinite(g["perplexity"]) for g in summary["graphs"].values())
+    table = capsys.readouterr().out
+    assert "parameters" in table and "perplexity" in table
+    # A second run reuses the exports.
+    exported = (out / "original.onnx").stat().st_mtime_ns, (out / "original-kv.onnx").stat().st_mtime_ns
+    assert main(args) == 0
+    assert ((out / "original.onnx").stat().st_mtime_ns, (out / "original-kv.onnx").stat().st_mtime_ns) == exported
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["calibrate", "{graph}", "--data", "{small}", "--samples", "50", "--seq-len", "24", "-o", "{tmp}/s.npz"], "sequences of 24; asked for 50"),
+        (["calibrate", "{graph}", "-o", "{tmp}/s.txt"], "must end in .npz"),
+        (["calibrate", "{graph}", "-o", "{graph}"], "never overwritten"),
+        (["plan", "{tmp}/missing.npz", "-o", "{tmp}/p.json"], "not a statistics file"),
+        (["compile", "{graph}", "--plan", "{tmp}/missing.json", "-o", "{tmp}/o.onnx"], "cannot read the plan"),
+        (["compile", "{graph}", "-o", "{tmp}/o.onnx"], "one of --pipeline or --plan"),
+        (["prune", "{dir}", "-o", "{tmp}/job"], "prune needs a target"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_graph, tiny_dir, tmp_path, capsys, argv, message):
+    small = tmp_path / "small.txt"
+    small.write_text("A short text.\n\nAnother short paragraph of text.\n")
+    values = {"graph": str(tiny_graph), "dir": str(tiny_dir[0]), "tmp": str(tmp_path), "small": str(small)}
+    assert main([a.format(**values) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
