@@ -2,9 +2,10 @@
 hidden 448, 2 of 3 heads per group, FFN 1152, SLNP; compiled, run in ORT, equal to the same
 edit on the PyTorch module.
 
-Bound: the unpruned export alone differs from torch by about 5.6e-5 to 1.1e-4 on logits of
-magnitude ~20-30 (DESIGN.md); the pruned graph is held to 2e-4 absolute, which is also
-below 1e-5 of the logits' scale.
+Bound: on the no-cache batch here the unpruned export alone differs from torch by 8.2e-5
+(max |logit| 34); the pruned graph measured 1.6e-4 (max |logit| 46, 3.6e-6 relative). It is
+held to 3e-4 absolute, the bound of the export parity tests (DESIGN.md: a few 1e-4, or 1e-5
+relative to the logits' scale); a wrong head, neuron or SLNP scale moves logits by > 1e-1.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from reference import (
 from reference_width import torch_prune_ffn, torch_prune_heads, torch_slnp
 
 pytestmark = pytest.mark.real_model
-BOUND = 2e-4
+BOUND = 3e-4
 LAYERS, HIDDEN, FFN = 30, 576, 1536
 _rng = np.random.default_rng(0)
 KEEP_HIDDEN = sorted(_rng.choice(HIDDEN, size=448, replace=False).tolist())
