@@ -13,6 +13,7 @@ GLM4's interleaved rotary embedding (``stack(-x2, x1).flatten(-2)``), in the Res
 flattens each rotated half back to ``[b, heads, s, d_rot]`` (see ``all_head_count_constants``);
 in decode graphs the KV group count is also dim 1 of ``past_key_values.{i}.*`` and
 ``present.{i}.*``.
+
 After any width change, intermediate shapes recorded by the exporter are stale and are
 cleared (ORT rejects a graph whose recorded shapes contradict its weights).
 """
@@ -32,6 +33,7 @@ from pangu_light.passes.model_map import Attention, HeadCountConstant, Linear, M
 __all__ = [
     "all_head_count_constants",
     "check_keep_lists",
+    "check_private",
     "clear_intermediate_shapes",
     "head_rows",
     "per_layer",
@@ -66,7 +68,7 @@ def all_head_count_constants(attention: Attention) -> list[HeadCountConstant]:
 def _path_to_scores(value: ir.Value) -> list[ir.Node]:
     """Nodes reachable forward from a q/k projection output up to (not past) the attention
     MatMul; shape reads (Shape) are not followed: they lead to masks, not head axes."""
-    seen: list[ir.Node] = []
+    seen: dict[ir.Node, None] = {}  # insertion-ordered set
     frontier = [value]
     while frontier:
         next_frontier = []
@@ -74,11 +76,11 @@ def _path_to_scores(value: ir.Value) -> list[ir.Node]:
             for node in v.consumers():
                 if node in seen:
                     continue
-                seen.append(node)
+                seen[node] = None
                 if node.op_type not in ("MatMul", "Shape"):
                     next_frontier.extend(node.outputs)
         frontier = next_frontier
-    return seen
+    return list(seen)
 
 
 def check_keep_lists(
@@ -121,6 +123,12 @@ def per_layer(values: Sequence[int]) -> str:
 def head_rows(heads: Sequence[int], head_dim: int) -> np.ndarray:
     """The rows (of q/k/v, or columns of o_proj) that belong to ``heads``, in order."""
     return (np.asarray(heads, dtype=np.int64)[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
+
+
+def check_private(pass_name: str, *linears: Linear) -> None:
+    """Refuse (before any edit) to resize a weight that something besides its Linear reads."""
+    for linear in linears:
+        _check_private(pass_name, linear)
 
 
 def _check_private(pass_name: str, linear: Linear) -> None:

@@ -22,6 +22,7 @@ from pangu_light.passes.base import Option, PanguPass
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.head_surgery import (
     check_keep_lists,
+    check_private,
     clear_intermediate_shapes,
     per_layer,
     take_columns,
@@ -44,21 +45,24 @@ class PruneFFNPass(PanguPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model_map = ModelMap.from_model(model)
         keep = self._kept_neurons(model, model_map)
-        before = [layer.ffn.intermediate_size for layer in model_map.layers]
-        if all(len(kept) == width for kept, width in zip(keep, before)):
+        changing = [(layer, kept) for layer, kept in zip(model_map.layers, keep)
+                    if len(kept) < layer.ffn.intermediate_size]
+        if not changing:
             return ir.passes.PassResult(model, modified=False)
-        for layer, kept in zip(model_map.layers, keep):
+        before = [layer.ffn.intermediate_size for layer in model_map.layers]
+        for layer, _ in changing:
+            ffn = layer.ffn
+            check_private(self.name, ffn.gate, ffn.up, ffn.down)
+            if ffn.fused_gate_up and ffn.gate.out_features != 2 * ffn.intermediate_size:
+                raise PanguLightError(
+                    f"pass prune-ffn: layer {layer.index}: fused {ffn.gate.module} has {ffn.gate.out_features} "
+                    f"rows, expected gate and up stacked (2 x {ffn.intermediate_size})"
+                )
+        for layer, kept in changing:
             ffn = layer.ffn
             width = ffn.intermediate_size
-            if len(kept) == width:
-                continue
             neurons = np.asarray(kept, dtype=np.int64)
             if ffn.fused_gate_up:
-                if ffn.gate.out_features != 2 * width:
-                    raise PanguLightError(
-                        f"pass prune-ffn: layer {layer.index}: fused {ffn.gate.module} has {ffn.gate.out_features} "
-                        f"rows, expected gate and up stacked (2 x {width})"
-                    )
                 take_rows(self, ffn.gate, np.concatenate([neurons, width + neurons]))
             else:
                 take_rows(self, ffn.gate, neurons)

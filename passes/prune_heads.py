@@ -24,6 +24,7 @@ from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.head_surgery import (
     all_head_count_constants,
     check_keep_lists,
+    check_private,
     clear_intermediate_shapes,
     head_rows,
     per_layer,
@@ -48,13 +49,14 @@ class PruneHeadsPass(PanguPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model_map = ModelMap.from_model(model)
         keep = self._kept_heads(model, model_map)
-        before = [layer.attention.num_heads for layer in model_map.layers]
-        if all(len(kept) == heads for kept, heads in zip(keep, before)):
+        changing = [(layer.attention, kept) for layer, kept in zip(model_map.layers, keep)
+                    if len(kept) < layer.attention.num_heads]
+        if not changing:
             return ir.passes.PassResult(model, modified=False)
-        for layer, kept in zip(model_map.layers, keep):
-            attention = layer.attention
-            if len(kept) == attention.num_heads:
-                continue
+        before = [layer.attention.num_heads for layer in model_map.layers]
+        for attention, _ in changing:
+            check_private(self.name, attention.q, attention.o)
+        for attention, kept in changing:
             rows = head_rows(kept, attention.head_dim)
             take_rows(self, attention.q, rows)
             take_columns(self, attention.o, rows)

@@ -23,6 +23,7 @@ from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.head_surgery import (
     all_head_count_constants,
     check_keep_lists,
+    check_private,
     clear_intermediate_shapes,
     head_rows,
     per_layer,
@@ -47,13 +48,14 @@ class PruneKVGroupsPass(PanguPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model_map = ModelMap.from_model(model)
         keep = self._kept_groups(model, model_map)
-        before = [layer.attention.num_kv_heads for layer in model_map.layers]
-        if all(len(kept) == groups for kept, groups in zip(keep, before)):
+        changing = [(layer.attention, kept) for layer, kept in zip(model_map.layers, keep)
+                    if len(kept) < layer.attention.num_kv_heads]
+        if not changing:
             return ir.passes.PassResult(model, modified=False)
-        for layer, kept in zip(model_map.layers, keep):
-            attention = layer.attention
-            if len(kept) == attention.num_kv_heads:
-                continue
+        before = [layer.attention.num_kv_heads for layer in model_map.layers]
+        for attention, _ in changing:
+            check_private(self.name, attention.q, attention.k, attention.v, attention.o)
+        for attention, kept in changing:
             rep = attention.num_heads // attention.num_kv_heads
             kv_rows = head_rows(kept, attention.head_dim)
             query_rows = head_rows([g * rep + r for g in kept for r in range(rep)], attention.head_dim)

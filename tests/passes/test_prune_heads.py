@@ -108,3 +108,16 @@ def test_bad_requests_are_clear_errors(exported_graph, options, message):
     with pytest.raises(PanguLightError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_pipeline(model, f"prune-heads{{{options}}}")
     assert graph_bytes(model) == graph_bytes(ir.load(path))  # refused before touching anything
+
+
+def test_refuses_a_weight_read_elsewhere(exported_graph):
+    _, path = exported_graph("llama")
+    model = ir.load(path)
+    model_map = ModelMap.from_model(model)
+    # Layer 3's q_proj now reads layer 0's weight too (a tied weight, as no exporter writes).
+    shared = model_map.layers[0].attention.q
+    model_map.layers[3].attention.q.transpose.replace_input_with(0, shared.weight)
+    expected = graph_bytes(model)
+    with pytest.raises(PanguLightError, match="q_proj.weight is also read outside"):
+        run_pipeline(model, "prune-heads{per_group=1}")
+    assert graph_bytes(model) == expected
