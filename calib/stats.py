@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from pangu_light.calib.taps import TapLayout, add_statistic_taps
 from pangu_light.passes.errors import PanguLightError
@@ -172,6 +173,7 @@ def calibrate(
     model = ir.load(graph_path)
     model_map = ModelMap.from_model(model)
     layout = add_statistic_taps(model, model_map)
+    common_passes.RemoveUnusedNodesPass()(model)  # what only fed the logits (lm_head, ...)
     past_inputs = [v for v in model.graph.inputs if v.name.startswith("past_key_values.")]
     with tempfile.TemporaryDirectory(prefix="pangu-light-calib-") as workdir:
         tapped = Path(workdir) / "tapped.onnx"

@@ -91,7 +91,7 @@ def test_eval_reports_perplexity(tiny_graph, capsys):
 
 def test_prune_writes_every_intermediate(tiny_dir, tmp_path, capsys):
     out = tmp_path / "job"
-    args = ["prune", str(tiny_dir[0]), "--drop-layers", "1", "-o", str(out), *CALIB,
+    args = ["prune", str(tiny_dir[0]), "--params", "0.6", "--drop-layers", "1", "-o", str(out), *CALIB,
             "--eval-samples", "3", "--eval-seq-len", "16"]
     assert main(args) == 0
     names = {p.name for p in out.iterdir()}
