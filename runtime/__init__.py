@@ -4,9 +4,13 @@
   picks the execution provider (CANN only when its libraries are really present), checks CANN
   options, and reports a fall-back to the CPU (``fell_back``, a warning) instead of hiding it.
 - ``generate.greedy_generate(session, prompts, max_new_tokens, stop_tokens=..., pad_token_id=...)``
-  and ``generate.generate(..., select=...)``: left-padded batches, prefill with an empty past,
-  then one token per step with the KV cache kept in OrtValues (IO binding); per-layer KV shapes
-  are read from the graph, so pruned graphs with fewer layers or heads just work.
+  and ``generate.generate(..., select=argmax_selector | Sampling(temperature, top_k, top_p, seed))``:
+  left-padded batches, prefill with an empty past, then one token per step with the KV cache in
+  buffers allocated once on the device and bound by IO binding; per-layer KV shapes are read
+  from the graph, so pruned graphs with fewer layers, heads or KV heads just work.
+- ``benchmark``: workloads (the paper's mix, prefill, decode), graphs measured alternately,
+  stats over rounds, peak memory in a fresh process; ``machine``: the machine description a
+  report carries. ``pangu-light bench`` (tools/) adds the ideal speedups from GraphStats.
 - ``tokenizer``: finds the tokenizer from ``--tokenizer`` or the graph's ``pangu_light.tokenizer``
   metadata and loads it lazily (transformers or tokenizers).
 - ``errors.RuntimeUserError``: problems the user can fix, printed by the CLI as ``error: ...``.

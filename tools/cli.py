@@ -11,6 +11,7 @@ Every stage reads and writes files, so each can be run, inspected and cached alo
     eval       perplexity of graphs on held-out text
     diff       compare two graphs: parameters, FLOPs, per-layer shapes, tagged nodes
     run        greedy generation with a decode graph under ONNX Runtime
+    bench      measure graphs side by side: prefill, decode tokens/s, throughput vs ideal
 
 Each command module defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -37,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "eval": "pangu_light.tools.eval_cmd",
     "diff": "pangu_light.tools.diff_cmd",
     "run": "pangu_light.tools.run_cmd",
+    "bench": "pangu_light.tools.bench_cmd",
 }
 
 USER_ERRORS = (PanguLightError, RuntimeUserError)
