@@ -10,8 +10,16 @@ weights then have no consumers and are deleted. In decode graphs the layer's
 removed one are renumbered (weights ``model.layers.{i}.*``, name scopes, KV-cache I/O
 names), so the result looks like a model exported with fewer layers.
 
-This pass takes an explicit choice. Choosing layers by Block Influence and merging their
-attention into a neighbour (CLAP) is the planner's and a later pass's job.
+Which layers: ``layers=[...]``, or ``plan=true`` for the plan's ``drop_layers`` (the lowest
+Block Influence, eq. 4, ``1 - mean cos(x_l, x_{l+1})``). With a plan made with CLAP (paper
+3.2.1, ``pangu_light.passes.clap``), each removed layer's best KV groups first move into the
+kept layer it merges into (the plan's ``clap_merges``, ranked by eq. 5)::
+
+    layer l: groups {(l, 0), (l, 1)}    layer l+1 (removed): {(l+1, 0), (l+1, 1)}
+        -> layer l: top-K of the four, e.g. {(l, 1), (l+1, 0)}; layer l+1 re-wired away
+
+``clap=false`` removes the layers plainly (ShortGPT/Minitron style, the ablation), whatever
+the plan says; ``clap=true`` merges even if the plan was not made for it (it needs merges).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from pangu_light.passes.base import Option, PanguPass
+from pangu_light.passes.clap import merge_attention, resolve_merges
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.graph_utils import NAME_SCOPES_KEY
 from pangu_light.passes.model_map import ModelMap
@@ -43,9 +52,19 @@ class DropLayersPass(PanguPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         model_map = ModelMap.from_model(model)
-        drop = self._validated(model, model_map)
+        drop, plan = self._validated(model, model_map)
         if not drop:
             return ir.passes.PassResult(model, modified=False)
+        if plan is not None:  # CLAP: move the chosen KV groups first, while every layer is there
+            merges = resolve_merges(plan, model_map, drop, self.name)
+            for into, sources in merges.items():
+                merge_attention(self, model, model_map.layer(into), sources)
+            if merges:
+                # "1<-1.0,3.1": layer 1 now holds group 0 of layer 1 and group 1 of layer 3 (original numbering)
+                self.stats["merged"] = " ".join(
+                    f"{into}<-" + ",".join(f"{s.original[0]}.{s.original[1]}" for s in sources)
+                    for into, sources in merges.items()
+                )
         graph = model.graph
         for index in sorted(drop, reverse=True):
             layer = model_map.layer(index)
@@ -90,14 +109,15 @@ class DropLayersPass(PanguPass):
             node.replace_input_with(use.idx, stand_in)
             self.tag(node)
 
-    def _requested(self, model: ir.Model, model_map: ModelMap) -> list[int]:
+    def _requested(self, model: ir.Model, model_map: ModelMap) -> tuple[list[int], PrunePlan | None]:
+        """The layers to remove, and the plan whose CLAP merges to carry out (None: plain)."""
         layers, from_plan = self.options["layers"], self.options["plan"]
         if (layers is None) == (not from_plan):
             raise PanguLightError("pass drop-layers: give exactly one of layers=[...] or plan=true")
         if not from_plan:
             if self.options["clap"]:
                 raise PanguLightError("pass drop-layers: clap=true needs plan=true (the merges come from the plan)")
-            return layers
+            return layers, None
         plan = PrunePlan.from_model(model, self.name)
         if len(model_map.layers) != len(plan.shapes):
             raise PanguLightError(
@@ -105,15 +125,15 @@ class DropLayersPass(PanguPass):
                 f"{len(model_map.layers)}; was drop-layers already applied?"
             )
         clap = plan.clap if self.options["clap"] is None else self.options["clap"]
-        if clap and plan.drop_layers:
+        if clap and not plan.clap and not plan.clap_merges:
             raise PanguLightError(
-                "pass drop-layers: the plan asks for CLAP merges, which this version does not carry out yet; "
-                "re-plan without --clap or run drop-layers{plan=true,clap=false}"
+                "pass drop-layers: clap=true, but the plan records no CLAP merges (it was made without CLAP); "
+                "re-plan with `pangu-light plan --clap`, or drop clap=true"
             )
-        return list(plan.drop_layers)
+        return list(plan.drop_layers), (plan if clap else None)
 
-    def _validated(self, model: ir.Model, model_map: ModelMap) -> set[int]:
-        requested = self._requested(model, model_map)
+    def _validated(self, model: ir.Model, model_map: ModelMap) -> tuple[set[int], PrunePlan | None]:
+        requested, plan = self._requested(model, model_map)
         count = len(model_map.layers)
         bad = [i for i in requested if not 0 <= i < count]
         if bad:
@@ -126,7 +146,7 @@ class DropLayersPass(PanguPass):
             raise PanguLightError(
                 f"pass drop-layers: removing all {count} layers leaves no model; keep at least one"
             )
-        return set(requested)
+        return set(requested), plan
 
     def _renumber(self, model: ir.Model, model_map: ModelMap, drop: set[int]) -> None:
         """Give the kept layers consecutive indices: weights, name scopes and KV I/O names."""
