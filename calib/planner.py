@@ -264,11 +264,21 @@ def _resolve_shape(model_map: ModelMap, targets: Targets, dropped: set[int]) -> 
                 raise PanguLightError(f"--uniform: {what} differs between layers ({values})")
 
     def shape_at(r: float) -> Shape:
-        hidden = targets.hidden if targets.hidden is not None else _align(r * full.hidden, targets.align, full.hidden)
+        heads_per_group = fixed_heads or [max(1, round(r * n)) for n in full.heads_per_group]
+        kv_groups = fixed_groups or list(full.kv_groups)
+        hidden_align = targets.align
+        if targets.uniform:  # HF configs check hidden_size % num_attention_heads == 0
+            hidden_align = math.lcm(targets.align, heads_per_group[0] * kv_groups[0])
+        hidden = targets.hidden if targets.hidden is not None else _align(r * full.hidden, hidden_align, full.hidden)
+        if targets.uniform and hidden % (heads_per_group[0] * kv_groups[0]):
+            raise PanguLightError(
+                f"--uniform: hidden={hidden} is not a multiple of the {heads_per_group[0] * kv_groups[0]} query heads "
+                "kept per layer, which a Hugging Face config requires; choose a multiple"
+            )
         return Shape(
             hidden=hidden,
-            heads_per_group=fixed_heads or [max(1, round(r * n)) for n in full.heads_per_group],
-            kv_groups=fixed_groups or list(full.kv_groups),
+            heads_per_group=heads_per_group,
+            kv_groups=kv_groups,
             ffn=fixed_ffn or [_align(r * f, targets.align, f) for f in full.ffn],
             dropped=dropped,
         )

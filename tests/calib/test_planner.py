@@ -84,7 +84,7 @@ def test_budget_on_smollm2(smollm2_graph):
 
 
 def test_align_rounds_widths(llama_map):
-    plan = make_plan(llama_map, fake_stats(llama_map), Targets(hidden=45, ffn=55, align=16, uniform=True))
+    plan = make_plan(llama_map, fake_stats(llama_map), Targets(hidden=45, ffn=55, align=16))
     assert len(plan.hidden) == 45  # explicit widths are kept as given
     plan = make_plan(llama_map, fake_stats(llama_map), Targets(params=0.6, align=2, uniform=True))
     assert len(plan.hidden) % 2 == 0
@@ -130,6 +130,7 @@ def test_clap_of_layer_zero_merges_forward(llama_map):
         (Targets(ffn=[10, 20, 30]), "3 values for 4 layers"),
         (Targets(ffn=[10, 20, 30, 40], uniform=True), "--uniform"),
         (Targets(absorb_post_norms=True), "no post-norms"),
+        (Targets(hidden=45, uniform=True), "not a multiple of the 4 query heads"),
     ],
 )
 def test_impossible_targets_are_clear_errors(llama_map, targets, message):
