@@ -33,13 +33,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: setup
 	@mkdir -p $(OUT)
-	$(BIN)/pangu-light export smollm2-135m -o $(OUT)/smollm2.onnx
-	$(BIN)/pangu-light compile $(OUT)/smollm2.onnx \
-	    --pipeline "drop-layers{layers=[12,13,14,15,16,17]},slice-hidden{keep_first=448}" \
-	    -o $(OUT)/smollm2-pruned.onnx
-	$(BIN)/pangu-light diff $(OUT)/smollm2.onnx $(OUT)/smollm2-pruned.onnx
-	$(BIN)/pangu-light export smollm2-135m --kv-cache -o $(OUT)/smollm2-kv.onnx
-	$(BIN)/pangu-light run $(OUT)/smollm2-kv.onnx \
+	$(BIN)/pangu-light prune smollm2-135m --params 0.8 -o $(OUT)/prune
+	$(BIN)/pangu-light diff $(OUT)/prune/original.onnx $(OUT)/prune/pruned.onnx
+	$(BIN)/pangu-light run $(OUT)/prune/pruned-kv.onnx \
 	    --prompt "The capital of France is" --max-new-tokens 20
 
 test: setup
