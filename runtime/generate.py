@@ -120,7 +120,8 @@ class Sampling:
         return select
 
     def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, probabilities) that one row's draw chooses from, most likely first."""
+        """(token ids, probabilities) that one row's draw chooses from: with a top-k or top-p cut,
+        most likely first (ties by index); without one, the whole vocabulary in id order."""
         z = np.asarray(logits, dtype=np.float64) / self.temperature
         vocab = z.shape[-1]
         if self.top_k and self.top_k < vocab:
