@@ -12,6 +12,7 @@ Every stage reads and writes files, so each can be run, inspected and cached alo
     diff       compare two graphs: parameters, FLOPs, per-layer shapes, tagged nodes
     run        greedy generation with a decode graph under ONNX Runtime
     bench      measure graphs side by side: prefill, decode tokens/s, throughput vs ideal
+    distill    recover a pruned graph by distillation from the unpruned model, re-export it
 
 Each command module defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -39,6 +40,7 @@ COMMANDS: dict[str, str] = {
     "diff": "pangu_light.tools.diff_cmd",
     "run": "pangu_light.tools.run_cmd",
     "bench": "pangu_light.tools.bench_cmd",
+    "distill": "pangu_light.tools.distill_cmd",
 }
 
 USER_ERRORS = (PanguLightError, RuntimeUserError)

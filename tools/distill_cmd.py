@@ -1,0 +1,145 @@
+"""Recover a pruned graph by knowledge distillation from the unpruned model, and export it back.
+
+    pangu-light distill pruned.onnx --teacher smollm2-135m --data wiki -o distilled/
+    torchrun --nproc_per_node 2 -m pangu_light.tools.cli distill pruned.onnx --teacher smollm2-135m -o d/
+
+The pruned graph is re-imported into PyTorch with its per-layer shapes and trained to match the
+teacher's full-vocabulary distribution: loss = (1 - a) T^2 KL(teacher || student) + a CE
+(--temperature T, --ce-weight a; KL alone by default), AdamW with a cosine decay of the learning
+rate, gradient clipping and accumulation, bfloat16 autocast matmuls (--no-bf16 for float32).
+The teacher's final hidden states are computed once and cached on disk (its logits are one
+matmul away), unless --online-teacher. Training text is the calibration split of --data, cut
+into --seq-len windows and shuffled by --seed; held-out perplexity and KL are measured on the
+evaluation split of --eval-data (default: the same source) every --eval-every steps.
+
+OUTDIR receives: checkpoints/step-N.pt (every --save-every steps; --resume continues the same
+curve exactly), metrics.jsonl, loss.png (loss and held-out perplexity against tokens),
+model/ (a standard Hugging Face directory when every layer has one shape, else per-layer shapes
+that pangu_light.frontend.reimport.load_student reads), distilled.onnx (re-exported with the
+same clean exporter and checked against PyTorch under ONNX Runtime), and summary.json.
+
+Under torchrun the global batch is --batch-size x --grad-accum x processes, data is sharded by
+rank, gradients are averaged with DistributedDataParallel (gloo on CPU, nccl on GPU; --fsdp
+shards the student with FSDP2 instead), and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from pangu_light.passes.errors import PanguLightError
+from pangu_light.tools.text_data import graph_tokenizer, sequences_for
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "recover a pruned graph by distillation from the unpruned model (KL on full-vocabulary logits)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("graph", type=Path, help="the pruned .onnx graph (from `pangu-light compile`)")
+    parser.add_argument("--teacher", required=True, help="the unpruned model: alias, local HF directory or hub id")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="wiki", help="training text: wiki (default), lambada, or a .txt/.jsonl file (calibration split)")
+    data.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    data.add_argument("--train-samples", type=int, help="use only this many training windows (default: all of the split)")
+    data.add_argument("--eval-data", help="held-out text (evaluation split; default: the same source as --data)")
+    data.add_argument("--eval-samples", type=int, default=16, help="held-out windows (default 16)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
+    data.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: recorded in the graph)")
+    train = parser.add_argument_group("training")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--tokens", type=int, help="training tokens (default 100000; rounded up to whole steps)")
+    length.add_argument("--steps", type=int, help="optimizer steps (instead of --tokens)")
+    train.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch and process (default 4)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    train.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this (default 0.1)")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default 0)")
+    train.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.95)")
+    train.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
+    train.add_argument("--temperature", type=float, default=1.0, help="KL temperature T (default 1)")
+    train.add_argument("--ce-weight", type=float, default=0.0, help="weight a of the next-token cross-entropy (default 0: KL only)")
+    train.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 matmuls (default: bfloat16 autocast)")
+    train.add_argument("--chunk", type=int, default=256, help="token rows per chunk of the fused loss (default 256)")
+    train.add_argument("--attn", choices=("eager", "sdpa"), help="student attention (default sdpa; eager for Gemma2)")
+    train.add_argument("--threads", type=int, help="torch intra-op threads")
+    teacher = parser.add_argument_group("teacher")
+    teacher.add_argument("--online-teacher", action="store_true", help="run the teacher every step instead of caching it")
+    teacher.add_argument("--teacher-cache", type=Path, help="cache directory (default OUTDIR/teacher_cache); runs on the same data share it")
+    teacher.add_argument("--teacher-cache-dtype", choices=("float32", "float16"), default="float32",
+                         help="cache precision (default float32, exact; float16 halves the disk)")
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--eval-every", type=int, default=25, help="held-out evaluation every N steps (default 25)")
+    run_group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    run_group.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
+    run_group.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                           help="continue from the latest checkpoint in OUTDIR (or the one given)")
+    run_group.add_argument("--fsdp", action="store_true", help="under torchrun: shard the student (FSDP2) instead of DDP")
+    run_group.add_argument("--no-export", dest="export", action="store_false", help="skip the ONNX re-export")
+    run_group.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pangu_light.frontend.distill import DistillConfig, distill
+    from pangu_light.frontend.loading import resolve_model
+    from pangu_light.runtime.tokenizer import find_tokenizer_dir
+    from pangu_light.tools.calibrate_cmd import load_model_metadata
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.output.resolve() == args.graph.resolve() or args.output.resolve() in args.graph.resolve().parents:
+        raise PanguLightError(f"output {args.output} would hold the input graph; choose another -o")
+    metadata = load_model_metadata(args.graph)
+    teacher_dir = resolve_model(args.teacher)
+    tokenizer_dir = find_tokenizer_dir(args.graph, metadata, args.tokenizer)
+    encode, eos_id = graph_tokenizer(args.graph, metadata, args.tokenizer)
+    train = sequences_for(args.data, encode, eos_id, samples=args.train_samples, seq_len=args.seq_len,
+                          seed=args.seed, split="calib")
+    evaluation = sequences_for(args.eval_data or args.data, encode, eos_id, samples=args.eval_samples,
+                               seq_len=args.seq_len, seed=args.seed, split="eval")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    global_batch = args.batch_size * args.grad_accum * world
+    if args.steps is not None:
+        steps = args.steps
+    else:
+        tokens = 100_000 if args.tokens is None else args.tokens
+        if tokens < 1:
+            raise PanguLightError(f"--tokens must be at least 1 (got {tokens})")
+        steps = math.ceil(tokens / (global_batch * args.seq_len))
+    resume = args.resume if args.resume is True or args.resume is False else Path(args.resume)
+    config = DistillConfig(
+        graph=args.graph, teacher_dir=teacher_dir, output=args.output, train_windows=train,
+        eval_windows=evaluation, tokenizer_dir=tokenizer_dir, steps=steps, micro_batch=args.batch_size,
+        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, betas=tuple(args.betas), clip=args.clip, temperature=args.temperature,
+        ce_weight=args.ce_weight, bf16=args.bf16, chunk=args.chunk, seed=args.seed,
+        online_teacher=args.online_teacher, teacher_cache_dir=args.teacher_cache,
+        teacher_cache_dtype=args.teacher_cache_dtype, eval_every=args.eval_every, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, resume=resume, fsdp=args.fsdp, attn_implementation=args.attn,
+        export=args.export, quiet=args.quiet,
+    )
+    result = distill(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    evals = [h for h in result.history if "eval_perplexity" in h]
+    first, last = evals[0], evals[-1]
+    trained = [h for h in result.history if "tokens_per_s" in h]
+    speed = sorted(h["tokens_per_s"] for h in trained)
+    print(
+        f"distilled {result.steps} steps ({last['tokens']:,} tokens, global batch {global_batch} x {args.seq_len}); "
+        f"held-out perplexity {first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}, "
+        f"KL to the teacher {first['eval_kl']:.4f} -> {last['eval_kl']:.4f}"
+        + (f"; median {speed[len(speed) // 2]:.0f} tokens/s" if speed else "")
+    )
+    if result.model_dir is not None:
+        kind = "Hugging Face directory" if result.model_format == "hf" else "per-layer student (load_student)"
+        print(f"wrote {result.model_dir} ({kind})" + (f", {result.graph} (ORT vs PyTorch max |diff| {result.export_max_abs_diff:.2e})" if result.graph else ""))
+    print(f"curves: {result.output / 'loss.png'}, {result.output / 'metrics.jsonl'}")
+    return 0
