@@ -13,7 +13,11 @@ Choices, each by the statistics of ``calib.stats`` (higher = more important):
 - CLAP (3.2.1): each removed layer merges into the nearest kept layer before it (a removed
   first layer: the next kept one); the KV groups of the kept layer and of all layers merging
   into it are ranked together by the mean S_head of their surviving heads (eq. 5) and the top
-  K are kept, K = the kept layer's own count;
+  K are kept, K = the kept layer's own count (``clap_groups``: or all of them, or N). Only
+  layers of the receiver's attention type (same rotary, mask: not Gemma's sliding vs global)
+  and heads per group contribute. Variants (DESIGN.md): ``clap_margin`` ranks the receiver's
+  own groups ``margin`` times higher, ``clap_adjacent`` merges only the removed layer next
+  to its receiver;
 - SLNP (eq. 6) scales ||gamma_orig|| / ||gamma_kept|| are written for every hidden norm;
 - post-norm absorption (eq. 8): the calibrated s_inv of every post-norm.
 
@@ -56,6 +60,9 @@ class Targets:
     uniform: bool = False
     align: int = 1
     clap: bool = False
+    clap_groups: int | str = "keep"  # KV groups of a merged layer: "keep" (its own count), "sum" (all), or N
+    clap_margin: float = 1.0  # a removed layer's group must outscore a receiver's own group by this factor
+    clap_adjacent: bool = False  # only the removed layer next to its receiver merges (the rest: plain removal)
     slnp: bool = True
     absorb_post_norms: bool = False
 
@@ -141,7 +148,11 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) ->
     plan.drop_layers = sorted(dropped)
     plan.clap = targets.clap
     if targets.clap and dropped:
-        plan.clap_merges = clap_merges(model_map, stats, plan)
+        plan.clap_merges = clap_merges(
+            model_map, stats, plan, groups=targets.clap_groups, margin=targets.clap_margin, adjacent=targets.clap_adjacent
+        )
+        for merge in plan.clap_merges:  # the merged layer's size, for the estimate
+            shape.kv_groups[merge.into] = len(merge.groups)
     plan.slnp = targets.slnp
     plan.slnp_scales = _slnp_scales(model_map, plan.hidden)
     plan.absorb_post_norms = targets.absorb_post_norms
@@ -166,8 +177,35 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) ->
     return plan
 
 
-def clap_merges(model_map: ModelMap, stats: CalibrationStats, plan: PrunePlan) -> list[ClapMerge]:
-    """Eq. 5: per kept layer receiving removed layers, the top-K KV groups over all of them."""
+def clap_merges(
+    model_map: ModelMap,
+    stats: CalibrationStats,
+    plan: PrunePlan,
+    *,
+    groups: int | str = "keep",
+    margin: float = 1.0,
+    adjacent: bool = False,
+) -> list[ClapMerge]:
+    """Eq. 5: per kept layer receiving removed layers, the top-K KV groups over all of them.
+
+    Each removed layer merges into the nearest kept layer before it (removed first layers:
+    the first kept layer). Candidates are the groups ``plan`` keeps, scored by the mean S_head
+    of the heads it keeps in them; a removed layer contributes only if its attention reads the
+    receiver's rotary embedding and mask (``passes.clap.attention_context``: no Gemma sliding
+    <-> global moves) and keeps as many heads per group. ``groups``: K = "keep" (the
+    receiver's own count), "sum" (every candidate) or N. ``margin``: the receiver's own
+    groups rank with their score times ``margin`` (1.5: a moved group must score 1.5x
+    higher). ``adjacent``: only a removed layer next to its receiver contributes. One
+    ClapMerge per contributing removed layer; the others are removed plainly."""
+    from pangu_light.passes.clap import attention_context
+
+    if not (groups in ("keep", "sum") or (isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1)):
+        raise PanguLightError(
+            f"CLAP groups={groups!r}: give \"keep\" (the receiver's own count), \"sum\" (every candidate group) "
+            "or a number of KV groups >= 1"
+        )
+    if not (isinstance(margin, (int, float)) and margin > 0 and math.isfinite(margin)):
+        raise PanguLightError(f"CLAP margin={margin!r}: give a positive factor (1.0 is the paper's plain ranking)")
     dropped = set(plan.drop_layers)
     kept = [l.index for l in model_map.layers if l.index not in dropped]
     receivers: dict[int, list[int]] = {}
@@ -175,23 +213,44 @@ def clap_merges(model_map: ModelMap, stats: CalibrationStats, plan: PrunePlan) -
         before = [k for k in kept if k < index]
         receivers.setdefault(before[-1] if before else kept[0], []).append(index)
 
-    def candidates(index: int) -> list[tuple[float, int, int]]:
+    def heads_per_group(index: int) -> int:
+        return len(plan.layers[index].heads) // len(plan.layers[index].kv_groups)
+
+    def candidates(index: int, weight: float = 1.0) -> list[tuple[float, int, int]]:
         layer_plan = plan.layers[index]
         rep = plan.shapes[index].heads_per_group
         scores = stats.heads[index]
         out = []
         for group in layer_plan.kv_groups:
             surviving = [h for h in layer_plan.heads if h // rep == group]
-            out.append((float(np.mean(scores[surviving])), index, group))
+            out.append((weight * float(np.mean(scores[surviving])), index, group))
         return out
+
+    contexts: dict[int, object] = {}
+
+    def context(index: int):
+        if index not in contexts:
+            contexts[index] = attention_context(model_map.layer(index))
+        return contexts[index]
 
     merges = []
     for into, removed in sorted(receivers.items()):
-        pool = candidates(into) + [c for r in removed for c in candidates(r)]
-        k = len(plan.layers[into].kv_groups)
+        receiver = model_map.layer(into).attention
+        contributing = [
+            r for r in removed
+            if (not adjacent or abs(r - into) == 1)
+            and heads_per_group(r) == heads_per_group(into)
+            and model_map.layer(r).attention.head_dim == receiver.head_dim
+            and context(r) == context(into)
+        ]
+        if not contributing:
+            continue
+        pool = candidates(into, margin) + [c for r in contributing for c in candidates(r)]
+        own = len(plan.layers[into].kv_groups)
+        k = own if groups == "keep" else len(pool) if groups == "sum" else min(groups, len(pool))
         best = sorted(pool, key=lambda c: (-c[0], c[1], c[2]))[:k]
         chosen = sorted((layer, group) for _, layer, group in best)
-        for r in removed:
+        for r in contributing:
             merges.append(ClapMerge(removed=r, into=into, groups=chosen))
     return merges
 

@@ -59,7 +59,8 @@ def test_choices_follow_the_statistics(llama_map):
 def test_plan_round_trips_through_json(tmp_path, exported_graph):
     _, path = exported_graph("gemma2")
     model_map = ModelMap.from_model(ir.load(path))
-    plan = make_plan(model_map, fake_stats(model_map), Targets(params=0.7, drop_layers=1, clap=True, absorb_post_norms=True))
+    # Gemma2 alternates sliding/global layers: 3 merges into 1 (same type), 2 is removed plainly.
+    plan = make_plan(model_map, fake_stats(model_map), Targets(params=0.5, layers=[2, 3], clap=True, absorb_post_norms=True))
     plan.save(tmp_path / "plan.json")
     again = load_plan(tmp_path / "plan.json")
     assert again.to_json() == plan.to_json()
@@ -163,3 +164,104 @@ def _shape_of(plan: PrunePlan):
         ffn=[len(l.ffn) for l in plan.layers],
         dropped=set(plan.drop_layers),
     )
+
+
+def test_clap_chain_merges_into_the_kept_layer_before(llama_map):
+    stats = fake_stats(llama_map)
+    stats.block_influence = np.array([0.9, 0.8, 0.1, 0.2])  # layers 2 and 3 (the last) go, both into 1
+    stats.heads[1] = np.array([1.0, 1.0, 2.0, 2.0])
+    stats.heads[2] = np.array([3.0, 3.0, 0.5, 0.5])
+    stats.heads[3] = np.array([0.1, 0.1, 4.0, 4.0])
+    plan = make_plan(llama_map, stats, Targets(drop_layers=2, clap=True))
+    assert [(m.removed, m.into) for m in plan.clap_merges] == [(2, 1), (3, 1)]
+    assert all(m.groups == [(2, 0), (3, 1)] for m in plan.clap_merges)
+
+
+def _two_layer_stats(llama_map):
+    stats = fake_stats(llama_map)
+    stats.block_influence = np.array([0.9, 0.8, 0.1, 0.7])  # layer 2 merges into layer 1
+    stats.heads[1] = np.array([2.0, 2.0, 4.0, 4.0])
+    stats.heads[2] = np.array([5.0, 5.0, 1.0, 1.0])  # group 0 beats layer 1's group 0, not by 3x
+    return stats
+
+
+@pytest.mark.parametrize(
+    "groups, expected",
+    [("keep", [(1, 1), (2, 0)]), ("sum", [(1, 0), (1, 1), (2, 0), (2, 1)]), (1, [(2, 0)]), (3, [(1, 0), (1, 1), (2, 0)])],
+)
+def test_clap_groups_sets_the_merged_size(llama_map, groups, expected):
+    import dataclasses
+
+    plan = make_plan(llama_map, _two_layer_stats(llama_map), Targets(drop_layers=1, clap=True, clap_groups=groups))
+    (merge,) = plan.clap_merges
+    assert merge.groups == expected
+    assert plan.estimate["kv_groups"] == (2 if len(expected) == 2 else [2, len(expected), 2])  # layers 0, 1, 3
+    assert plan.estimate["parameters_after"] == count_parameters(
+        llama_map, dataclasses.replace(_shape_of(plan), kv_groups=[2, len(expected), 2, 2])
+    )
+
+
+def test_clap_margin_keeps_own_groups_unless_clearly_outranked(llama_map):
+    stats = _two_layer_stats(llama_map)
+    assert make_plan(llama_map, stats, Targets(drop_layers=1, clap=True, clap_margin=1.2)).clap_merges[0].groups == [
+        (1, 1), (2, 0)
+    ]  # 5 > 1.2 * 2
+    assert make_plan(llama_map, stats, Targets(drop_layers=1, clap=True, clap_margin=3.0)).clap_merges[0].groups == [
+        (1, 0), (1, 1)
+    ]  # 5 < 3 * 2
+
+
+def test_clap_adjacent_merges_only_the_next_layer(llama_map):
+    stats = fake_stats(llama_map)
+    stats.block_influence = np.array([0.9, 0.8, 0.1, 0.2])
+    stats.heads[3] = np.array([9.0, 9.0, 9.0, 9.0])
+    plan = make_plan(llama_map, stats, Targets(drop_layers=2, clap=True, clap_adjacent=True))
+    assert [(m.removed, m.into) for m in plan.clap_merges] == [(2, 1)]
+    assert all(layer in (1, 2) for layer, _ in plan.clap_merges[0].groups)
+
+
+def test_clap_candidates_are_the_surviving_groups_and_heads(llama_map):
+    stats = fake_stats(llama_map)
+    stats.block_influence = np.array([0.9, 0.8, 0.1, 0.7])
+    stats.heads[1] = np.array([3.0, 3.0, 1.0, 1.0])
+    stats.heads[2] = np.array([0.0, 10.0, 2.0, 2.5])  # group 0 keeps head 1 (10); group 1 loses to it
+    plan = make_plan(llama_map, stats, Targets(drop_layers=1, kv_groups=1, heads_per_group=1, clap=True))
+    assert plan.layers[2].kv_groups == [0] and plan.layers[2].heads == [1]
+    # Pool: layer 1 group 0 (head 0: 3.0), layer 2 group 0 (head 1: 10.0); K = 1.
+    assert plan.clap_merges[0].groups == [(2, 0)]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_clap_merges_only_layers_of_the_receivers_type(exported_graph, family):
+    """Gemma2 layers 1/2 are global/sliding, Gemma3 sliding/global: layer 2 is removed plainly."""
+    _, path = exported_graph(family)
+    model_map = ModelMap.from_model(ir.load(path))
+    stats = fake_stats(model_map)
+    stats.block_influence = np.array([0.9, 0.8, 0.1, 0.7])
+    stats.heads[2] = np.full(4, 100.0)
+    plan = make_plan(model_map, stats, Targets(drop_layers=1, clap=True))
+    assert plan.clap and plan.clap_merges == []
+    # Layers 2 and 3 removed: 3 is of layer 1's type in both models and merges; 2 does not.
+    stats.block_influence = np.array([0.9, 0.8, 0.1, 0.2])
+    stats.heads[3] = np.full(4, 100.0)
+    plan = make_plan(model_map, stats, Targets(drop_layers=2, clap=True))
+    assert [(m.removed, m.into, m.groups) for m in plan.clap_merges] == [(3, 1, [(3, 0), (3, 1)])]
+
+
+def test_clap_heads_per_group_must_agree(llama_map):
+    stats = _two_layer_stats(llama_map)
+    plan = make_plan(llama_map, stats, Targets(drop_layers=1, heads_per_group=[2, 1, 2, 2], clap=True))
+    assert plan.clap_merges == []  # layer 2 keeps 2 heads per group, layer 1 keeps 1
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (Targets(drop_layers=1, clap=True, clap_groups="all"), "CLAP groups='all'"),
+        (Targets(drop_layers=1, clap=True, clap_groups=0), "CLAP groups=0"),
+        (Targets(drop_layers=1, clap=True, clap_margin=0.0), "CLAP margin=0.0"),
+    ],
+)
+def test_clap_bad_options_are_clear_errors(llama_map, targets, message):
+    with pytest.raises(PanguLightError, match=message):
+        make_plan(llama_map, fake_stats(llama_map), targets)
