@@ -9,6 +9,7 @@ from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.manager import run_pipeline
 from pangu_light.passes.model_map import ModelMap
 from pangu_light.passes.pipeline import format_value
+from pangu_light.passes.plan import ClapMerge, PrunePlan
 from reference import (
     compile_graph,
     graph_bytes,
@@ -87,3 +88,32 @@ def test_bad_requests_are_clear_errors(exported_graph, layers, message):
     _, path = exported_graph("llama")
     with pytest.raises(PanguLightError, match=message.replace("(", r"\(").replace(".", r"\.")):
         run_pipeline(ir.load(path), f"drop-layers{{layers={layers}}}")
+
+
+def _clap_plan(model: ir.Model) -> PrunePlan:
+    """Layers 1 and 3 go; the plan merges layer 3's group 1 into layer 2 (CLAP)."""
+    plan = PrunePlan.identity(ModelMap.from_model(model))
+    plan.drop_layers, plan.clap = [1, 3], True
+    plan.clap_merges = [ClapMerge(3, 2, [(2, 0), (3, 1)])]
+    plan.attach(model)
+    return plan
+
+
+def test_clap_false_is_plain_removal(exported_graph):
+    """A CLAP plan run with clap=false removes the layers plainly: the same bytes as layers=[...]."""
+    _, path = exported_graph("qwen3")
+    plain, ablation, merged = ir.load(path), ir.load(path), ir.load(path)
+    for model in (plain, ablation, merged):
+        _clap_plan(model)
+    run_pipeline(plain, "drop-layers{layers=[1,3]}")
+    report = run_pipeline(ablation, _clap_plan(ablation).pipeline(clap=False))
+    assert str(report.records[0].spec) == "drop-layers{plan=true,clap=false}"
+    run_pipeline(merged, "drop-layers{plan=true}")
+    assert graph_bytes(ablation) == graph_bytes(plain)
+    assert graph_bytes(merged) != graph_bytes(plain)
+
+
+def test_clap_needs_the_plan(exported_graph):
+    _, path = exported_graph("llama")
+    with pytest.raises(PanguLightError, match=r"clap=true needs plan=true"):
+        run_pipeline(ir.load(path), "drop-layers{layers=[1],clap=true}")
