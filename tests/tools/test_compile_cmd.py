@@ -98,7 +98,7 @@ def test_a_bad_option_fails_before_loading(toy_registry, tmp_path, capsys):
 
 def test_missing_arguments_are_named(capsys):
     assert main(["compile", "model.onnx"]) == 2
-    assert capsys.readouterr().err.startswith("error: compile needs -o OUTPUT, --pipeline; e.g.")
+    assert capsys.readouterr().err.startswith("error: compile needs -o OUTPUT, one of --pipeline or --plan; e.g.")
 
 
 def test_list_passes(toy_registry, capsys):
@@ -118,7 +118,7 @@ def test_help_explains_the_pipeline_syntax():
 def test_parse_error_is_a_user_error(model_path, tmp_path):
     args = compile_cmd.argparse.Namespace(
         model=model_path, output=tmp_path / "o.onnx", pipeline="scale-weight{", list_passes=False,
-        verify=False, dump_after_change=None, progress=False,
+        verify=False, dump_after_change=None, progress=False, plan=None, no_slnp=False,
     )  # fmt: skip
     with pytest.raises(PanguLightError, match=r"at position 13 expected an option name"):
         compile_cmd.run(args)
