@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `pangu-light inspect model.onnx | head`: the reader left early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
