@@ -246,6 +246,8 @@ class _Run:
             raise PanguLightError("no evaluation windows: pass more text or fewer --eval-samples")
         checkpoints = self.out / CHECKPOINT_DIR
         has_run = checkpoints.is_dir() and any(checkpoints.glob("step-*.pt"))
+        if c.resume:
+            self.checkpoint = self.latest_checkpoint()
         if not c.resume and has_run:
             raise PanguLightError(
                 f"{self.out} already holds a distillation run (checkpoints in {checkpoints}): pass --resume to "
@@ -406,7 +408,7 @@ class _Run:
         return found[-1]
 
     def load_checkpoint(self) -> None:
-        path = self.latest_checkpoint()
+        path = self.checkpoint
         payload = torch.load(path, map_location="cpu", weights_only=False)
         if payload.get("format") != CHECKPOINT_FORMAT or payload.get("version") != CHECKPOINT_VERSION:
             raise PanguLightError(f"{path} is not a pangu-light distillation checkpoint")
@@ -637,7 +639,8 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
         left.plot([h["tokens"] for h in train], [h["loss"] for h in train], label="train loss")
-        left.plot([h["tokens"] for h in train], [h["kl"] for h in train], label="train KL", alpha=0.6)
+        if any(h["loss"] != h["kl"] for h in train):  # a cross-entropy mix: show its KL part too
+            left.plot([h["tokens"] for h in train], [h["kl"] for h in train], label="train KL", alpha=0.6)
     if evals:
         left.plot([h["tokens"] for h in evals], [h["eval_kl"] for h in evals], "o-", label="held-out KL")
         right.plot([h["tokens"] for h in evals], [h["eval_perplexity"] for h in evals], "o-", color="C3")
