@@ -412,22 +412,30 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         ax.set_xticks(range(len(graphs)), names, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
     ax = axes[3]
-    labels, measured, ideal = [], [], []
+    labels, measured, spread, ideal = [], [], [[], []], []
     for graph, name in zip(graphs[1:], names[1:]):
         for metric in ("prefill", "decode", "throughput"):
             s = graph["speedup"][metric]
             if s["measured"] is None:
                 continue
             labels.append(f"{name}\n{metric}" if len(graphs) > 2 else metric)
-            measured.append(s["measured"]["median"])
+            m = s["measured"]
+            measured.append(m["median"])
+            spread[0].append(m["median"] - m["q1"])
+            spread[1].append(m["q3"] - m["median"])
             ideal.append(s["ideal"] or 0.0)
     if labels:
         x = range(len(labels))
-        ax.bar([i - 0.2 for i in x], measured, width=0.4, label="measured", color="tab:blue")
+        ax.bar([i - 0.2 for i in x], measured, width=0.4, yerr=spread, capsize=4, label="measured", color="tab:blue")
         ax.bar([i + 0.2 for i in x], ideal, width=0.4, label="ideal", color="tab:gray")
+        for i, (value, target) in enumerate(zip(measured, ideal)):
+            ax.annotate(f"{value:.2f}x", (i - 0.2, value), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 6), textcoords="offset points")
+            if target:
+                ax.annotate(f"{target:.2f}x", (i + 0.2, target), ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(list(x), labels, fontsize=8)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_title(f"speedup over {names[0]}", fontsize=10)
     work = report["workload"]
     machine = report["machine"]
