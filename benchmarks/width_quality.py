@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/width_quality.py ORIGINAL.onnx STATS.npz --out /tmp/width \\
         --level 512,3,1344 --level 448,2,1152 [--samples 32 --seq-len 256]
 
-Each --level is hidden,heads_per_group,ffn (uniform). For each level one plan is made from the
+Each --level is hidden,heads_per_group,ffn (the same in every layer; not --uniform, whose
+hidden must divide by the head count for a Llama config: 448 does not divide by 6). For each level one plan is made from the
 statistics, compiled with and without SLNP, and every graph (the original first) is evaluated on
 the same held-out sequences of the evaluation corpus in one run.
 """
@@ -39,7 +40,7 @@ def main() -> None:
     for level in args.level:
         hidden, heads, ffn = (int(v) for v in level.split(","))
         model = load_model(args.original)
-        plan = make_plan(ModelMap.from_model(model), stats, Targets(hidden=hidden, heads_per_group=heads, ffn=ffn, uniform=True))
+        plan = make_plan(ModelMap.from_model(model), stats, Targets(hidden=hidden, heads_per_group=heads, ffn=ffn))
         for slnp in (True, False):
             name = f"h{hidden}-g{heads}-f{ffn}-{'slnp' if slnp else 'noslnp'}"
             graph = load_model(args.original)

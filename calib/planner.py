@@ -6,8 +6,8 @@ Choices, each by the statistics of ``calib.stats`` (higher = more important):
 - KV groups of a layer: the top ``kv_groups`` groups by the mean S_head of their query heads;
 - query heads: inside every kept group, the top ``heads_per_group`` heads by S_head (eq. 2),
   so every group of a layer keeps the same number and GQA stays regular;
-- FFN neurons: per layer the top ``ffn`` neurons by S_ffn (eq. 3). Without ``uniform`` the
-  same total is spread over the layers by one ranking of the neurons' scores divided by their
+- FFN neurons: per layer the top ``ffn`` neurons by S_ffn (eq. 3). When a budget sets the
+  width and ``uniform`` is off, the same total is spread over the layers by one ranking of the neurons' scores divided by their
   layer's mean score (raw scores grow with depth, which would starve the first layers);
 - layers: the ``drop_layers`` layers with the lowest Block Influence (eq. 4), or named ones;
 - CLAP (3.2.1): each removed layer merges into the nearest kept layer before it (a removed
@@ -44,6 +44,9 @@ from pangu_light.passes.plan import ClapMerge, PrunePlan
 __all__ = ["Targets", "make_plan", "count_parameters", "Shape"]
 
 BUDGET_TOLERANCE = 0.01
+# transformers (5.x) refuses these configs unless hidden_size % num_attention_heads == 0, even
+# with an explicit head_dim; --uniform promises a loadable standard config, so it keeps that.
+_CONFIG_CHECKS_HEADS_DIVIDE_HIDDEN = {"llama", "gemma2", "gemma3"}
 
 
 @dataclasses.dataclass
@@ -143,7 +146,8 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) ->
             for g in layer_plan.kv_groups
             for r in _top(heads[g * rep : (g + 1) * rep], shape.heads_per_group[layer.index])
         )
-    for index, keep in _ffn_choice(model_map, stats, shape, targets.uniform).items():
+    spread_ffn = not targets.uniform and targets.ffn is None  # a width the user gave is kept per layer
+    for index, keep in _ffn_choice(model_map, stats, shape, not spread_ffn).items():
         plan.layers[index].ffn = keep
     plan.drop_layers = sorted(dropped)
     plan.clap = targets.clap
@@ -326,10 +330,11 @@ def _resolve_shape(model_map: ModelMap, targets: Targets, dropped: set[int]) -> 
         heads_per_group = fixed_heads or [max(1, round(r * n)) for n in full.heads_per_group]
         kv_groups = fixed_groups or list(full.kv_groups)
         hidden_align = targets.align
-        if targets.uniform:  # HF configs check hidden_size % num_attention_heads == 0
+        if targets.uniform and model_map.family in _CONFIG_CHECKS_HEADS_DIVIDE_HIDDEN:
             hidden_align = math.lcm(targets.align, heads_per_group[0] * kv_groups[0])
         hidden = targets.hidden if targets.hidden is not None else _align(r * full.hidden, hidden_align, full.hidden)
-        if targets.uniform and hidden % (heads_per_group[0] * kv_groups[0]):
+        if (targets.uniform and model_map.family in _CONFIG_CHECKS_HEADS_DIVIDE_HIDDEN
+                and hidden % (heads_per_group[0] * kv_groups[0])):
             raise PanguLightError(
                 f"--uniform: hidden={hidden} is not a multiple of the {heads_per_group[0] * kv_groups[0]} query heads "
                 "kept per layer, which a Hugging Face config requires; choose a multiple"

@@ -92,12 +92,15 @@ def test_align_rounds_widths(llama_map):
     assert all(len(l.ffn) % 2 == 0 for l in plan.layers)
 
 
-def test_non_uniform_ffn_keeps_the_same_total(llama_map):
+def test_budget_spreads_ffn_over_layers_unless_uniform_or_given(llama_map):
     stats = fake_stats(llama_map)
-    uniform = make_plan(llama_map, stats, Targets(ffn=48, uniform=True))
-    spread = make_plan(llama_map, stats, Targets(ffn=48))
-    assert sum(len(l.ffn) for l in spread.layers) == sum(len(l.ffn) for l in uniform.layers) == 4 * 48
-    assert all(len(l.ffn) == 48 for l in uniform.layers)
+    spread = make_plan(llama_map, stats, Targets(params=0.6))
+    widths = [len(l.ffn) for l in spread.layers]
+    assert sum(widths) == 4 * spread.estimate["ffn"] and len(set(widths)) > 1
+    uniform = make_plan(llama_map, stats, Targets(params=0.6, uniform=True))
+    assert len({len(l.ffn) for l in uniform.layers}) == 1
+    given = make_plan(llama_map, stats, Targets(ffn=48))
+    assert all(len(l.ffn) == 48 for l in given.layers)
 
 
 def test_clap_merges_rank_groups_of_both_layers(llama_map):
