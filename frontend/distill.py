@@ -561,7 +561,13 @@ class _Run:
         if model_dir.exists():  # our own earlier output (a resumed run that had finished)
             shutil.rmtree(model_dir)
         kind = save_student(final, self.spec, model_dir, tokenizer_dir=c.tokenizer_dir)
-        self.say(f"... wrote {model_dir} ({'a standard Hugging Face directory' if kind == 'hf' else 'per-layer shapes: load it with pangu_light.frontend.reimport.load_student'})")
+        if kind == "hf":
+            how = "a standard Hugging Face directory"
+        else:
+            why = ("transformers refuses a config whose hidden size is not a multiple of its query heads"
+                   if self.spec.uniform else "its layers differ in shape")
+            how = f"per-layer shapes ({why}): load it with pangu_light.frontend.reimport.load_student"
+        self.say(f"... wrote {model_dir} ({how})")
         graph_path = diff = None
         if c.export:
             graph_path = self.out / GRAPH_FILE

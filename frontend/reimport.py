@@ -23,7 +23,8 @@ the original index of each kept layer comes from the drop-layers records in the 
 ``pangu_light.pass_stats``.
 
 Saving (``save_student``): a model whose layers all have one shape and whose norms are all there
-is written as a standard Hugging Face directory (``AutoModelForCausalLM.from_pretrained`` loads it
+(and whose config transformers accepts: Llama and Gemma configs need the hidden size to be a
+multiple of the query heads) is written as a standard Hugging Face directory (``AutoModelForCausalLM.from_pretrained`` loads it
 with no custom code; a Gemma whose hidden size was sliced gets an untied lm_head and an embedding
 multiplied by sqrt(H_orig / H'), so the standard sqrt(H') scale gives the same numbers). Any other
 model is written as ``pangu_light_student.json`` + ``model.safetensors`` and read back by
@@ -77,6 +78,8 @@ POST_NORM_MODULES = {
     "gemma3": {"post_attn": "post_attention_layernorm", "post_ffn": "post_feedforward_layernorm"},
     "glm4": {"post_attn": "post_self_attn_layernorm", "post_ffn": "post_mlp_layernorm"},
 }
+# Families whose config validation requires hidden_size % num_attention_heads == 0 (transformers 5).
+HEADS_DIVIDE_HIDDEN = frozenset({"llama", "gemma2", "gemma3"})
 EMBED_SCALE = "model.embed_tokens.embed_scale"  # Gemma's sqrt(hidden), a buffer and a graph constant
 
 
@@ -110,6 +113,13 @@ class StudentSpec:
             and not l.identity_norms
             for l in self.layers
         )
+
+    @property
+    def standard_config(self) -> bool:
+        """``uniform``, and transformers accepts the config: Llama and Gemma configs refuse a hidden
+        size that is not a multiple of the query heads, even with an explicit head_dim."""
+        heads = self.layers[0].num_heads
+        return self.uniform and (self.family not in HEADS_DIVIDE_HIDDEN or self.hidden_size % heads == 0)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -194,9 +204,15 @@ def spec_from_graph(model: ir.Model, model_map: ModelMap | None = None) -> Stude
         ))
     origin = origin_layers(meta, int(source["num_hidden_layers"]), len(layers_map))
     config = dict(source)
+    # The modules get their per-layer head counts after construction; the config only has to be
+    # one transformers accepts (see StudentSpec.standard_config), so where layer 0's query heads do
+    # not divide the hidden size it names gcd(hidden, heads) of them.
+    heads = shapes[0].num_heads
+    if family in HEADS_DIVIDE_HIDDEN and model_map.hidden_size % heads:
+        heads = math.gcd(model_map.hidden_size, heads)
     config.update(
         hidden_size=model_map.hidden_size, num_hidden_layers=len(layers_map), head_dim=head_dim,
-        num_attention_heads=shapes[0].num_heads, num_key_value_heads=shapes[0].num_kv_heads,
+        num_attention_heads=heads, num_key_value_heads=shapes[0].num_kv_heads,
         intermediate_size=shapes[0].intermediate_size, vocab_size=model_map.vocab_size,
         tie_word_embeddings=model_map.tied_embeddings, use_cache=False,
     )
@@ -343,13 +359,14 @@ def save_student(
     tokenizer_dir: str | os.PathLike | None = None,
 ) -> str:
     """Write the student to ``directory`` (created through a rename); returns ``"hf"`` for a
-    standard Hugging Face directory, ``"pangu-light"`` for the per-layer format."""
+    standard Hugging Face directory (``spec.standard_config``), ``"pangu-light"`` for the per-layer
+    format that ``load_student`` reads."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
-        if spec.uniform:
+        if spec.standard_config:
             kind = "hf"
             _save_hf(state, spec, work)
         else:

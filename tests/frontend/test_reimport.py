@@ -151,6 +151,20 @@ def test_uniform_student_is_a_plain_hf_directory(exported_graph, family, tmp_pat
     _check(tmp_path / "p.onnx", plain)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_hidden_not_a_multiple_of_the_heads(exported_graph, family, tmp_path):
+    """Hidden 42 with 4 query heads (head_dim 16): the model re-imports, but transformers refuses
+    such a Llama/Gemma config, so even a uniform student is saved in the per-layer format."""
+    _, path = exported_graph(family)
+    compile_graph(path, "slice-hidden{keep_first=42}", tmp_path / "p.onnx")
+    result = reimport(tmp_path / "p.onnx")
+    assert result.spec.uniform and not result.spec.standard_config
+    assert [l.self_attn.q_proj.out_features for l in result.model.model.layers] == [64] * 4
+    _check(tmp_path / "p.onnx", result.model)
+    assert save_student(result.model, result.spec, tmp_path / "student") == "pangu-light"
+    _check(tmp_path / "p.onnx", load_student(tmp_path / "student"))
+
+
 def test_graph_without_source_config_is_refused(exported_graph, tmp_path):
     _, path = exported_graph("llama")
     model = ir.load(path)
