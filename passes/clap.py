@@ -279,12 +279,13 @@ def merge_attention(pass_: PanguPass, model: ir.Model, receiver: Layer, sources:
         if norm is not None:
             _write(pass_, norm.gamma, _gamma_layout(pass_.name, receiver, norm, projection, gamma))
     groups = len(sources)
-    for constant in constants:
-        if constant.what == "kv_heads":
-            set_head_count(pass_, model, constant, groups)
-        elif constant.what == "heads":
-            set_head_count(pass_, model, constant, groups * rep)
-    set_kv_heads_in_io(pass_, attention, groups)
+    if groups != attention.num_kv_heads:
+        for constant in constants:
+            if constant.what == "kv_heads":
+                set_head_count(pass_, model, constant, groups)
+            elif constant.what == "heads":
+                set_head_count(pass_, model, constant, groups * rep)
+        set_kv_heads_in_io(pass_, attention, groups)
     clear_intermediate_shapes(model)
     pass_.count("clap_receivers")
     pass_.count("kv_groups_merged", sum(s.layer is not receiver for s in sources))
