@@ -341,7 +341,7 @@ class _MapBuilder:
                 gamma = gamma_in
             elif gamma_in.producer() is not None and gamma_in.producer().op_type == "Add":
                 add_one = gamma_in.producer()
-                weights = [v for v in add_one.inputs if self.is_weight(v) and len(v.shape) == 1]
+                weights = [v for v in add_one.inputs if self.is_weight(v) and len(v.shape) >= 1]  # [d], or [heads, 1, d] after a CLAP merge
                 ones = [constant_array(v) for v in add_one.inputs if v not in weights]
                 if len(weights) != 1 or len(ones) != 1 or ones[0] is None or not np.all(ones[0] == 1):
                     continue

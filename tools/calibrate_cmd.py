@@ -57,8 +57,8 @@ def calibrate_graph(
     from pangu_light.calib.stats import batched, calibrate
 
     metadata = load_model_metadata(model_path)
-    encode, eos_id = graph_tokenizer(model_path, metadata, tokenizer)
-    sequences = sequences_for(data, encode, eos_id, samples=samples, seq_len=seq_len, seed=seed, split="calib")
+    encode, bos_id = graph_tokenizer(model_path, metadata, tokenizer)
+    sequences = sequences_for(data, encode, bos_id, samples=samples, seq_len=seq_len, seed=seed, split="calib")
     meta = {"data": data, "split": "calib", "samples": int(len(sequences)), "seq_len": seq_len, "seed": seed}
     with tqdm(total=int(sequences.size), unit="tok", desc="calibrate", disable=quiet, file=sys.stderr) as bar:
         return calibrate(

@@ -42,8 +42,8 @@ def evaluate_graphs(paths, *, data, samples, seq_len, seed=0, tokenizer=None, ba
 
     from pangu_light.calib.evaluate import perplexity
 
-    encode, eos_id = graph_tokenizer(paths[0], load_model_metadata(Path(paths[0])), tokenizer)
-    sequences = sequences_for(data, encode, eos_id, samples=samples, seq_len=seq_len, seed=seed, split="eval")
+    encode, bos_id = graph_tokenizer(paths[0], load_model_metadata(Path(paths[0])), tokenizer)
+    sequences = sequences_for(data, encode, bos_id, samples=samples, seq_len=seq_len, seed=seed, split="eval")
     results = {}
     for path in paths:
         with tqdm(total=int(sequences.size), unit="tok", desc=f"eval {Path(path).name}", disable=quiet, file=sys.stderr) as bar:

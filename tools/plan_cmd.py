@@ -54,6 +54,14 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--uniform", action="store_true", help="the same shape in every layer (a standard Hugging Face config)")
     group.add_argument("--align", type=int, default=1, metavar="N", help="round kept hidden/FFN widths to multiples of N")
     group.add_argument("--clap", action="store_true", help="merge each dropped layer's best KV groups into its neighbour (CLAP)")
+    group.add_argument(
+        "--clap-groups", default="keep", metavar="keep|sum|N",
+        help="KV groups of a layer after a CLAP merge: keep its own count (default), sum (all candidates), or N",
+    )
+    group.add_argument("--clap-margin", type=float, default=1.0, metavar="F",
+                       help="a merged group must outscore the receiver's own by this factor (DESIGN.md variant; default 1)")
+    group.add_argument("--clap-adjacent", action="store_true",
+                       help="merge only a removed layer directly after its receiver; others are plainly removed")
     group.add_argument("--no-slnp", action="store_true", help="do not rescale pruned norm gammas (ablation)")
     group.add_argument("--absorb-post-norms", action="store_true", help="fold post-norms into o_proj/down_proj (sandwich models)")
 
@@ -65,7 +73,17 @@ def targets_from_args(args: argparse.Namespace):
         hidden=args.hidden, heads_per_group=args.heads_per_group, kv_groups=args.kv_groups, ffn=args.ffn,
         drop_layers=args.drop_layers, layers=args.layers, params=args.params, uniform=args.uniform,
         align=args.align, clap=args.clap, slnp=not args.no_slnp, absorb_post_norms=args.absorb_post_norms,
+        clap_groups=_clap_groups(args.clap_groups), clap_margin=args.clap_margin, clap_adjacent=args.clap_adjacent,
     )
+
+
+def _clap_groups(text: str) -> int | str:
+    if text in ("keep", "sum"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise PanguLightError(f"--clap-groups {text!r}: use keep, sum or a number of KV groups") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,7 +42,10 @@ def add_text_arguments(parser: argparse.ArgumentParser, *, role: str, samples: i
 
 
 def graph_tokenizer(graph_path: str | os.PathLike, metadata, override: Path | None):
-    """(encode without special tokens, eos id) of the tokenizer the graph was exported with."""
+    """(encode without special tokens, BOS id or None) of the tokenizer the graph was exported with.
+
+    The BOS id is returned only for tokenizers that add one by default (Gemma's): such models
+    expect it first, so every sequence starts with it (see ``sequences_for``)."""
     from pangu_light.runtime.tokenizer import find_tokenizer_dir, load_tokenizer
 
     tokenizer = load_tokenizer(find_tokenizer_dir(graph_path, metadata, override))
@@ -52,19 +55,24 @@ def graph_tokenizer(graph_path: str | os.PathLike, metadata, override: Path | No
         def encode(text: str) -> list[int]:
             return list(backend(text, add_special_tokens=False)["input_ids"])
 
-        return encode, backend.eos_token_id
+        with_specials = list(backend("a", add_special_tokens=True)["input_ids"])
+        bos = backend.bos_token_id
+        return encode, (bos if bos is not None and with_specials[:1] == [bos] else None)
     raw = tokenizer.backend
 
     def encode_raw(text: str) -> list[int]:
         return list(raw.encode(text, add_special_tokens=False).ids)
 
-    stops = tokenizer.stop_token_ids()
-    return encode_raw, (sorted(stops)[0] if stops else None)
+    return encode_raw, None
 
 
-def sequences_for(source: str, encode, eos_id, *, samples: int | None, seq_len: int, seed: int, split: str) -> np.ndarray:
+def sequences_for(source: str, encode, bos_id, *, samples: int | None, seq_len: int, seed: int, split: str) -> np.ndarray:
+    """Token windows of ``seq_len`` from ``split`` of ``source``; documents are joined by a blank
+    line (not EOS: an instruct model's EOS ends a chat turn, and after it the next document is
+    unpredictable), and with a BOS id each window is BOS + ``seq_len - 1`` tokens."""
     if samples is not None and samples < 1:
         raise PanguLightError(f"--samples must be at least 1 (got {samples})")
-    return corpora.token_sequences(
-        source, encode, samples=samples, seq_len=seq_len, seed=seed, split=split, eos_id=eos_id
-    )
+    if bos_id is None:
+        return corpora.token_sequences(source, encode, samples=samples, seq_len=seq_len, seed=seed, split=split)
+    windows = corpora.token_sequences(source, encode, samples=samples, seq_len=seq_len - 1, seed=seed, split=split)
+    return np.concatenate([np.full((len(windows), 1), bos_id, dtype=windows.dtype), windows], axis=1)
