@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="rounds run first and thrown away (default 1)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
+    parser.add_argument("--no-spinning", action="store_true",
+                        help="idle ONNX Runtime threads wait instead of spinning (faster on a busy machine)")
     parser.add_argument("--provider", default="auto",
                         help=f"execution provider: {', '.join(PROVIDER_CHOICES)} (default auto)")
     parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
@@ -194,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         provider_options=parse_provider_options(args.provider_option),
         optimization_level=args.optimization,
         threads=args.threads,
+        spinning=not args.no_spinning,
         strict=args.strict_provider,
     )
     paths = [str(path) for path in args.graphs]
@@ -295,6 +298,7 @@ def build_report(*, args, paths, requests, sessions, fallbacks, kinds, costs, me
             "provider_options": first.provider_options,
             "optimization_level": args.optimization,
             "threads": args.threads,
+            "spinning": not args.no_spinning,
         },
         "graphs": graphs,
     }
@@ -332,7 +336,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"workload {work['name']} (scale {work['scale']}, batch {work['batch']}): {mix}; "
         f"{work['repeats']} rounds after {work['warmup']} warm-up, graphs alternating; medians [quartiles]",
         f"machine: {format_machine(report['machine'])}",
-        f"threads: {session['threads'] or 'onnxruntime default'}; optimization {session['optimization_level']}; "
+        f"threads: {session['threads'] or 'onnxruntime default'}{'' if session['spinning'] else ' (no spinning)'}; optimization {session['optimization_level']}; "
         f"provider requested {session['requested_provider']}; load average (1 min) {load_text}",
         "",
     ]

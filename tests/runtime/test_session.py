@@ -142,6 +142,14 @@ def test_threads_are_applied(llama_kv):
         create_session(llama_kv, provider="cpu", threads=0)
 
 
+def test_spinning_can_be_turned_off(llama_kv):
+    info = create_session(llama_kv, provider="cpu", threads=2, spinning=False)
+    entries = info.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert entries == "0" and info.spinning is False and "(no spinning)" in info.describe()
+    default = create_session(llama_kv, provider="cpu")
+    assert default.spinning is True and "spinning" not in default.describe()
+
+
 def test_missing_model_file(tmp_path):
     with pytest.raises(RuntimeUserError, match="does not exist"):
         create_session(tmp_path / "nope.onnx", provider="cpu")

@@ -116,7 +116,7 @@ def test_paper_workload_report(graphs, tmp_path, capsys):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     rc = cli.main([
         "bench", str(original), str(pruned), "--workload", "paper", "--scale", "128", "--batch", "2",
-        "--repeats", "3", "--warmup", "1", "--threads", "1", "--provider", "cpu",
+        "--repeats", "3", "--warmup", "1", "--threads", "1", "--no-spinning", "--provider", "cpu",
         "--json", str(out_json), "--plot", str(out_png),
     ])
     captured = capsys.readouterr()
@@ -128,6 +128,7 @@ def test_paper_workload_report(graphs, tmp_path, capsys):
         {"input_tokens": 1, "output_tokens": 8}, {"input_tokens": 2, "output_tokens": 16},
     ]
     assert report["session"]["threads"] == 1 and report["session"]["requested_provider"] == "cpu"
+    assert report["session"]["spinning"] is False
     assert report["machine"]["onnxruntime"] == ort.__version__
     base, other = report["graphs"]
     for graph in (base, other):
@@ -158,7 +159,7 @@ def test_paper_workload_report(graphs, tmp_path, capsys):
 
     table = captured.out
     assert f"machine: {report['machine']['cpu_model']}" in table
-    assert "threads: 1" in table and "load average" in table
+    assert "threads: 1 (no spinning)" in table and "load average" in table
     assert original.name in table and pruned.name in table and f"speedup over {original.name}" in table
     assert re.search(r"decode\s+\d+\.\d\dx \[", table)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
