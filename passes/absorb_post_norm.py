@@ -32,7 +32,13 @@ import numpy as np
 import onnx_ir as ir
 
 from pangu_light.passes.base import Option, PanguPass
-from pangu_light.passes.drop_post_norm import PostNorm, check_removable, post_norms, remove_norm
+from pangu_light.passes.drop_post_norm import (
+    PostNorm,
+    check_removable,
+    ensure_no_post_norms,
+    post_norms,
+    remove_post_norm,
+)
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.graph_utils import module_scopes, replace_initializer
 from pangu_light.passes.model_map import ModelMap
@@ -87,18 +93,11 @@ class AbsorbPostNormPass(PanguPass):
                 replace_initializer(source.bias, bias * gamma_abs)
                 self.tag(source.bias)
                 self.count("weights_scaled")
-            removed, readers = remove_norm(model, post.norm)
-            for node in readers:
-                self.tag(node)
-            self.count("post_norms_absorbed")
-            self.count("nodes_removed", removed)
+            remove_post_norm(self, model, post, "post_norms_absorbed")
         return ir.passes.PassResult(model, modified=True)
 
     def ensures(self, model: ir.Model) -> None:
-        if self.stats.get("post_norms_absorbed"):
-            left = post_norms(ModelMap.from_model(model))
-            if left:
-                raise PanguLightError(f"pass {self.name}: {left[0].where} is still in the graph")
+        ensure_no_post_norms(self, model, "post_norms_absorbed")
 
     # -- s_inv -----------------------------------------------------------------------------
 

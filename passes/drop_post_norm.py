@@ -78,6 +78,24 @@ def remove_norm(model: ir.Model, norm: Norm) -> tuple[int, list[ir.Node]]:
     return len(norm.nodes), readers
 
 
+def remove_post_norm(pass_: PanguPass, model: ir.Model, post: PostNorm, counter: str) -> None:
+    """Remove ``post``'s norm, tag the nodes that now read its input, count it under
+    ``counter`` and the nodes removed under ``nodes_removed``."""
+    removed, readers = remove_norm(model, post.norm)
+    for node in readers:
+        pass_.tag(node)
+    pass_.count(counter)
+    pass_.count("nodes_removed", removed)
+
+
+def ensure_no_post_norms(pass_: PanguPass, model: ir.Model, counter: str) -> None:
+    """After a pass that counted post-norms under ``counter``, none may be left."""
+    if pass_.stats.get(counter):
+        left = post_norms(ModelMap.from_model(model))
+        if left:
+            raise PanguLightError(f"pass {pass_.name}: {left[0].where} is still in the graph")
+
+
 class DropPostNormPass(PanguPass):
     name = "drop-post-norm"
     options_schema = {}
@@ -92,15 +110,8 @@ class DropPostNormPass(PanguPass):
         for post in posts:
             check_removable(post, self.name)
         for post in posts:
-            removed, readers = remove_norm(model, post.norm)
-            for node in readers:
-                self.tag(node)
-            self.count("post_norms_removed")
-            self.count("nodes_removed", removed)
+            remove_post_norm(self, model, post, "post_norms_removed")
         return ir.passes.PassResult(model, modified=True)
 
     def ensures(self, model: ir.Model) -> None:
-        if self.stats.get("post_norms_removed"):
-            left = post_norms(ModelMap.from_model(model))
-            if left:
-                raise PanguLightError(f"pass {self.name}: {left[0].where} is still in the graph")
+        ensure_no_post_norms(self, model, "post_norms_removed")

@@ -20,7 +20,7 @@ cleared (ORT rejects a graph whose recorded shapes contradict its weights).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +29,7 @@ from pangu_light.passes.base import PanguPass
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.graph_utils import constant_array, replace_initializer
 from pangu_light.passes.model_map import Attention, HeadCountConstant, Linear, ModelMap
+from pangu_light.passes.plan import PrunePlan
 
 __all__ = [
     "all_head_count_constants",
@@ -113,6 +114,33 @@ def check_keep_lists(
             raise PanguLightError(f"pass {pass_name}: layer {index} names {what} {twice} twice")
         result.append(sorted(kept))
     return result
+
+
+def resolve_keep_lists(
+    pass_name: str,
+    model: ir.Model,
+    model_map: ModelMap,
+    sizes: Sequence[int],
+    what: str,
+    *,
+    keep: Sequence[Sequence[int]] | None,
+    plan: bool,
+    from_plan: Callable[[PrunePlan], list[list[int]]],
+    choices: str,
+    shortcut: tuple[int | None, Callable[[], list[list[int]]]] | None = None,
+) -> list[list[int]]:
+    """The per-layer keep lists of a width pass given exactly one of its options: ``keep``
+    (the lists), ``plan`` (``from_plan`` reads them from the graph's plan) or, where the pass
+    has one, a shortcut option (its value and the function building the lists from it).
+    ``choices`` lists the options for the error; the lists are checked by check_keep_lists."""
+    given = [keep is not None, plan] + ([shortcut[0] is not None] if shortcut is not None else [])
+    if sum(given) != 1:
+        raise PanguLightError(f"pass {pass_name}: give exactly one of {choices}")
+    if shortcut is not None and shortcut[0] is not None:
+        keep = shortcut[1]()
+    elif plan:
+        keep = from_plan(PrunePlan.from_model(model, pass_name))
+    return check_keep_lists(pass_name, keep, model_map, sizes, what)
 
 
 def per_layer(values: Sequence[int]) -> str:

@@ -21,15 +21,14 @@ import onnx_ir as ir
 from pangu_light.passes.base import Option, PanguPass
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.head_surgery import (
-    check_keep_lists,
     check_private,
     clear_intermediate_shapes,
     per_layer,
+    resolve_keep_lists,
     take_columns,
     take_rows,
 )
 from pangu_light.passes.model_map import ModelMap
-from pangu_light.passes.plan import PrunePlan
 
 __all__ = ["PruneFFNPass"]
 
@@ -74,19 +73,21 @@ class PruneFFNPass(PanguPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _kept_neurons(self, model: ir.Model, model_map: ModelMap) -> list[list[int]]:
-        keep, keep_first, plan = self.options["keep"], self.options["keep_first"], self.options["plan"]
-        if sum((keep is not None, keep_first is not None, plan)) != 1:
-            raise PanguLightError(
-                "pass prune-ffn: give exactly one of keep=[[...], ...] (neurons per layer), keep_first=N or plan=true"
-            )
+        keep_first = self.options["keep_first"]
         widths = [layer.ffn.intermediate_size for layer in model_map.layers]
-        if keep_first is not None:
+
+        def first_neurons() -> list[list[int]]:
             if not 0 < keep_first <= min(widths):
                 raise PanguLightError(
                     f"pass prune-ffn: keep_first={keep_first} must be between 1 and the FFN width "
                     f"of every layer (the narrowest has {min(widths)})"
                 )
-            keep = [list(range(keep_first))] * len(widths)
-        elif plan:
-            keep = PrunePlan.from_model(model, self.name).kept_ffn(model_map, self.name)
-        return check_keep_lists(self.name, keep, model_map, widths, "FFN neuron")
+            return [list(range(keep_first))] * len(widths)
+
+        return resolve_keep_lists(
+            self.name, model, model_map, widths, "FFN neuron",
+            keep=self.options["keep"], plan=self.options["plan"],
+            from_plan=lambda plan: plan.kept_ffn(model_map, self.name),
+            choices="keep=[[...], ...] (neurons per layer), keep_first=N or plan=true",
+            shortcut=(keep_first, first_neurons),
+        )

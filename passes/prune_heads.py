@@ -23,17 +23,16 @@ from pangu_light.passes.base import Option, PanguPass
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.head_surgery import (
     all_head_count_constants,
-    check_keep_lists,
     check_private,
     clear_intermediate_shapes,
     head_rows,
     per_layer,
+    resolve_keep_lists,
     set_head_count,
     take_columns,
     take_rows,
 )
 from pangu_light.passes.model_map import ModelMap
-from pangu_light.passes.plan import PrunePlan
 
 __all__ = ["PruneHeadsPass"]
 
@@ -72,14 +71,10 @@ class PruneHeadsPass(PanguPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _kept_heads(self, model: ir.Model, model_map: ModelMap) -> list[list[int]]:
-        keep, per_group, plan = self.options["keep"], self.options["per_group"], self.options["plan"]
-        if sum((keep is not None, per_group is not None, plan)) != 1:
-            raise PanguLightError(
-                "pass prune-heads: give exactly one of keep=[[...], ...] (query heads per layer), "
-                "per_group=N or plan=true"
-            )
+        per_group = self.options["per_group"]
         attentions = [layer.attention for layer in model_map.layers]
-        if per_group is not None:
+
+        def first_heads_per_group() -> list[list[int]]:
             keep = []
             for layer, attention in zip(model_map.layers, attentions):
                 rep = attention.num_heads // attention.num_kv_heads
@@ -89,9 +84,15 @@ class PruneHeadsPass(PanguPass):
                         f"per KV group; layer {layer.index} has {rep}"
                     )
                 keep.append([g * rep + r for g in range(attention.num_kv_heads) for r in range(per_group)])
-        elif plan:
-            keep = PrunePlan.from_model(model, self.name).kept_heads(model_map, self.name)
-        keep = check_keep_lists(self.name, keep, model_map, [a.num_heads for a in attentions], "query head")
+            return keep
+
+        keep = resolve_keep_lists(
+            self.name, model, model_map, [a.num_heads for a in attentions], "query head",
+            keep=self.options["keep"], plan=self.options["plan"],
+            from_plan=lambda plan: plan.kept_heads(model_map, self.name),
+            choices="keep=[[...], ...] (query heads per layer), per_group=N or plan=true",
+            shortcut=(per_group, first_heads_per_group),
+        )
         for layer, attention, kept in zip(model_map.layers, attentions, keep):
             rep = attention.num_heads // attention.num_kv_heads
             per_group = [0] * attention.num_kv_heads

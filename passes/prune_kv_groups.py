@@ -19,21 +19,19 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from pangu_light.passes.base import Option, PanguPass
-from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.head_surgery import (
     all_head_count_constants,
-    check_keep_lists,
     check_private,
     clear_intermediate_shapes,
     head_rows,
     per_layer,
+    resolve_keep_lists,
     set_head_count,
     set_kv_heads_in_io,
     take_columns,
     take_rows,
 )
 from pangu_light.passes.model_map import ModelMap
-from pangu_light.passes.plan import PrunePlan
 
 __all__ = ["PruneKVGroupsPass"]
 
@@ -77,13 +75,9 @@ class PruneKVGroupsPass(PanguPass):
         return ir.passes.PassResult(model, modified=True)
 
     def _kept_groups(self, model: ir.Model, model_map: ModelMap) -> list[list[int]]:
-        keep, plan = self.options["keep"], self.options["plan"]
-        if (keep is not None) == plan:
-            raise PanguLightError(
-                "pass prune-kv-groups: give exactly one of keep=[[...], ...] (KV groups per layer) or plan=true"
-            )
-        if plan:
-            keep = PrunePlan.from_model(model, self.name).kept_kv_groups(model_map, self.name)
-        sizes = [layer.attention.num_kv_heads for layer in model_map.layers]
-        return check_keep_lists(self.name, keep, model_map, sizes, "KV group")
-
+        return resolve_keep_lists(
+            self.name, model, model_map, [layer.attention.num_kv_heads for layer in model_map.layers], "KV group",
+            keep=self.options["keep"], plan=self.options["plan"],
+            from_plan=lambda plan: plan.kept_kv_groups(model_map, self.name),
+            choices="keep=[[...], ...] (KV groups per layer) or plan=true",
+        )

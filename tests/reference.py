@@ -8,8 +8,10 @@ import copy
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 import torch
 
+from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.manager import PASS_STATS_KEY, PIPELINE_KEY, run_pipeline
 
 
@@ -88,6 +90,38 @@ def ort_decode_logits(path, ids: torch.Tensor, mask: torch.Tensor, steps: int = 
 def max_diff_on_tokens(a: np.ndarray, b: np.ndarray, mask: torch.Tensor) -> float:
     keep = mask.numpy().astype(bool)
     return float(np.abs(a - b)[keep].max())
+
+
+def no_cache_diff(path, reference) -> float:
+    """Run ``path`` (no cache) on the left-padded batch; the largest logit difference from the
+    torch module ``reference``, on the real tokens."""
+    ids, mask = left_padded_batch(reference.config.vocab_size)
+    return max_diff_on_tokens(ort_logits(path, ids, mask), torch_logits(reference, ids, mask), mask)
+
+
+def decode_diff(path, reference, steps: int = 4) -> float:
+    """Decode ``path`` from the left-padded batch for ``steps`` greedy steps; the largest logit
+    difference from the torch module ``reference`` run without cache over the whole sequence,
+    on the real tokens."""
+    ids, mask = left_padded_batch(reference.config.vocab_size)
+    got, all_ids, all_mask = ort_decode_logits(path, ids, mask, steps=steps)
+    return max_diff_on_tokens(got, torch_logits(reference, all_ids, all_mask), all_mask)
+
+
+def assert_unchanged(path, pipeline: str, out) -> None:
+    """``pipeline``'s first pass on the graph at ``path`` reports no change and writes the same graph."""
+    model, report = compile_graph(path, pipeline, out)
+    assert not report.records[0].modified
+    assert graph_bytes(model) == graph_bytes(ir.load(path))
+
+
+def assert_refused(path, pipeline: str, message: str) -> None:
+    """``pipeline`` on the graph at ``path`` raises a PanguLightError matching ``message``
+    (parentheses taken literally) before touching the graph."""
+    model = ir.load(path)
+    with pytest.raises(PanguLightError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        run_pipeline(model, pipeline)
+    assert graph_bytes(model) == graph_bytes(ir.load(path))  # refused before touching anything
 
 
 # ------------------------------------------------------------------ edits on the torch module
