@@ -1,7 +1,7 @@
 """Where a decode step's time goes, per graph: ONNX Runtime's profiler over greedy decoding.
 
     python benchmarks/decode_profile.py original-kv.onnx pruned-kv.onnx [--prompt 32]
-        [--new-tokens 128] [--threads 2] [--rounds 3] [--json]
+        [--new-tokens 128] [--threads 2] [--no-spinning] [--rounds 3] [--json]
 
 For each graph (rounds alternate between graphs, the first round is a warm-up), the decode
 steps of ``runtime.generate`` (pre-allocated KV buffers, IO binding) are split into:
@@ -35,9 +35,11 @@ from pangu_light.runtime.machine import describe_machine, format_machine, load_a
 from pangu_light.tools.io import load_model
 
 
-def profile_once(path: str, threads: int, prompt: list[int], new_tokens: int, vocab: int) -> dict:
+def profile_once(path: str, threads: int, prompt: list[int], new_tokens: int, vocab: int, spinning: bool = True) -> dict:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"decode_profile_{os.getpid()}")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-spinning", action="store_true", help="idle ORT threads wait instead of spinning")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (medians)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -101,7 +104,9 @@ def main() -> None:
     for round_index in range(args.rounds + 1):
         order = range(len(args.graphs)) if round_index % 2 == 0 else reversed(range(len(args.graphs)))
         for g in order:
-            result = profile_once(args.graphs[g], args.threads, prompt, args.new_tokens, ideals[g]["vocab"])
+            result = profile_once(
+                args.graphs[g], args.threads, prompt, args.new_tokens, ideals[g]["vocab"], not args.no_spinning
+            )
             if round_index:
                 samples[g].append(result)
     load_end = load_average()
@@ -123,7 +128,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"machine: {format_machine(report['machine'])}; threads {args.threads}; load {load_start} -> {load_end}")
+    spin = " (no spinning)" if args.no_spinning else ""
+    print(f"machine: {format_machine(report['machine'])}; threads {args.threads}{spin}; load {load_start} -> {load_end}")
     print(f"decode of {args.new_tokens} tokens after {args.prompt}, batch 1; ms per step, medians of {args.rounds} rounds")
     base = rows[0]
     names = {"wall_ms": "wall", "loop_ms": "loop", "session_overhead_ms": "session", "kernels_ms": "kernels",
