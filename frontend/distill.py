@@ -301,9 +301,11 @@ class _Run:
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
+        # The fused AdamW kernel is ~4x faster than the foreach one on CPU; FSDP's DTensors take the default.
+        fused = {"fused": True} if not (self.c.fsdp and self.dist.world > 1) else {}
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.lr, betas=tuple(c.betas), eps=1e-8,
+            lr=c.lr, betas=tuple(c.betas), eps=1e-8, **fused,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, c.steps, c.warmup_steps, c.min_lr_ratio)

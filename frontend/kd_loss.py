@@ -32,6 +32,8 @@ import torch
 
 __all__ = ["KDLossOptions", "fused_kd_loss", "reference_kd_loss"]
 
+GRAD_BLOCK_ROWS = 1024  # rows of dL/dz kept for one dL/dW_s matmul (1024 x 49152 bf16: 100 MB)
+
 
 @dataclasses.dataclass(frozen=True)
 class KDLossOptions:
@@ -43,34 +45,12 @@ class KDLossOptions:
     matmul_dtype: torch.dtype = torch.float32
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.mm(a.to(dtype), b.to(dtype)).float()
-
-
 def _cap(x: torch.Tensor, c: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``c tanh(x / c)`` and the tanh (for the derivative), or ``x`` unchanged; in place."""
     if c is None:
         return x, None
-    t = torch.tanh(x / c)
-    return c * t, t
-
-
-def _chunk_terms(h_s, w_s_t, h_t, w_t_t, y, opts: KDLossOptions, want_grad: bool):
-    """KL and CE sums over a chunk of rows, and dL/dx for those rows (unnormalised)."""
-    dtype = opts.matmul_dtype
-    x = _mm(h_s, w_s_t, dtype)
-    z_s, tanh_s = _cap(x, opts.student_softcap)
-    z_t, _ = _cap(_mm(h_t, w_t_t, dtype), opts.teacher_softcap)
-    T = opts.temperature
-    log_p = torch.log_softmax(z_t / T, dim=-1)
-    log_q = torch.log_softmax(z_s / T, dim=-1)
-    p = log_p.exp()
-    kl = (p * (log_p - log_q)).sum()
-    valid = y >= 0
-    log_s = log_q if T == 1.0 else torch.log_softmax(z_s, dim=-1)
-    ce = -log_s[valid].gather(-1, y[valid][:, None]).sum() if bool(valid.any()) else log_s.new_zeros(())
-    if not want_grad:
-        return kl, ce, None, None
-    return kl, ce, (log_q.exp() - p), (log_s, valid, tanh_s)
+    t = x.div_(c).tanh_()
+    return t * c, t
 
 
 class _FusedKD(torch.autograd.Function):
@@ -79,37 +59,66 @@ class _FusedKD(torch.autograd.Function):
         n = h_s.shape[0]
         m = max(int((targets >= 0).sum()), 1)
         T, a = opts.temperature, opts.ce_weight
+        dtype = opts.matmul_dtype
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w_s_t = w_s.detach().to(opts.matmul_dtype).t()
-        w_t_t = w_t.detach().to(opts.matmul_dtype).t()
-        w_s_c = w_s.detach().to(opts.matmul_dtype)
-        grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if want else None
-        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if want else None
-        kl_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        ce_sum = torch.zeros((), dtype=torch.float32, device=h_s.device)
-        h_s = h_s.detach()
+        # Cast once per call, not per chunk.
+        hs, ht = h_s.detach().to(dtype), h_t.to(dtype)
+        ws, wt_t = w_s.detach().to(dtype), w_t.detach().to(dtype).t()
+        ws_t = ws.t()
+        device = h_s.device
+        grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=device) if want else None
+        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=device) if want else None
+        kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # dL/dW_s = G^T h_s is one large matmul per block of rows (G kept in matmul_dtype), not one
+        # small one (plus a [V, H] cast and add) per chunk.
+        block = opts.chunk * max(1, GRAD_BLOCK_ROWS // opts.chunk)  # whole chunks per block
+        g_block = torch.empty((min(block, n), w_s.shape[0]), dtype=dtype, device=device) if want else None
+        block_start = 0
         for start in range(0, n, opts.chunk):
             rows = slice(start, min(start + opts.chunk, n))
             y = targets[rows]
-            kl, ce, q_minus_p, extra = _chunk_terms(h_s[rows], w_s_t, h_t[rows], w_t_t, y, opts, want)
-            kl_sum += kl
-            ce_sum += ce
+            valid = y >= 0
+            hit = valid.nonzero().squeeze(1)
+            z_s, tanh_s = _cap(torch.mm(hs[rows], ws_t).float(), opts.student_softcap)
+            z_t, _ = _cap(torch.mm(ht[rows], wt_t).float(), opts.teacher_softcap)
+            if a or not want:  # CE at T = 1 (log softmax of the raw student logits)
+                log_s = torch.log_softmax(z_s, dim=-1)
+                ce_sum += -log_s[hit, y[hit]].double().sum()
+            if T != 1.0:
+                z_s.mul_(1.0 / T)
+                z_t.mul_(1.0 / T)
+            log_p = torch.log_softmax(z_t, dim=-1)
+            del z_t
+            log_q = torch.log_softmax(z_s, dim=-1)
+            if not a and T == 1.0 and want:  # CE (reported) from the same log-probabilities
+                ce_sum += -log_q[hit, y[hit]].double().sum()
+            p = log_p.exp()
+            kl_sum += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1)).double()  # sum p (log p - log q)
+            del log_p
             if not want:
                 continue
-            log_s, valid, tanh_s = extra
-            g = q_minus_p * ((1.0 - a) * T / n)
+            g = log_q.exp_().sub_(p)  # q - p, in place
+            del p
+            g.mul_((1.0 - a) * T / n)
             if a:
-                soft = log_s.exp()
-                hit = valid.nonzero().squeeze(1)
+                soft = log_s.exp_()
                 soft[hit, y[hit]] -= 1.0
                 soft[~valid] = 0.0
-                g = g + soft * (a / m)
+                g.add_(soft, alpha=a / m)
             if tanh_s is not None:
-                g = g * (1.0 - tanh_s * tanh_s)
-            grad_h[rows] = _mm(g, w_s_c, opts.matmul_dtype)
-            grad_w += _mm(g.t(), h_s[rows], opts.matmul_dtype)
-        kl_mean = kl_sum * (T * T / n)
-        ce_mean = ce_sum / m
+                g.mul_(1.0 - tanh_s * tanh_s)
+            g_rows = g_block[start - block_start:start - block_start + g.shape[0]]
+            g_rows.copy_(g)
+            del g
+            grad_h[rows] = torch.mm(g_rows, ws).float()
+            end = rows.stop
+            if end - block_start == g_block.shape[0] or end == n:
+                used = g_block[: end - block_start]
+                grad_w += torch.mm(used.t(), hs[block_start:end]).float()
+                block_start = end
+        kl_mean = (kl_sum * (T * T / n)).float()
+        ce_mean = (ce_sum / m).float()
         loss = (1.0 - a) * kl_mean + a * ce_mean
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_s.dtype, w_s.dtype)

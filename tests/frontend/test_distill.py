@@ -84,17 +84,18 @@ def history(out) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "options",
+    "options, n",
     [
-        KDLossOptions(chunk=7),
-        KDLossOptions(temperature=2.0, ce_weight=0.3, chunk=16),
-        KDLossOptions(temperature=0.5, ce_weight=1.0, student_softcap=3.0, teacher_softcap=4.0, chunk=100),
+        (KDLossOptions(chunk=7), 41),
+        (KDLossOptions(temperature=2.0, ce_weight=0.3, chunk=16), 41),
+        (KDLossOptions(temperature=0.5, ce_weight=1.0, student_softcap=3.0, teacher_softcap=4.0, chunk=100), 41),
+        (KDLossOptions(chunk=300), 2500),  # several blocks of dL/dW_s rows (GRAD_BLOCK_ROWS = 1024)
     ],
-    ids=["kl", "temperature+ce", "softcapped"],
+    ids=["kl", "temperature+ce", "softcapped", "blocks"],
 )
-def test_fused_loss_equals_autograd(options):
+def test_fused_loss_equals_autograd(options, n):
     generator = torch.Generator().manual_seed(0)
-    n, hs, ht, vocab = 41, 12, 20, 90
+    hs, ht, vocab = 12, 20, 90
     h_s = torch.randn(n, hs, generator=generator, requires_grad=True)
     w_s = (torch.randn(vocab, hs, generator=generator) * 0.7).requires_grad_()
     h_t, w_t = torch.randn(n, ht, generator=generator), torch.randn(vocab, ht, generator=generator)
