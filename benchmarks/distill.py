@@ -24,8 +24,8 @@
 
 distills both with ``pangu-light distill`` (same data, seed and cached teacher), then measures the
 perplexity of the teacher, both pruned graphs and both distilled graphs under ONNX Runtime on the
-same held-out LAMBADA windows (evaluation split), and prints the held-out Wikipedia perplexity the
-runs logged along the way.
+same held-out windows (LAMBADA's and Wikipedia's evaluation splits), and prints the held-out
+Wikipedia perplexity the runs logged along the way (bf16 matmuls, so slightly off ORT's).
 """
 
 from __future__ import annotations
@@ -182,27 +182,34 @@ def quality(args: argparse.Namespace) -> None:
             print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         runs[name] = out
     encode, eos = graph_tokenizer(graphs["orig"], load_model_metadata(graphs["orig"]), None)
-    windows = sequences_for(args.eval_data, encode, eos, samples=args.eval_samples, seq_len=256, seed=0, split="eval")
-    ppl = {}
+    # The held-out text: LAMBADA's evaluation split, and the Wikipedia windows the runs evaluated on.
+    eval_sets = {
+        args.eval_data: sequences_for(args.eval_data, encode, eos, samples=args.eval_samples, seq_len=256, seed=0, split="eval"),
+        "wiki": sequences_for("wiki", encode, eos, samples=16, seq_len=256, seed=args.seed, split="eval"),
+    }
+    ppl: dict[str, dict[str, float]] = {name: {} for name in eval_sets}
     to_eval = {"teacher": graphs["orig"], "pruned (SLNP)": graphs["slnp"], "pruned (no SLNP)": graphs["noslnp"],
                "distilled (SLNP)": runs["slnp"] / "distilled.onnx", "distilled (no SLNP)": runs["noslnp"] / "distilled.onnx"}
     for label, path in to_eval.items():
-        ppl[label] = perplexity(path, windows, batch_size=4).perplexity
-        print(f"{label}: {ppl[label]:.2f}", file=sys.stderr, flush=True)
+        for name, windows in eval_sets.items():
+            ppl[name][label] = perplexity(path, windows, batch_size=4).perplexity
+            print(f"{label} on {name}: {ppl[name][label]:.2f}", file=sys.stderr, flush=True)
     curves = {}
     for name, out in runs.items():
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         curves[name] = [(h["tokens"], round(h["eval_perplexity"], 3)) for h in history if "eval_perplexity" in h]
         speeds = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
         curves[name + "_median_tokens_per_s"] = statistics.median(speeds)
-    result = {"tokens": args.tokens, "eval": f"{args.eval_data} eval split, {args.eval_samples} x 256 tokens",
+    result = {"tokens": args.tokens, "eval": {args.eval_data: f"eval split, {args.eval_samples} x 256 tokens",
+                                               "wiki": "eval split, 16 x 256 tokens (the runs' held-out set)"},
               "perplexity": ppl, "wiki_heldout_curves": curves}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"perplexity on {result['eval']} (ONNX Runtime):")
-    for label, value in ppl.items():
-        print(f"  {label:<22} {value:>10.2f}  ({value / ppl['teacher']:.2f}x teacher)")
+    for name, values in ppl.items():
+        print(f"perplexity on {name} ({result['eval'][name]}; ONNX Runtime, float32):")
+        for label, value in values.items():
+            print(f"  {label:<22} {value:>10.2f}  ({value / values['teacher']:.2f}x teacher)")
     for name in ("slnp", "noslnp"):
         print(f"held-out wiki perplexity during distillation ({name}; tokens: ppl): "
               + ", ".join(f"{t}: {p}" for t, p in curves[name]))

@@ -631,7 +631,9 @@ def export_checked(model, info: Reimported, path: Path, windows: np.ndarray, *, 
     with torch.no_grad():
         expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     diff = float(np.abs(got - expected).max())
-    bound = 1e-4 + 1e-5 * float(np.abs(expected).max())
+    # float32 rounding over 30 layers: SmolLM2 measured 1.1e-4 (exported) to 3.8e-4 (distilled) on
+    # logits of magnitude ~30; an export bug is off by orders of magnitude more.
+    bound = 2e-4 + 3e-5 * float(np.abs(expected).max())
     if not diff <= bound:
         tmp.unlink()
         raise PanguLightError(

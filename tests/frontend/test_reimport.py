@@ -176,3 +176,18 @@ def test_graph_without_source_config_is_refused(exported_graph, tmp_path):
 def test_missing_graph_is_one_clear_error(tmp_path):
     with pytest.raises(PanguLightError, match="no such file"):
         reimport(tmp_path / "none.onnx")
+
+
+@pytest.mark.real_model
+def test_smollm2_width_pruned(smollm2_graph, tmp_path):
+    """SmolLM2-135M at hidden 448, 2 of 3 heads per group, FFN 1152, SLNP (6 heads do not divide
+    448, so the config names gcd(448, 6) = 2 of them): re-imported logits equal ORT's within the
+    bound of the export parity tests (3e-4 on logits of magnitude ~20)."""
+    compile_graph(smollm2_graph(), "prune-heads{per_group=2},prune-ffn{keep_first=1152},slice-hidden{keep_first=448},slnp",
+                  tmp_path / "p.onnx")
+    result = reimport(tmp_path / "p.onnx")
+    assert _shapes(result.model) == [(6, 3, 1152)] * 30 and not result.spec.standard_config
+    ids, mask = left_padded_batch(49152, lengths=(37, 20))
+    expected = ort_logits(tmp_path / "p.onnx", ids, mask)
+    assert np.abs(expected).max() > 5
+    assert max_diff_on_tokens(expected, torch_logits(result.model, ids, mask), mask) <= 3e-4
