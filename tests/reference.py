@@ -168,3 +168,19 @@ def torch_slice_hidden(model, keep: list[int]):
         if model.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def save_char_tokenizer(directory) -> None:
+    """A character-level tokenizer with 99 ids, within the tiny models' vocabulary of 160, so
+    real text (Wikipedia, LAMBADA) runs through the tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2}
+    for char in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(directory)

@@ -24,7 +24,7 @@ from pangu_light.frontend.kd_loss import KDLossOptions, fused_kd_loss, reference
 from pangu_light.frontend.reimport import STUDENT_FILE, load_student, reimport
 from pangu_light.frontend.teacher_cache import TeacherCache, teacher_hidden
 from pangu_light.tools.cli import main
-from reference import compile_graph, left_padded_batch, max_diff_on_tokens, ort_logits, torch_logits
+from reference import compile_graph, left_padded_batch, max_diff_on_tokens, ort_logits, save_char_tokenizer, torch_logits
 
 UNIFORM = "prune-heads{per_group=1},prune-ffn{keep_first=48},slice-hidden{keep_first=48},slnp"
 # Logits of magnitude ~4 after training: ORT vs PyTorch measured 3.8e-6 (float32 rounding).
@@ -33,21 +33,6 @@ PER_LAYER = "prune-kv-groups{keep=[[0,1],[1],[0,1],[0]]},prune-ffn{keep_first=40
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-def save_char_tokenizer(directory) -> None:
-    """A character-level tokenizer with 99 ids (as in tests/tools/test_calib_commands.py)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2}
-    for char in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    ).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,11 @@ TOLERANCE = 1e-6
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from test_distill import PER_LAYER, save_char_tokenizer
+    from test_distill import PER_LAYER
 
     from pangu_light.calib.corpora import load_documents
     from pangu_light.tools.cli import main
-    from reference import compile_graph
+    from reference import compile_graph, save_char_tokenizer
 
     root = tmp_path_factory.mktemp("torchrun")
     teacher = tiny_model("llama")

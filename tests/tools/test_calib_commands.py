@@ -14,22 +14,7 @@ from pangu_light.calib.stats import CalibrationStats
 from pangu_light.passes.graph_stats import GraphStats
 from pangu_light.passes.plan import PLAN_KEY, load_plan
 from pangu_light.tools.cli import main
-from reference import left_padded_batch, ort_logits, torch_drop_layers, torch_logits
-
-
-def save_char_tokenizer(directory) -> None:
-    """A character-level tokenizer with 99 ids, within the tiny models' vocabulary of 160."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2}
-    for char in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    ).save_pretrained(directory)
+from reference import left_padded_batch, ort_logits, save_char_tokenizer, torch_drop_layers, torch_logits
 
 
 @pytest.fixture(scope="module")
