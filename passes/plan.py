@@ -261,21 +261,16 @@ class PrunePlan:
 
     def kept_hidden(self, model_map: ModelMap, pass_name: str) -> list[int]:
         self._check_layers(model_map, pass_name)
-        if model_map.hidden_size == self.hidden_size:
-            return sorted(self.hidden)
-        return list(range(model_map.hidden_size))  # already sliced to the plan's size
+        return _in_current_numbering(model_map.hidden_size, self.hidden_size, self.hidden, lambda: self._mismatch(
+            pass_name, "-", "hidden size", model_map.hidden_size, self.hidden_size, len(self.hidden)))
 
     def kept_ffn(self, model_map: ModelMap, pass_name: str) -> list[list[int]]:
         self._check_layers(model_map, pass_name)
         result = []
         for layer, plan, shape in zip(model_map.layers, self.layers, self.shapes):
             current = layer.ffn.intermediate_size
-            if current == shape.intermediate_size:
-                result.append(sorted(plan.ffn))
-            elif current == len(plan.ffn):
-                result.append(list(range(current)))
-            else:
-                raise self._mismatch(pass_name, layer.index, "FFN width", current, shape.intermediate_size, len(plan.ffn))
+            result.append(_in_current_numbering(current, shape.intermediate_size, plan.ffn, lambda: self._mismatch(
+                pass_name, layer.index, "FFN width", current, shape.intermediate_size, len(plan.ffn))))
         return result
 
     def kept_kv_groups(self, model_map: ModelMap, pass_name: str) -> list[list[int]]:
@@ -283,12 +278,8 @@ class PrunePlan:
         result = []
         for layer, plan, shape in zip(model_map.layers, self.layers, self.shapes):
             current = layer.attention.num_kv_heads
-            if current == shape.num_kv_heads:
-                result.append(sorted(plan.kv_groups))
-            elif current == len(plan.kv_groups):
-                result.append(list(range(current)))
-            else:
-                raise self._mismatch(pass_name, layer.index, "KV group count", current, shape.num_kv_heads, len(plan.kv_groups))
+            result.append(_in_current_numbering(current, shape.num_kv_heads, plan.kv_groups, lambda: self._mismatch(
+                pass_name, layer.index, "KV group count", current, shape.num_kv_heads, len(plan.kv_groups))))
         return result
 
     def kept_heads(self, model_map: ModelMap, pass_name: str) -> list[list[int]]:
@@ -371,6 +362,16 @@ class PrunePlan:
                 options["clap"] = use_clap
             specs.append(PassSpec("drop-layers", options))
         return Pipeline(specs)
+
+
+def _in_current_numbering(current: int, original: int, kept: list[int], mismatch) -> list[int]:
+    """The plan's ``kept`` indices for an axis now ``current`` wide: as planned while the axis still
+    has its ``original`` width, all of them once a pass already cut it to the plan's width."""
+    if current == original:
+        return sorted(kept)
+    if current == len(kept):
+        return list(range(current))
+    raise mismatch()
 
 
 def load_plan(path: str | os.PathLike) -> PrunePlan:
