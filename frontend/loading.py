@@ -194,7 +194,7 @@ def _resolve_alias(key: str, cache_dir: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
     try:
         _convert(key, alias, work)
-        _share(work)
+        share_permissions(work)
         try:
             work.rename(target)
         except OSError:
@@ -218,7 +218,7 @@ def _remove_abandoned(models_dir: Path, key: str, age_s: float = 3600.0) -> None
             pass
 
 
-def _share(directory: Path) -> None:
+def share_permissions(directory: Path) -> None:
     """Give the converted files the usual modes (mkdtemp and safetensors write them private)."""
     umask = os.umask(0)
     os.umask(umask)

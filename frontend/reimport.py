@@ -48,6 +48,7 @@ import onnx_ir as ir
 import torch
 import transformers
 
+from pangu_light.frontend.loading import share_permissions
 from pangu_light.frontend.export import check_supported
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.model_map import ModelMap
@@ -382,7 +383,7 @@ def save_student(
             _copy_tokenizer(Path(tokenizer_dir), work)
         if directory.exists():
             raise PanguLightError(f"{directory} exists; inputs and earlier outputs are never overwritten")
-        _share(work)
+        share_permissions(work)
         os.replace(work, directory)
     finally:
         if work.exists():
@@ -414,16 +415,6 @@ def _save_hf(state: dict[str, torch.Tensor], spec: StudentSpec, work: Path) -> N
     if config.tie_word_embeddings:
         plain.tie_weights()
     plain.save_pretrained(str(work), safe_serialization=True)
-
-
-def _share(directory: Path) -> None:
-    """The usual modes under the umask (mkdtemp and safetensors write private files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:
