@@ -53,9 +53,9 @@ from pangu_light.runtime.benchmark import (
 )
 from pangu_light.runtime.errors import RuntimeUserError
 from pangu_light.runtime.machine import describe_machine, format_machine, load_average
-from pangu_light.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES, ProviderFallbackWarning, create_session
+from pangu_light.runtime.session import ProviderFallbackWarning, create_session
 from pangu_light.tools.io import atomic_path, load_model
-from pangu_light.tools.run_cmd import parse_provider_options
+from pangu_light.tools.run_cmd import add_session_arguments, session_options_from_args
 
 __all__ = ["HELP", "add_arguments", "run", "workload_cost", "build_report", "format_report", "plot_report"]
 
@@ -73,17 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1, help="prompts per request (default 1)")
     parser.add_argument("--repeats", type=int, default=5, help="measured rounds (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="rounds run first and thrown away (default 1)")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
-    parser.add_argument("--no-spinning", action="store_true",
-                        help="idle ONNX Runtime threads wait instead of spinning (faster on a busy machine)")
-    parser.add_argument("--provider", default="auto",
-                        help=f"execution provider: {', '.join(PROVIDER_CHOICES)} (default auto)")
-    parser.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="option for the execution provider (e.g. device_id=0); repeatable")
-    parser.add_argument("--strict-provider", action="store_true",
-                        help="fail instead of falling back to the CPU provider")
-    parser.add_argument("--optimization", default="all", choices=list(OPTIMIZATION_LEVELS),
-                        help="ONNX Runtime graph optimisation level (default all)")
+    add_session_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH (- prints it instead of the table)")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG chart to PATH")
@@ -191,14 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise RuntimeUserError(f"--warmup must be 0 or more (got {args.warmup})")
     requests = workload_requests(args.workload, args.scale)
-    session_options = dict(
-        provider=args.provider,
-        provider_options=parse_provider_options(args.provider_option),
-        optimization_level=args.optimization,
-        threads=args.threads,
-        spinning=not args.no_spinning,
-        strict=args.strict_provider,
-    )
+    session_options = session_options_from_args(args)
     paths = [str(path) for path in args.graphs]
 
     # Sessions first: a no-cache graph or a bad provider fails before the slow parts.

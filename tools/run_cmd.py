@@ -43,6 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt", action="append", required=True, help="prompt text; repeat for a batch"
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    add_session_arguments(parser)
+    parser.add_argument(
+        "--tokenizer", type=Path, help="Hugging Face model directory with the tokenizer (default: from the graph's metadata)"
+    )
+    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, help="sample from the K most likely tokens only (needs --temperature)")
+    parser.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= P (needs --temperature)")
+    parser.add_argument("--seed", type=int, help="seed of the sampling draws (needs --temperature)")
+
+
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ONNX Runtime session options shared by `run` and `bench`."""
     parser.add_argument(
         "--provider", default="auto", help=f"execution provider: {', '.join(PROVIDER_CHOICES)} (default auto)"
     )
@@ -65,15 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
     parser.add_argument("--no-spinning", action="store_true",
                         help="idle ONNX Runtime threads wait instead of spinning (faster on a busy machine)")
-    parser.add_argument(
-        "--tokenizer", type=Path, help="Hugging Face model directory with the tokenizer (default: from the graph's metadata)"
+
+
+def session_options_from_args(args: argparse.Namespace) -> dict:
+    """``create_session`` keyword arguments from the options of ``add_session_arguments``."""
+    return dict(
+        provider=args.provider,
+        provider_options=parse_provider_options(args.provider_option),
+        optimization_level=args.optimization,
+        threads=args.threads,
+        spinning=not args.no_spinning,
+        strict=args.strict_provider,
     )
-    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="sampling temperature; 0 (default) is greedy")
-    parser.add_argument("--top-k", type=int, help="sample from the K most likely tokens only (needs --temperature)")
-    parser.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= P (needs --temperature)")
-    parser.add_argument("--seed", type=int, help="seed of the sampling draws (needs --temperature)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling | None:
@@ -111,15 +128,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ProviderFallbackWarning)
-        info = create_session(
-            args.model,
-            provider=args.provider,
-            provider_options=parse_provider_options(args.provider_option),
-            optimization_level=args.optimization,
-            threads=args.threads,
-            spinning=not args.no_spinning,
-            strict=args.strict_provider,
-        )
+        info = create_session(args.model, **session_options_from_args(args))
     for warning in caught:
         if issubclass(warning.category, ProviderFallbackWarning):
             print(f"warning: {warning.message}", file=sys.stderr)
