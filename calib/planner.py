@@ -38,7 +38,7 @@ import numpy as np
 
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.model_map import Layer, ModelMap
+from pangu_light.passes.model_map import ModelMap
 from pangu_light.passes.plan import ClapMerge, PrunePlan
 
 __all__ = ["Targets", "make_plan", "count_parameters", "Shape"]

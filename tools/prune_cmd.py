@@ -108,11 +108,9 @@ def run(args: argparse.Namespace) -> int:
         save_model_atomic(graph, target)
         return graph
 
+    original_stats = GraphStats.from_model(model)  # before the passes rewrite it in place
     pruned_model = compile_with_plan(model, original, out / "pruned.onnx")
-    rows = {
-        "original": GraphStats.from_model(load_model(original)),
-        "pruned": GraphStats.from_model(pruned_model),
-    }
+    rows = {"original": original_stats, "pruned": GraphStats.from_model(pruned_model)}
     del model, pruned_model
     if not args.no_kv_cache:
         original_kv = exported("original-kv.onnx", kv_cache=True)
@@ -165,7 +163,7 @@ def _table(summary: dict) -> str:
     row("layers", "layers", "d")
     row("hidden size", "hidden_size", "d")
     if summary["evaluation"]:
-        row(f"perplexity", "perplexity", ".2f")
+        row("perplexity", "perplexity", ".2f")
         lines.append(f"(perplexity on {summary['evaluation']['data']!r}, eval split, "
                      f"{summary['evaluation']['samples']} x {summary['evaluation']['seq_len']} tokens)")
     return "\n".join(lines)
