@@ -35,6 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from pangu_light.calib.taps import TapLayout, add_statistic_taps
+from pangu_light.core.paths import record_path, resolve_recorded_path
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.model_map import ModelMap
 
@@ -57,12 +58,16 @@ class CalibrationStats:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same folder, then rename)."""
+        """Write atomically (temporary file in the same folder, then rename). The graph the
+        statistics describe is recorded relative to the stats file (absolute as fallback)."""
+        meta = dict(self.meta)
+        if meta.get("graph"):
+            meta["graph"] = record_path(meta["graph"], path)
         arrays: dict[str, np.ndarray] = {
             "channel": self.channel,
             "block_influence": self.block_influence,
             "tokens": np.array(self.tokens),
-            "meta": np.array(json.dumps({"format": STATS_FORMAT, **self.meta})),
+            "meta": np.array(json.dumps({"format": STATS_FORMAT, **meta})),
         }
         arrays.update({f"head.{i}": h for i, h in enumerate(self.heads)})
         arrays.update({f"ffn.{i}": f for i, f in enumerate(self.ffn)})
@@ -85,6 +90,8 @@ class CalibrationStats:
             ) from None
         if meta.pop("format", None) != STATS_FORMAT:
             raise PanguLightError(f"{path} has an unknown statistics format; re-run `pangu-light calibrate`")
+        if meta.get("graph"):
+            meta["graph"] = str(resolve_recorded_path(meta["graph"], path))
         layers = sum(1 for key in data.files if key.startswith("head."))
         return cls(
             channel=data["channel"],
@@ -191,7 +198,7 @@ def calibrate(
             accumulator.add(outputs, mask)
             if on_batch is not None:
                 on_batch(int(mask.sum()))
-    stats_meta = {"graph": str(graph_path), "providers": info.providers_in_use, **(meta or {})}
+    stats_meta = {"graph": str(Path(graph_path).resolve()), "providers": info.providers_in_use, **(meta or {})}
     return accumulator.result(model_map, aggregation, stats_meta)
 
 

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pangu_light.core.paths import record_path
 from pangu_light.frontend.kd_loss import KDLossOptions, fused_kd_loss
 from pangu_light.frontend.reimport import Reimported, reimport, save_student
 from pangu_light.frontend.teacher_cache import TeacherCache, teacher_hidden, teacher_identity
@@ -582,16 +583,19 @@ class _Run:
                 kv_cache = False
             diff = export_checked(final, self.student_info, graph_path, self.c.eval_windows, kv_cache=kv_cache,
                                   tokenizer="model" if c.tokenizer_dir else None, say=self.say)
-        summary = {
-            "graph": str(c.graph), "teacher": str(c.teacher_dir), "steps": c.steps,
-            "tokens": self.tokens_seen, "global_batch": self.global_batch, "seq_len": self.seq_len,
-            "world_size": self.dist.world, "model_dir": str(model_dir), "model_format": kind,
-            "distilled_graph": str(graph_path) if graph_path else None, "export_max_abs_diff": diff,
+        summary_path = self.out / SUMMARY_FILE
+        summary = {  # paths relative to the summary's folder, absolute beside them
+            "graph": record_path(c.graph, summary_path), "teacher": record_path(c.teacher_dir, summary_path),
+            "steps": c.steps, "tokens": self.tokens_seen, "global_batch": self.global_batch,
+            "seq_len": self.seq_len, "world_size": self.dist.world,
+            "model_dir": record_path(model_dir, summary_path), "model_format": kind,
+            "distilled_graph": record_path(graph_path, summary_path) if graph_path else None,
+            "export_max_abs_diff": diff,
             "first_eval": next((h for h in self.history if "eval_kl" in h), None),
             "last_eval": next((h for h in reversed(self.history) if "eval_kl" in h), None),
             "fingerprint": self.fingerprint,
         }
-        _write_text(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        _write_text(summary_path, json.dumps(summary, indent=2) + "\n")
         return DistillResult(self.out, c.steps, self.history, model_dir, kind, graph_path, diff)
 
 

@@ -94,20 +94,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pangu_light.core.paths import record_path
     from pangu_light.calib.planner import make_plan
     from pangu_light.calib.stats import CalibrationStats
     from pangu_light.passes.model_map import ModelMap
 
     stats = CalibrationStats.load(args.stats)
-    model_path = args.model or Path(stats.meta.get("graph", ""))
-    if not str(model_path) or not model_path.is_file():
+    model_path = args.model or (Path(stats.meta["graph"]) if stats.meta.get("graph") else None)
+    if model_path is None or not model_path.is_file():
         raise PanguLightError(
-            f"the graph the statistics were computed on ({model_path or 'unknown'}) is not there; pass it with --model"
+            f"the graph the statistics were computed on ({model_path or 'not recorded'}) is not there; "
+            "pass it with --model"
         )
     refuse_overwrite_input(args.output, args.stats, model_path)
     model_map = ModelMap.from_model(load_model(model_path))
     plan = make_plan(model_map, stats, targets_from_args(args))
-    plan.source["graph"] = str(model_path)
+    plan.source["graph"] = record_path(model_path, args.output)
     plan.save(args.output)
     print(describe_plan(plan))
     print(f"wrote {args.output}")

@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pangu_light.core.paths import record_path
     from pangu_light.calib.planner import make_plan
     from pangu_light.passes.graph_stats import GraphStats
     from pangu_light.passes.manager import run_pipeline
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(original)
     plan = make_plan(ModelMap.from_model(model), stats, targets)
-    plan.source["graph"] = str(original)
+    plan.source["graph"] = record_path(original, out / "plan.json")
     plan.save(out / "plan.json")
     if not args.quiet:
         print(describe_plan(plan), file=sys.stderr)

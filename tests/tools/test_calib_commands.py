@@ -4,6 +4,7 @@ disk with a character-level tokenizer (so real text maps into the tiny vocabular
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx_ir as ir
@@ -52,6 +53,28 @@ def test_calibrate_plan_compile(tiny_graph, tiny_dir, tmp_path, capsys):
     expected = torch_logits(torch_drop_layers(tiny_dir[1], [dropped]), ids, mask)
     got = ort_logits(out, ids, mask)
     assert np.abs(got - expected)[mask.numpy().astype(bool)].max() <= 1e-5
+
+
+def test_plan_finds_the_graph_from_another_directory_and_after_a_move(tiny_graph, tmp_path, monkeypatch):
+    """stats.npz names its graph relative to itself (absolute as fallback): `plan` works from
+    any working directory, and after the output folder is moved."""
+    job = tmp_path / "work" / "out"
+    job.mkdir(parents=True)
+    for file in tiny_graph.parent.iterdir():
+        shutil.copy(file, job / file.name)
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["calibrate", f"out/{tiny_graph.name}", *CALIB, "-o", "out/stats.npz"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["plan", "../work/out/stats.npz", "--drop-layers", "1", "-o", "plan.json"]) == 0
+    assert load_plan(elsewhere / "plan.json").source["graph"]["relative"] == f"../work/out/{tiny_graph.name}"
+    moved = tmp_path / "moved"
+    shutil.move(job, moved)  # the absolute path recorded is gone; the relative one still holds
+    assert main(["plan", str(moved / "stats.npz"), "--drop-layers", "1", "-o", "plan2.json"]) == 0
+    assert CalibrationStats.load(moved / "stats.npz").meta["graph"] == str((moved / tiny_graph.name).resolve())
+    (moved / tiny_graph.name).unlink()
+    assert main(["plan", str(moved / "stats.npz"), "--drop-layers", "1", "-o", "plan3.json"]) == 2
 
 
 def test_same_seed_same_plan(tiny_graph, tmp_path):
