@@ -6,7 +6,9 @@ graph by prefill (zero-length past) plus greedy decode steps that feed ``present
 ``past``, against one torch forward over the whole sequence.
 
 Tolerances come from the numbers: tiny models agree to about 1e-7 (bound 1e-5); SmolLM2-135M
-(30 layers, logits of magnitude ~20) to about 1e-4 (bound 3e-4, DESIGN.md).
+(30 layers, logits of magnitude ~20) to about 1e-4 on one machine and a few 1e-4 on another, so
+it is held to ``float32_bound`` (tests/reference.py: 2e-4 + 3e-5 x max |logit|), and ORT's greedy
+choices to torch's argmax up to near-ties within that bound.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import transformers
 from pangu_light.frontend.export import ExportOptions, check_supported, export_model
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.model_map import ModelMap
+from reference import assert_greedy_agrees, float32_bound
 
 TINY_TOL = 1e-5
-REAL_TOL = 3e-4
 DECODE_STEPS = 4
 
 
@@ -285,7 +287,7 @@ def test_smollm2_no_cache_matches_torch(smollm2, smollm2_export):
     reference = torch_logits(model, ids, mask)
     diff = max_diff_on_real_tokens(onnx_logits, reference, mask)
     print(f"smollm2 no-cache max |ORT - torch| = {diff:.2e} (max |logit| {np.abs(reference).max():.1f})")
-    assert diff <= REAL_TOL
+    assert diff <= float32_bound(reference, mask=mask)
 
 
 @pytest.mark.real_model
@@ -296,7 +298,7 @@ def test_smollm2_decode_matches_torch(smollm2, smollm2_export):
     reference = torch_logits(model, all_ids, all_mask)
     diff = max_diff_on_real_tokens(onnx_logits, reference, all_mask)
     print(f"smollm2 decode max |ORT - torch| = {diff:.2e}")
-    assert diff <= REAL_TOL
+    bound = float32_bound(reference, mask=all_mask)
+    assert diff <= bound
     # Greedy decoding under ORT picked the tokens torch would pick from the same prefix.
-    steps = reference[:, ids.shape[1] - 1 : -1].argmax(-1)
-    np.testing.assert_array_equal(steps, all_ids[:, ids.shape[1]:])
+    assert_greedy_agrees(all_ids[:, ids.shape[1]:], reference[:, ids.shape[1] - 1 : -1], bound)

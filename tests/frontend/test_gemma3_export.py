@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pangu_light.passes.model_map import ModelMap
-from reference import max_diff_on_tokens, ort_decode_logits, ort_logits, torch_logits
+from reference import float32_bound, max_diff_on_tokens, ort_decode_logits, ort_logits, torch_logits
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -23,9 +23,9 @@ PROMPTS = [
     "In mathematics, a prime number is a natural number greater than 1",
     "Photosynthesis converts light energy into",
 ]
-# Honest bound (DESIGN.md): float32 through 18 layers and a 262k vocabulary, logits up to about
-# 33 (40 on the long sequence); measured 4.6e-5 (prompts) and 8e-5 (past the window).
-REAL_TOL = 3e-4
+# Honest bound: float32 through 18 layers and a 262k vocabulary, logits up to about 33 (40 on the
+# long sequence); measured 4.6e-5 (prompts) and 8e-5 (past the window) on one machine. Held to
+# float32_bound (tests/reference.py: 2e-4 + 3e-5 x max |logit|), which holds on other CPUs too.
 SLIDING_WINDOW = 512
 
 
@@ -74,7 +74,7 @@ def test_no_cache_matches_torch_on_a_left_padded_batch(gemma3, gemma3_graph):
     diff = max_diff_on_tokens(got, expected, mask)
     scale = float(np.abs(expected[mask.numpy().astype(bool)]).max())
     print(f"gemma3-270m no-cache max |ORT - torch| = {diff:.2e} (max |logit| {scale:.1f})")
-    assert diff <= REAL_TOL
+    assert diff <= float32_bound(expected, mask=mask)
 
 
 def test_decode_matches_torch_on_a_left_padded_batch(gemma3, gemma3_graph):
@@ -84,7 +84,7 @@ def test_decode_matches_torch_on_a_left_padded_batch(gemma3, gemma3_graph):
     expected = torch_logits(model, all_ids, all_mask)
     diff = max_diff_on_tokens(got, expected, all_mask)
     print(f"gemma3-270m decode max |ORT - torch| = {diff:.2e}")
-    assert diff <= REAL_TOL
+    assert diff <= float32_bound(expected, mask=all_mask)
     # Greedy steps under ORT chose what torch chooses from the same prefix.
     chosen = expected[:, ids.shape[1] - 1 : -1].argmax(-1)
     np.testing.assert_array_equal(chosen, all_ids[:, ids.shape[1]:].numpy())
@@ -102,4 +102,4 @@ def test_sliding_window_layers_match_past_the_window(gemma3, gemma3_graph):
     got = ort_logits(gemma3_graph(False), ids, mask)[:, -32:]
     diff = float(np.abs(got - expected).max())
     print(f"gemma3-270m past the window max |ORT - torch| = {diff:.2e}")
-    assert diff <= REAL_TOL
+    assert diff <= float32_bound(expected)

@@ -17,7 +17,15 @@ import transformers
 from pangu_light.frontend.reimport import STUDENT_FILE, build_student, load_student, reimport, save_student
 from pangu_light.passes.errors import PanguLightError
 from pangu_light.passes.pipeline import format_value
-from reference import compile_graph, left_padded_batch, max_diff_on_tokens, ort_decode_logits, ort_logits, torch_logits
+from reference import (
+    compile_graph,
+    float32_bound,
+    left_padded_batch,
+    max_diff_on_tokens,
+    ort_decode_logits,
+    ort_logits,
+    torch_logits,
+)
 
 # Measured: 1e-7 .. 4e-7 on logits of magnitude ~1 (tiny models agree with ORT to float32 rounding).
 TOLERANCE = 2e-6
@@ -182,7 +190,8 @@ def test_missing_graph_is_one_clear_error(tmp_path):
 def test_smollm2_width_pruned(smollm2_graph, tmp_path):
     """SmolLM2-135M at hidden 448, 2 of 3 heads per group, FFN 1152, SLNP (6 heads do not divide
     448, so the config names gcd(448, 6) = 2 of them): re-imported logits equal ORT's within the
-    bound of the export parity tests (3e-4 on logits of magnitude ~20)."""
+    bound of the export parity tests (float32_bound: 2e-4 + 3e-5 x max |logit|; a wrong re-import
+    of any one projection moves the logits by more than 1)."""
     compile_graph(smollm2_graph(), "prune-heads{per_group=2},prune-ffn{keep_first=1152},slice-hidden{keep_first=448},slnp",
                   tmp_path / "p.onnx")
     result = reimport(tmp_path / "p.onnx")
@@ -190,4 +199,4 @@ def test_smollm2_width_pruned(smollm2_graph, tmp_path):
     ids, mask = left_padded_batch(49152, lengths=(37, 20))
     expected = ort_logits(tmp_path / "p.onnx", ids, mask)
     assert np.abs(expected).max() > 5
-    assert max_diff_on_tokens(expected, torch_logits(result.model, ids, mask), mask) <= 3e-4
+    assert max_diff_on_tokens(expected, torch_logits(result.model, ids, mask), mask) <= float32_bound(expected, mask=mask)

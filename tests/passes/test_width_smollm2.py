@@ -2,11 +2,11 @@
 hidden 448, 2 of 3 heads per group, FFN 1152, SLNP; compiled, run in ORT, equal to the same
 edit on the PyTorch module.
 
-Bound: on the no-cache batch here the unpruned export alone differs from torch by 8.2e-5
-(max |logit| 34); the pruned graph measured 1.6e-4 (max |logit| 46, 3.6e-6 relative). It is
-held to 3e-4 absolute, the bound of the export parity tests (DESIGN.md: a few 1e-4, or 1e-5
-relative to the logits' scale); other heads in one layer, other neurons in one layer, or no
-SLNP moved the max difference to 13, 54 and 27.
+Bound: ``float32_bound`` (tests/reference.py): 2e-4 + 3e-5 x max |logit|, or 4x the unpruned
+export's own |ORT - torch| on the same batch, measured here, where larger. Measured: the unpruned
+export alone 8.2e-5 (max |logit| 34), the pruned graph 1.6e-4 (max |logit| 46) on one machine and
+6.1e-4 on an AMD EPYC (bound there 1.6e-3); other heads in one layer, other neurons in one layer,
+or no SLNP moved the max difference to 13, 54 and 27.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pangu_light.passes.model_map import ModelMap
 from pangu_light.passes.pipeline import format_value
 from pangu_light.passes.plan import PrunePlan
 from reference import (
+    float32_bound,
     left_padded_batch,
     max_diff_on_tokens,
     ort_decode_logits,
@@ -30,7 +31,6 @@ from reference import (
 from reference_width import torch_prune_ffn, torch_prune_heads, torch_slnp
 
 pytestmark = pytest.mark.real_model
-BOUND = 3e-4
 LAYERS, HIDDEN, FFN = 30, 576, 1536
 _rng = np.random.default_rng(0)
 KEEP_HIDDEN = sorted(_rng.choice(HIDDEN, size=448, replace=False).tolist())
@@ -44,6 +44,11 @@ KEEP_FFN = [sorted(_rng.choice(FFN, size=1152, replace=False).tolist()) for _ in
 def reference_model(smollm2_model):
     pruned = torch_prune_ffn(torch_prune_heads(smollm2_model, KEEP_HEADS), KEEP_FFN)
     return torch_slnp(torch_slice_hidden(pruned, KEEP_HIDDEN), smollm2_model)
+
+
+def _unpruned_error(smollm2_graph, smollm2_model, ids, mask) -> float:
+    """This CPU's own float32 error: the unpruned export against torch on the same batch."""
+    return max_diff_on_tokens(ort_logits(smollm2_graph(False), ids, mask), torch_logits(smollm2_model, ids, mask), mask)
 
 
 def _check_shape(model: ir.Model) -> None:
@@ -68,8 +73,10 @@ def test_no_cache_matches_torch(smollm2_graph, smollm2_model, reference_model, t
     got = ort_logits(tmp_path / "p.onnx", ids, mask)
     expected = torch_logits(reference_model, ids, mask)
     diff = max_diff_on_tokens(got, expected, mask)
-    print(f"smollm2 width no-cache: max |ORT - torch| = {diff:.2e}, max |logit| = {np.abs(expected).max():.1f}")
-    assert diff <= BOUND
+    bound = float32_bound(expected, _unpruned_error(smollm2_graph, smollm2_model, ids, mask), mask)
+    print(f"smollm2 width no-cache: max |ORT - torch| = {diff:.2e}, max |logit| = {np.abs(expected).max():.1f}, "
+          f"bound {bound:.2e}")
+    assert diff <= bound
     assert max_diff_on_tokens(got, torch_logits(smollm2_model, ids, mask), mask) > 1.0
 
 
@@ -89,5 +96,7 @@ def test_decode_with_the_plan_matches_torch(smollm2_graph, smollm2_model, refere
     got, all_ids, all_mask = ort_decode_logits(tmp_path / "p.onnx", ids, mask, steps=4)
     expected = torch_logits(reference_model, all_ids, all_mask)
     diff = max_diff_on_tokens(got, expected, all_mask)
-    print(f"smollm2 width decode: max |ORT - torch| = {diff:.2e}, max |logit| = {np.abs(expected).max():.1f}")
-    assert diff <= BOUND
+    bound = float32_bound(expected, _unpruned_error(smollm2_graph, smollm2_model, all_ids, all_mask), all_mask)
+    print(f"smollm2 width decode: max |ORT - torch| = {diff:.2e}, max |logit| = {np.abs(expected).max():.1f}, "
+          f"bound {bound:.2e}")
+    assert diff <= bound

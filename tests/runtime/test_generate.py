@@ -17,7 +17,7 @@ from pangu_light.runtime import generate as generate_module
 from pangu_light.runtime.generate import DecodeLayout, Sampling, generate, greedy_generate, left_pad
 from pangu_light.runtime.session import create_session
 from pangu_light.tools import cli
-from reference import compile_graph
+from reference import compile_graph, float32_bound
 from reference_width import torch_prune_kv_groups
 
 # Lengths 9, 5, 7: all longer than gemma3's sliding window of 4, and different, so the batch is
@@ -42,6 +42,23 @@ def hf_greedy(model, prompts, max_new_tokens, pad=0):
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), generation_config=config
         )
     return out[:, ids.shape[1]:].tolist()
+
+
+def assert_greedy_equal_up_to_ties(model, prompts, got, expected) -> None:
+    """Real models only: ``got`` equals transformers' ``expected`` tokens, except that a row may
+    part from them where torch's two candidates are a float32 near-tie (their logits within
+    twice ``float32_bound`` at the prefix where they part); float32 kernels differ by CPU, so
+    such a pair can rank either way. Once parted, a row's later tokens can't be compared."""
+    for prompt, row_got, row_expected in zip(prompts, got, expected):
+        assert len(row_got) == len(row_expected)
+        if row_got == row_expected:
+            continue
+        step = next(i for i, (a, b) in enumerate(zip(row_got, row_expected)) if a != b)
+        with torch.no_grad():
+            logits = model(torch.tensor([list(prompt) + row_expected[:step]])).logits[0, -1].float().numpy()
+        gap = abs(float(logits[row_got[step]] - logits[row_expected[step]]))
+        assert gap <= 2 * float32_bound(logits), (
+            f"greedy tokens part at step {step} where torch's logits differ by {gap:.3g}: not a near-tie")
 
 
 # Families whose random tiny models give informative greedy tokens: the tiny Llama (tied
@@ -309,7 +326,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_decode, smollm2_dir, capsys
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     expected = hf_greedy(model, prompts, 20, pad=pad)
     got = greedy_generate(create_session(path, provider="cpu"), prompts, 20, pad_token_id=pad)
-    assert got == expected
+    assert_greedy_equal_up_to_ties(model, prompts, got, expected)
     assert len({tuple(row) for row in expected}) == 3
 
     # The command prints the same completion (stopping at eos, which these 20 tokens do not reach).
@@ -317,8 +334,9 @@ def test_smollm2_greedy_matches_transformers(smollm2_decode, smollm2_dir, capsys
                    "--tokenizer", str(smollm2_dir)])
     out = capsys.readouterr().out
     assert rc == 0
-    if not set(expected[0]) & {tokenizer.eos_token_id}:
-        assert f"[1] {texts[0]}\n{tokenizer.decode(expected[0], skip_special_tokens=True)}\n" in out
+    if not set(expected[0]) & {tokenizer.eos_token_id}:  # ours or transformers' (they agree up to near-ties)
+        assert any(f"[1] {texts[0]}\n{tokenizer.decode(row[0], skip_special_tokens=True)}\n" in out
+                   for row in (expected, got))
 
 
 @pytest.mark.real_model
@@ -332,5 +350,6 @@ def test_smollm2_pruned_kv_groups_greedy_matches_transformers(smollm2_decode, tm
     info = create_session(pruned, provider="cpu")
     assert [layer.kv_heads for layer in DecodeLayout.from_session(info.session).layers] == [3, 2, 1] * 10
     prompts = [[504, 3575, 282, 4649, 314], [1078, 2056, 253, 655, 28, 30, 253, 1165, 3384], [1812, 28]]
-    expected = hf_greedy(torch_prune_kv_groups(model, keep), prompts, 12)
-    assert greedy_generate(info, prompts, 12) == expected
+    reference = torch_prune_kv_groups(model, keep)
+    expected = hf_greedy(reference, prompts, 12)
+    assert_greedy_equal_up_to_ties(reference, prompts, greedy_generate(info, prompts, 12), expected)
