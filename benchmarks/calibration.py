@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from pangu_light.calib.stats import StatsAccumulator, batched, calibrate
 from pangu_light.calib.taps import add_statistic_taps
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.tools.calibrate_cmd import load_model_metadata
 from pangu_light.tools.text_data import graph_tokenizer, sequences_for
 

@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 import onnxruntime as ort
 
-from pangu_light.passes.graph_stats import GraphStats
+from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.runtime.generate import generate
 from pangu_light.runtime.machine import describe_machine, format_machine, load_average
 from pangu_light.tools.io import load_model

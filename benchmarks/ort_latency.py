@@ -21,7 +21,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from pangu_light.passes.graph_stats import GraphStats
+from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.tools.io import load_model
 
 

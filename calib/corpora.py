@@ -58,7 +58,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 
 __all__ = [
     "CALIB_DEFAULT",
@@ -225,7 +225,7 @@ def _wiki_documents() -> tuple[str, ...]:
 
 
 def _corpus_cache_dir() -> Path:
-    from pangu_light.frontend.loading import default_cache_dir
+    from pangu_light.core.cache import default_cache_dir
 
     return default_cache_dir() / "corpora"
 

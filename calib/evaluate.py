@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 
 __all__ = ["Perplexity", "perplexity"]
 

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from pangu_light.calib.stats import CalibrationStats
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.model_map import ModelMap
-from pangu_light.passes.plan import ClapMerge, PrunePlan
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.plan import ClapMerge, PrunePlan
 
 __all__ = ["Targets", "make_plan", "count_parameters", "Shape"]
 
@@ -201,7 +201,7 @@ def clap_merges(
     groups rank with their score times ``margin`` (1.5: a moved group must score 1.5x
     higher). ``adjacent``: only a removed layer next to its receiver contributes. One
     ClapMerge per contributing removed layer; the others are removed plainly."""
-    from pangu_light.passes.clap import attention_context
+    from pangu_light.passes.rewrites.clap import attention_context
 
     if not (groups in ("keep", "sum") or (isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1)):
         raise PanguLightError(

@@ -27,8 +27,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.model_map import ModelMap, Norm
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap, Norm
 
 __all__ = ["TapLayout", "add_statistic_taps"]
 

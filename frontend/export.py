@@ -39,7 +39,7 @@ import transformers
 from onnxscript.optimizer import _constant_folding
 from transformers.cache_utils import DynamicCache
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ExportOptions", "export_model", "check_supported"]
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
+from pangu_light.core.cache import default_cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -36,13 +37,11 @@ __all__ = [
     "ALIASES",
     "DEFAULT_MODEL",
     "Alias",
-    "default_cache_dir",
     "load_hf_model",
     "load_tokenizer",
     "resolve_model",
 ]
 
-CACHE_ENV = "PANGU_LIGHT_CACHE"
 DEFAULT_MODEL = "smollm2-135m"
 # Marker written into every converted directory: where it came from, with which versions.
 SOURCE_FILE = "pangu_light_source.json"
@@ -125,12 +124,6 @@ _ACCEPTED = (
 )
 
 
-def default_cache_dir() -> Path:
-    """``$PANGU_LIGHT_CACHE`` if set, else ``~/.cache/pangu-light``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path.home() / ".cache" / "pangu-light"
 
 
 def resolve_model(spec: str, *, cache_dir: Path | None = None) -> Path:

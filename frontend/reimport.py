@@ -50,8 +50,8 @@ import transformers
 
 from pangu_light.frontend.loading import share_permissions
 from pangu_light.frontend.export import check_supported
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = [
     "STUDENT_FILE",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 
 __all__ = ["TeacherCache", "teacher_hidden", "teacher_identity"]
 

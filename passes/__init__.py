@@ -1,15 +1,10 @@
-"""The graph side: the model map, the pass infrastructure and one rewrite pass per file.
+"""The graph side: pure rewrites of exported decoder graphs.
 
-- ``model_map.ModelMap.from_model(model)``: what every part of an exported decoder graph is
-  (layers, norms and their roles, projections, head-count constants, KV-cache I/O), derived
-  from the graph itself.
-- ``pipeline``, ``base``, ``registry``, ``manager``, ``verify``: pipelines as data with a
-  one-line text form, the ``PanguPass`` base (onnx-ir in-place pass with validated options,
-  tags and counts), the explicit pass table, running and verifying a pipeline.
-- Passes: ``drop_layers.DropLayersPass`` (``drop-layers``), ``slice_hidden.SliceHiddenPass``
-  (``slice-hidden``).
-- ``graph_stats``: parameters, FLOPs and bytes per token from the model map.
+- ``infra``: pipelines as data, the ``PanguPass`` base, the pass table, the manager and the plan.
+- ``analysis``: the model map and graph statistics (read-only).
+- ``surgery``: weight edits shared by several passes (rows, columns, heads, the CLAP merge).
+- ``rewrites``: one rewrite pass per file.
 
-Nothing here imports torch or onnxruntime or reads data: a pass is a pure function of
-(graph, options).
+Nothing here imports torch, onnxruntime, or another package of ours but the foundation
+(``pangu_light.core``): a pass is a pure function of (graph, options).
 """

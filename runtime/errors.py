@@ -1,11 +1,13 @@
-"""runtime/'s user-facing error, kept here so that runtime/ imports nothing else of ours."""
+"""runtime/'s user-facing error: the foundation's error type, named for deployment problems."""
 
 from __future__ import annotations
+
+from pangu_light.core.errors import PanguLightError
 
 __all__ = ["RuntimeUserError"]
 
 
-class RuntimeUserError(Exception):
+class RuntimeUserError(PanguLightError):
     """A deployment problem the user can fix (bad provider name, graph without KV cache, ...).
 
     The CLI prints it as ``error: <message>`` and exits with status 2.

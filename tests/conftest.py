@@ -28,7 +28,7 @@ def _graph_cache_dir() -> Path:
     import transformers
 
     from pangu_light.frontend import export
-    from pangu_light.frontend.loading import default_cache_dir
+    from pangu_light.core.cache import default_cache_dir
 
     digest = hashlib.sha256()
     for source in (Path(export.__file__), Path(__file__).parent / "families.py"):

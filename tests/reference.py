@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.manager import PASS_STATS_KEY, PIPELINE_KEY, run_pipeline
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.infra.manager import PASS_STATS_KEY, PIPELINE_KEY, run_pipeline
 
 
 def compile_graph(path, pipeline: str, out):

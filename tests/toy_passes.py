@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.passes.base import Option, PanguPass
+from pangu_light.passes.infra.base import Option, PanguPass
 
 W_VALUES = np.arange(12, dtype=np.float32).reshape(4, 3) / 7.0
 

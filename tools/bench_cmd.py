@@ -37,7 +37,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from pangu_light.passes.graph_stats import GraphStats
+from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.runtime.benchmark import (
     WORKLOADS,
     Request,

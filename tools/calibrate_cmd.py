@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 from pangu_light.tools.io import refuse_overwrite_input
 from pangu_light.tools.text_data import add_text_arguments, graph_tokenizer, sequences_for
 

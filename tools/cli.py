@@ -23,7 +23,7 @@ import argparse
 import importlib
 import sys
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 from pangu_light.runtime.errors import RuntimeUserError
 
 __all__ = ["main"]

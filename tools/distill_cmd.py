@@ -30,7 +30,7 @@ import math
 import os
 from pathlib import Path
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 from pangu_light.tools.text_data import graph_tokenizer, sequences_for
 
 __all__ = ["HELP", "add_arguments", "run"]

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from pangu_light.frontend.loading import DEFAULT_MODEL, resolve_model
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 from pangu_light.tools.io import refuse_overwrite_input, save_model_atomic
 
 __all__ = ["HELP", "add_arguments", "run", "export_to_file"]
@@ -70,7 +70,7 @@ def export_to_file(spec: str, output: Path, *, kv_cache: bool, progress=None):
 
     ``progress(message)`` is called before each slow step.
     """
-    from pangu_light.passes.model_map import ModelMap
+    from pangu_light.passes.analysis.model_map import ModelMap
 
     note = progress or (lambda message: None)
     start = time.perf_counter()

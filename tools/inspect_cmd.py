@@ -24,8 +24,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.tools.io import load_model
 
 __all__ = ["HELP", "add_arguments", "run", "describe"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 from pangu_light.tools.io import load_model, refuse_overwrite_input
 
 __all__ = ["HELP", "add_arguments", "add_target_arguments", "run", "targets_from_args"]
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.core.paths import record_path
     from pangu_light.calib.planner import make_plan
     from pangu_light.calib.stats import CalibrationStats
-    from pangu_light.passes.model_map import ModelMap
+    from pangu_light.passes.analysis.model_map import ModelMap
 
     stats = CalibrationStats.load(args.stats)
     model_path = args.model or (Path(stats.meta["graph"]) if stats.meta.get("graph") else None)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pangu_light.calib import corpora
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 
 __all__ = ["add_text_arguments", "graph_tokenizer", "sequences_for"]
 

@@ -21,7 +21,7 @@ from pangu_light.calib.corpora import (
     token_sequences,
     wiki_prose,
 )
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 
 MARKUP = ("{{", "}}", "[[", "]]", "{|", "|}", "<ref", "</", "/>", "<!--", "&nbsp;", "thumb|", "==")
 

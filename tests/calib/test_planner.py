@@ -8,10 +8,10 @@ import pytest
 
 from pangu_light.calib.planner import Targets, count_parameters, make_plan, original_shape
 from pangu_light.calib.stats import CalibrationStats
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.graph_stats import GraphStats
-from pangu_light.passes.model_map import ModelMap
-from pangu_light.passes.plan import PrunePlan, load_plan
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.graph_stats import GraphStats
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.plan import PrunePlan, load_plan
 
 
 def fake_stats(model_map: ModelMap, seed: int = 0) -> CalibrationStats:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pangu_light.calib.stats import CalibrationStats, calibrate, gamma_statistics
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap
 from reference import left_padded_batch
 
 REL = 1e-4

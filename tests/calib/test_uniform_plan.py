@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from pangu_light.calib.planner import Targets, make_plan
-from pangu_light.passes.manager import run_pipeline
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
+from pangu_light.passes.analysis.model_map import ModelMap
 from reference import left_padded_batch, ort_logits, torch_logits
 import sys
 from pathlib import Path

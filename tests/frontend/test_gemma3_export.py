@@ -13,7 +13,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.analysis.model_map import ModelMap
 from reference import float32_bound, max_diff_on_tokens, ort_decode_logits, ort_logits, torch_logits
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]

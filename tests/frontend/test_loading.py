@@ -12,12 +12,12 @@ import pytest
 from pangu_light.frontend import loading
 from pangu_light.frontend.loading import (
     ALIASES,
-    default_cache_dir,
     load_hf_model,
     load_tokenizer,
     resolve_model,
 )
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.cache import default_cache_dir
+from pangu_light.core.errors import PanguLightError
 from families import tiny_model
 
 

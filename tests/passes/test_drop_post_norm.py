@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import pytest
 
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.analysis.model_map import ModelMap
 from reference import (
     compile_graph,
     decode_diff,

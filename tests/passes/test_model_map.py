@@ -14,8 +14,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap
 
 KINDS = pytest.mark.parametrize("kv_cache", [False, True], ids=["no-cache", "decode"])
 

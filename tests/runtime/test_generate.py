@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from pangu_light.runtime.errors import RuntimeUserError
-from pangu_light.passes.pipeline import format_value
+from pangu_light.passes.infra.pipeline import format_value
 from pangu_light.runtime import generate as generate_module
 from pangu_light.runtime.generate import DecodeLayout, Sampling, generate, greedy_generate, left_pad
 from pangu_light.runtime.session import create_session

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from pangu_light.passes.graph_stats import GraphStats
+from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.tools import cli
 from pangu_light.tools.io import load_model
 from reference import compile_graph

@@ -12,8 +12,8 @@ import pytest
 
 from families import tiny_model
 from pangu_light.calib.stats import CalibrationStats
-from pangu_light.passes.graph_stats import GraphStats
-from pangu_light.passes.plan import PLAN_KEY, load_plan
+from pangu_light.passes.analysis.graph_stats import GraphStats
+from pangu_light.passes.infra.plan import PLAN_KEY, load_plan
 from pangu_light.tools.cli import main
 from reference import left_padded_batch, ort_logits, save_char_tokenizer, torch_drop_layers, torch_logits
 

@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from families import tiny_model
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.tools import cli
 from pangu_light.tools.cli import main
 

@@ -23,9 +23,9 @@ from typing import NamedTuple
 
 import onnx_ir as ir
 
-from pangu_light.passes.base import PanguPass
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.model_map import Linear, ModelMap, Norm
+from pangu_light.passes.infra.base import PanguPass
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import Linear, ModelMap, Norm
 
 __all__ = ["DropPostNormPass", "PostNorm", "post_norms", "remove_norm"]
 

@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.pipeline import PassSpec, Pipeline
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.infra.pipeline import PassSpec, Pipeline
 
 if TYPE_CHECKING:
-    from pangu_light.passes.model_map import ModelMap
+    from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = ["LayerPlan", "LayerShape", "PrunePlan", "ClapMerge", "load_plan", "PLAN_FORMAT", "PLAN_KEY"]
 

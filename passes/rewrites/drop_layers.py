@@ -12,7 +12,7 @@ names), so the result looks like a model exported with fewer layers.
 
 Which layers: ``layers=[...]``, or ``plan=true`` for the plan's ``drop_layers`` (the lowest
 Block Influence, eq. 4, ``1 - mean cos(x_l, x_{l+1})``). With a plan made with CLAP (paper
-3.2.1, ``pangu_light.passes.clap``), each removed layer's best KV groups first move into the
+3.2.1, ``pangu_light.passes.rewrites.clap``), each removed layer's best KV groups first move into the
 kept layer it merges into (the plan's ``clap_merges``, ranked by eq. 5)::
 
     layer l: groups {(l, 0), (l, 1)}    layer l+1 (removed): {(l+1, 0), (l+1, 1)}
@@ -30,12 +30,12 @@ import re
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from pangu_light.passes.base import Option, PanguPass
-from pangu_light.passes.clap import merge_attention, resolve_merges
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.graph_utils import NAME_SCOPES_KEY
-from pangu_light.passes.model_map import ModelMap
-from pangu_light.passes.plan import PrunePlan
+from pangu_light.passes.infra.base import Option, PanguPass
+from pangu_light.passes.rewrites.clap import merge_attention, resolve_merges
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.graph_utils import NAME_SCOPES_KEY
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.plan import PrunePlan
 
 __all__ = ["DropLayersPass"]
 

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.graph_utils import constant_array, module_scopes, walk_back
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.graph_utils import constant_array, module_scopes, walk_back
 
 __all__ = [
     "Norm",

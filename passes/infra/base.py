@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.pipeline import format_value
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.infra.pipeline import format_value
 
 __all__ = ["Option", "PanguPass", "REQUIRED", "TAG_KEY"]
 

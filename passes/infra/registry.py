@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
-from pangu_light.passes.base import PanguPass
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.pipeline import PassSpec
+from pangu_light.passes.infra.base import PanguPass
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.infra.pipeline import PassSpec
 
 __all__ = ["PASSES", "Registry", "available_passes", "build_pass", "get_pass"]
 
@@ -19,14 +19,14 @@ __all__ = ["PASSES", "Registry", "available_passes", "build_pass", "get_pass"]
 Registry = Mapping[str, "str | type[PanguPass]"]
 
 PASSES: dict[str, str | type[PanguPass]] = {
-    "drop-layers": "pangu_light.passes.drop_layers:DropLayersPass",
-    "slice-hidden": "pangu_light.passes.slice_hidden:SliceHiddenPass",
-    "prune-heads": "pangu_light.passes.prune_heads:PruneHeadsPass",
-    "prune-kv-groups": "pangu_light.passes.prune_kv_groups:PruneKVGroupsPass",
-    "prune-ffn": "pangu_light.passes.prune_ffn:PruneFFNPass",
-    "slnp": "pangu_light.passes.slnp:SLNPPass",
-    "absorb-post-norm": "pangu_light.passes.absorb_post_norm:AbsorbPostNormPass",
-    "drop-post-norm": "pangu_light.passes.drop_post_norm:DropPostNormPass",
+    "drop-layers": "pangu_light.passes.rewrites.drop_layers:DropLayersPass",
+    "slice-hidden": "pangu_light.passes.rewrites.slice_hidden:SliceHiddenPass",
+    "prune-heads": "pangu_light.passes.rewrites.prune_heads:PruneHeadsPass",
+    "prune-kv-groups": "pangu_light.passes.rewrites.prune_kv_groups:PruneKVGroupsPass",
+    "prune-ffn": "pangu_light.passes.rewrites.prune_ffn:PruneFFNPass",
+    "slnp": "pangu_light.passes.rewrites.slnp:SLNPPass",
+    "absorb-post-norm": "pangu_light.passes.rewrites.absorb_post_norm:AbsorbPostNormPass",
+    "drop-post-norm": "pangu_light.passes.rewrites.drop_post_norm:DropPostNormPass",
 }
 
 

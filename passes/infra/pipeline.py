@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 
 __all__ = ["PassSpec", "Pipeline", "OptionValue", "format_value"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 
-from pangu_light.passes.errors import PanguLightError
+from pangu_light.core.errors import PanguLightError
 
 __all__ = ["verify_model"]
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from pangu_light.passes.base import Option, PanguPass
-from pangu_light.passes.errors import PanguLightError
-from pangu_light.passes.head_surgery import (
+from pangu_light.passes.infra.base import Option, PanguPass
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.surgery.head_surgery import (
     all_head_count_constants,
     check_private,
     clear_intermediate_shapes,
@@ -32,7 +32,7 @@ from pangu_light.passes.head_surgery import (
     take_columns,
     take_rows,
 )
-from pangu_light.passes.model_map import ModelMap
+from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = ["PruneHeadsPass"]
 
