@@ -39,8 +39,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from pangu_light.calib.planner import Targets, make_plan
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 
 ALIAS = "smollm2-135m"
 VARIANTS = {

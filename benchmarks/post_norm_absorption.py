@@ -39,10 +39,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from pangu_light.passes.rewrites.drop_post_norm import post_norms
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import format_value
+from pangu_light.passes.rewrites.drop_post_norm import post_norms
 
 ALIAS = "gemma3-270m"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.passes.analysis.graph_stats import GraphStats
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.tools.eval_cmd import evaluate_graphs
 from pangu_light.tools.io import load_model, save_model_atomic
 

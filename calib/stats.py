@@ -35,8 +35,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from pangu_light.calib.taps import TapLayout, add_statistic_taps
-from pangu_light.core.paths import record_path, resolve_recorded_path
 from pangu_light.core.errors import PanguLightError
+from pangu_light.core.paths import record_path, resolve_recorded_path
 from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = ["AGGREGATIONS", "CalibrationStats", "GAMMA_FIELDS", "StatsAccumulator", "calibrate", "gamma_statistics"]

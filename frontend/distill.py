@@ -44,11 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pangu_light.core.errors import PanguLightError
 from pangu_light.core.paths import record_path
 from pangu_light.frontend.kd_loss import KDLossOptions, fused_kd_loss
 from pangu_light.frontend.reimport import Reimported, reimport, save_student
 from pangu_light.frontend.teacher_cache import TeacherCache, teacher_hidden, teacher_identity
-from pangu_light.core.errors import PanguLightError
 
 __all__ = [
     "DistillConfig", "DistillObjective", "DistillResult", "distill", "lr_factor", "next_token_targets",

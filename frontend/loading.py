@@ -23,12 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from pangu_light.core.errors import PanguLightError
 from pangu_light.core.cache import default_cache_dir
+from pangu_light.core.errors import PanguLightError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -152,7 +153,7 @@ def resolve_model(spec: str, *, cache_dir: Path | None = None) -> Path:
     raise PanguLightError(f"model {spec!r}: no such alias, file or directory: pass {_ACCEPTED}")
 
 
-def load_hf_model(path: Path, dtype: "torch.dtype | str" = "float32"):
+def load_hf_model(path: Path, dtype: torch.dtype | str = "float32"):
     """Load ``path`` as an eval-mode ``AutoModelForCausalLM`` (float32 unless told otherwise)."""
     import torch
     from transformers import AutoModelForCausalLM

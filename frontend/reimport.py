@@ -48,9 +48,9 @@ import onnx_ir as ir
 import torch
 import transformers
 
-from pangu_light.frontend.loading import share_permissions
-from pangu_light.frontend.export import check_supported
 from pangu_light.core.errors import PanguLightError
+from pangu_light.frontend.export import check_supported
+from pangu_light.frontend.loading import share_permissions
 from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = [

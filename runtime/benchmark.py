@@ -39,8 +39,9 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -217,7 +218,7 @@ class Stat:
     samples: list[float]
 
     @classmethod
-    def of(cls, samples: Sequence[float | None]) -> "Stat | None":
+    def of(cls, samples: Sequence[float | None]) -> Stat | None:
         values = [float(s) for s in samples if s is not None]
         if not values:
             return None

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -168,7 +168,7 @@ class DecodeLayout:
     logits_dtype: type = np.float32
 
     @classmethod
-    def from_session(cls, session: ort.InferenceSession) -> "DecodeLayout":
+    def from_session(cls, session: ort.InferenceSession) -> DecodeLayout:
         inputs = {arg.name: arg for arg in session.get_inputs()}
         outputs = {arg.name: arg for arg in session.get_outputs()}
         past = {}

@@ -24,9 +24,10 @@ from __future__ import annotations
 import ctypes.util
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import onnxruntime as ort
 

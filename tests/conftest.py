@@ -27,8 +27,8 @@ def _graph_cache_dir() -> Path:
     import torch
     import transformers
 
-    from pangu_light.frontend import export
     from pangu_light.core.cache import default_cache_dir
+    from pangu_light.frontend import export
 
     digest = hashlib.sha256()
     for source in (Path(export.__file__), Path(__file__).parent / "families.py"):

@@ -34,8 +34,9 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.runtime.benchmark import (

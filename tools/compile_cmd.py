@@ -29,10 +29,10 @@ import sys
 from pathlib import Path
 
 from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.infra import registry
 from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import Pipeline
 from pangu_light.passes.infra.plan import load_plan
-from pangu_light.passes.infra import registry
 from pangu_light.tools.io import load_model, refuse_overwrite_input, save_model_atomic
 
 __all__ = ["HELP", "add_arguments", "run"]

@@ -26,8 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pangu_light.passes.analysis.graph_stats import DEFAULT_CONTEXT, GraphStats, LayerStats
 from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.graph_stats import DEFAULT_CONTEXT, GraphStats, LayerStats
 from pangu_light.tools.io import load_model
 
 __all__ = ["HELP", "add_arguments", "run", "diff_stats", "format_diff", "match_layers"]

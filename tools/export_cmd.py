@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from pangu_light.frontend.loading import DEFAULT_MODEL, resolve_model
 from pangu_light.core.errors import PanguLightError
+from pangu_light.frontend.loading import DEFAULT_MODEL, resolve_model
 from pangu_light.tools.io import refuse_overwrite_input, save_model_atomic
 
 __all__ = ["HELP", "add_arguments", "run", "export_to_file"]

@@ -94,9 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pangu_light.core.paths import record_path
     from pangu_light.calib.planner import make_plan
     from pangu_light.calib.stats import CalibrationStats
+    from pangu_light.core.paths import record_path
     from pangu_light.passes.analysis.model_map import ModelMap
 
     stats = CalibrationStats.load(args.stats)

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from pangu_light.frontend.loading import DEFAULT_MODEL
 from pangu_light.core.errors import PanguLightError
+from pangu_light.frontend.loading import DEFAULT_MODEL
 from pangu_light.tools.plan_cmd import add_target_arguments, describe_plan, targets_from_args
 from pangu_light.tools.text_data import add_text_arguments
 
@@ -50,11 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pangu_light.core.paths import record_path
     from pangu_light.calib.planner import make_plan
+    from pangu_light.core.paths import record_path
     from pangu_light.passes.analysis.graph_stats import GraphStats
-    from pangu_light.passes.infra.manager import run_pipeline
     from pangu_light.passes.analysis.model_map import ModelMap
+    from pangu_light.passes.infra.manager import run_pipeline
     from pangu_light.tools.calibrate_cmd import calibrate_graph, load_model_metadata
     from pangu_light.tools.eval_cmd import evaluate_graphs
     from pangu_light.tools.export_cmd import SOURCE_MODEL_KEY, export_to_file

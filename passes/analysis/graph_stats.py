@@ -49,9 +49,9 @@ from typing import Any
 
 import onnx_ir as ir
 
+from pangu_light.passes.analysis.model_map import Layer, Linear, ModelMap
 from pangu_light.passes.infra.base import TAG_KEY
 from pangu_light.passes.infra.manager import PASS_STATS_KEY, PIPELINE_KEY
-from pangu_light.passes.analysis.model_map import Layer, Linear, ModelMap
 
 __all__ = [
     "DEFAULT_CONTEXT",

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
-from pangu_light.passes.infra.base import PanguPass
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.infra.pipeline import Pipeline, PassSpec, format_value
+from pangu_light.passes.infra.base import PanguPass
+from pangu_light.passes.infra.pipeline import PassSpec, Pipeline, format_value
 from pangu_light.passes.infra.registry import Registry, build_pass
 from pangu_light.passes.infra.verify import verify_model
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 
-from pangu_light.passes.infra.base import PanguPass
 from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.infra.base import PanguPass
 from pangu_light.passes.infra.pipeline import PassSpec
 
 __all__ = ["PASSES", "Registry", "available_passes", "build_pass", "get_pass"]

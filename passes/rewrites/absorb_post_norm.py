@@ -31,7 +31,11 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.graph_utils import module_scopes, replace_initializer
+from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.base import Option, PanguPass
+from pangu_light.passes.infra.plan import PrunePlan
 from pangu_light.passes.rewrites.drop_post_norm import (
     PostNorm,
     check_removable,
@@ -39,10 +43,6 @@ from pangu_light.passes.rewrites.drop_post_norm import (
     post_norms,
     remove_post_norm,
 )
-from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.analysis.graph_utils import module_scopes, replace_initializer
-from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.passes.infra.plan import PrunePlan
 
 __all__ = ["AbsorbPostNormPass"]
 

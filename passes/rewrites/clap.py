@@ -56,9 +56,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.passes.infra.base import PanguPass
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_utils import module_scopes, replace_initializer, walk_back
+from pangu_light.passes.analysis.model_map import Attention, Layer, Linear, ModelMap, Norm
+from pangu_light.passes.infra.base import PanguPass
+from pangu_light.passes.infra.plan import PrunePlan
 from pangu_light.passes.surgery.head_surgery import (
     all_head_count_constants,
     clear_intermediate_shapes,
@@ -66,8 +68,6 @@ from pangu_light.passes.surgery.head_surgery import (
     set_head_count,
     set_kv_heads_in_io,
 )
-from pangu_light.passes.analysis.model_map import Attention, Layer, Linear, ModelMap, Norm
-from pangu_light.passes.infra.plan import PrunePlan
 
 __all__ = ["AttentionContext", "GroupSource", "attention_context", "merge_attention", "resolve_merges"]
 

@@ -30,12 +30,12 @@ import re
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from pangu_light.passes.infra.base import Option, PanguPass
-from pangu_light.passes.rewrites.clap import merge_attention, resolve_merges
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_utils import NAME_SCOPES_KEY
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
+from pangu_light.passes.rewrites.clap import merge_attention, resolve_merges
 
 __all__ = ["DropLayersPass"]
 

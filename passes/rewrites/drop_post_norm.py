@@ -23,9 +23,9 @@ from typing import NamedTuple
 
 import onnx_ir as ir
 
-from pangu_light.passes.infra.base import PanguPass
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import Linear, ModelMap, Norm
+from pangu_light.passes.infra.base import PanguPass
 
 __all__ = ["DropPostNormPass", "PostNorm", "post_norms", "remove_norm"]
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.surgery.head_surgery import (
     check_private,
     clear_intermediate_shapes,
@@ -28,7 +29,6 @@ from pangu_light.passes.surgery.head_surgery import (
     take_columns,
     take_rows,
 )
-from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = ["PruneFFNPass"]
 

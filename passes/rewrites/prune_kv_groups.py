@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.surgery.head_surgery import (
     all_head_count_constants,
@@ -31,7 +32,6 @@ from pangu_light.passes.surgery.head_surgery import (
     take_columns,
     take_rows,
 )
-from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = ["PruneKVGroupsPass"]
 

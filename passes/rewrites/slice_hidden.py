@@ -25,12 +25,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_utils import replace_initializer
-from pangu_light.passes.surgery.head_surgery import clear_intermediate_shapes
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
+from pangu_light.passes.surgery.head_surgery import clear_intermediate_shapes
 
 __all__ = ["SliceHiddenPass", "GAMMA_L2_KEY", "SLNP_APPLIED_KEY"]
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.passes.infra.base import PanguPass
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_utils import replace_initializer
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.base import PanguPass
 from pangu_light.passes.rewrites.slice_hidden import GAMMA_L2_KEY, SLNP_APPLIED_KEY
 
 __all__ = ["SLNPPass"]

@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.passes.infra.base import PanguPass
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_utils import constant_array, replace_initializer
 from pangu_light.passes.analysis.model_map import Attention, HeadCountConstant, Linear, ModelMap
+from pangu_light.passes.infra.base import PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
 
 __all__ = [

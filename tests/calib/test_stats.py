@@ -10,6 +10,7 @@ import torch
 from pangu_light.calib.stats import CalibrationStats, calibrate, gamma_statistics
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
+
 from reference import left_padded_batch
 
 REL = 1e-4

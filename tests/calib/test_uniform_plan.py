@@ -4,6 +4,8 @@ built from that config with the graph's weights computes the graph's logits."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -12,11 +14,10 @@ import torch
 import transformers
 
 from pangu_light.calib.planner import Targets, make_plan
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
+
 from reference import left_padded_batch, ort_logits, torch_logits
-import sys
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_planner import fake_stats  # noqa: E402

@@ -18,13 +18,21 @@ import pytest
 import torch
 import transformers
 
-from families import tiny_model
 from pangu_light.frontend.distill import lr_factor, schedule_windows
 from pangu_light.frontend.kd_loss import KDLossOptions, fused_kd_loss, reference_kd_loss
 from pangu_light.frontend.reimport import STUDENT_FILE, load_student, reimport
 from pangu_light.frontend.teacher_cache import TeacherCache, teacher_hidden
 from pangu_light.tools.cli import main
-from reference import compile_graph, left_padded_batch, max_diff_on_tokens, ort_logits, save_char_tokenizer, torch_logits
+
+from families import tiny_model
+from reference import (
+    compile_graph,
+    left_padded_batch,
+    max_diff_on_tokens,
+    ort_logits,
+    save_char_tokenizer,
+    torch_logits,
+)
 
 UNIFORM = "prune-heads{per_group=1},prune-ffn{keep_first=48},slice-hidden{keep_first=48},slnp"
 # Logits of magnitude ~4 after training: ORT vs PyTorch measured 3.8e-6 (float32 rounding).

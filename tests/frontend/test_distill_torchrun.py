@@ -27,6 +27,7 @@ def setup(tmp_path_factory):
 
     from pangu_light.calib.corpora import load_documents
     from pangu_light.tools.cli import main
+
     from reference import compile_graph, save_char_tokenizer
 
     root = tmp_path_factory.mktemp("torchrun")

@@ -20,9 +20,10 @@ import pytest
 import torch
 import transformers
 
-from pangu_light.frontend.export import ExportOptions, check_supported, export_model
 from pangu_light.core.errors import PanguLightError
+from pangu_light.frontend.export import ExportOptions, check_supported, export_model
 from pangu_light.passes.analysis.model_map import ModelMap
+
 from reference import assert_greedy_agrees, float32_bound
 
 TINY_TOL = 1e-5

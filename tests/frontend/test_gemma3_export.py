@@ -7,13 +7,13 @@ cores, so each graph kind is exported once and kept in the test-graph cache.
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
 
 from pangu_light.passes.analysis.model_map import ModelMap
+
 from reference import float32_bound, max_diff_on_tokens, ort_decode_logits, ort_logits, torch_logits
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]

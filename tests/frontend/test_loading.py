@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pangu_light.core.cache import default_cache_dir
+from pangu_light.core.errors import PanguLightError
 from pangu_light.frontend import loading
 from pangu_light.frontend.loading import (
     ALIASES,
@@ -16,8 +18,7 @@ from pangu_light.frontend.loading import (
     load_tokenizer,
     resolve_model,
 )
-from pangu_light.core.cache import default_cache_dir
-from pangu_light.core.errors import PanguLightError
+
 from families import tiny_model
 
 

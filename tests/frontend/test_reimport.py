@@ -14,9 +14,10 @@ import pytest
 import torch
 import transformers
 
-from pangu_light.frontend.reimport import STUDENT_FILE, build_student, load_student, reimport, save_student
 from pangu_light.core.errors import PanguLightError
+from pangu_light.frontend.reimport import STUDENT_FILE, build_student, load_student, reimport, save_student
 from pangu_light.passes.infra.pipeline import format_value
+
 from reference import (
     compile_graph,
     float32_bound,

@@ -8,12 +8,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.frontend.export import ExportOptions, export_model
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.infra.manager import run_pipeline
+from pangu_light.frontend.export import ExportOptions, export_model
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import format_value
 from pangu_light.passes.infra.plan import PrunePlan
+
 from reference import (
     compile_graph,
     decode_diff,

@@ -12,9 +12,10 @@ import pytest
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.plan import ClapMerge, PrunePlan
+
 from reference import (
     decode_diff,
     graph_bytes,

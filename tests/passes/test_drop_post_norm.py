@@ -6,6 +6,7 @@ import onnx_ir as ir
 import pytest
 
 from pangu_light.passes.analysis.model_map import ModelMap
+
 from reference import (
     compile_graph,
     decode_diff,

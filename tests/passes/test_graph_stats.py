@@ -12,8 +12,8 @@ import torch
 
 from pangu_light.passes.analysis.graph_stats import DEFAULT_CONTEXT, GraphStats
 from pangu_light.passes.analysis.graph_utils import replace_initializer
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 
 
 def torch_linears(hf_model) -> list[torch.nn.Linear]:

@@ -10,13 +10,14 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from pangu_light.passes.infra.base import PanguPass
 from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.infra.base import PanguPass
 from pangu_light.passes.infra.manager import PASS_STATS_KEY, PIPELINE_KEY, run_passes, run_pipeline
 from pangu_light.passes.infra.pipeline import Pipeline
 from pangu_light.passes.infra.verify import verify_model
-from toy_passes import W_VALUES, BreakShapePass, NoOpPass, ScaleWeightPass, build_model
+
 from reference import graph_bytes
+from toy_passes import W_VALUES, BreakShapePass, NoOpPass, ScaleWeightPass, build_model
 
 
 def run_ort(model: ir.Model, x: np.ndarray) -> np.ndarray:

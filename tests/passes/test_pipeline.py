@@ -7,9 +7,9 @@ import json
 import onnx_ir as ir
 import pytest
 
+from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.infra import registry
 from pangu_light.passes.infra.base import Option, PanguPass
-from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.infra.pipeline import PassSpec, Pipeline
 
 CANONICAL = [

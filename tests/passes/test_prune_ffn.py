@@ -9,6 +9,7 @@ import pytest
 
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.pipeline import format_value
+
 from reference import (
     assert_refused,
     assert_unchanged,

@@ -8,9 +8,10 @@ import onnx_ir as ir
 import pytest
 
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import format_value
+
 from reference import (
     assert_refused,
     assert_unchanged,

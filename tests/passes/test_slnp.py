@@ -7,9 +7,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import format_value
+
 from reference import (
     compile_graph,
     decode_diff,

@@ -15,10 +15,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import format_value
 from pangu_light.passes.infra.plan import PrunePlan
+
 from reference import (
     float32_bound,
     left_padded_batch,

@@ -11,12 +11,13 @@ import pytest
 import torch
 import transformers
 
-from pangu_light.runtime.errors import RuntimeUserError
 from pangu_light.passes.infra.pipeline import format_value
 from pangu_light.runtime import generate as generate_module
-from pangu_light.runtime.generate import DecodeLayout, Sampling, generate, greedy_generate, left_pad
+from pangu_light.runtime.errors import RuntimeUserError
+from pangu_light.runtime.generate import DecodeLayout, generate, greedy_generate, left_pad
 from pangu_light.runtime.session import create_session
 from pangu_light.tools import cli
+
 from reference import compile_graph, float32_bound
 from reference_width import torch_prune_kv_groups
 

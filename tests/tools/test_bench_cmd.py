@@ -15,6 +15,7 @@ import pytest
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.tools import cli
 from pangu_light.tools.io import load_model
+
 from reference import compile_graph
 
 README = Path(__file__).resolve().parents[2] / "README.md"

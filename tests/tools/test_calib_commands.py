@@ -10,11 +10,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from families import tiny_model
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.infra.plan import PLAN_KEY, load_plan
 from pangu_light.tools.cli import main
+
+from families import tiny_model
 from reference import left_padded_batch, ort_logits, save_char_tokenizer, torch_drop_layers, torch_logits
 
 

@@ -8,10 +8,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.passes.infra import registry
 from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.infra import registry
 from pangu_light.tools import cli, compile_cmd
 from pangu_light.tools.cli import main
+
 from toy_passes import W_VALUES, BreakShapePass, NoOpPass, ScaleWeightPass, build_model
 
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 import transformers
 
-from families import tiny_model
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.tools import cli
 from pangu_light.tools.cli import main
+
+from families import tiny_model
 
 
 @pytest.fixture(autouse=True)
