@@ -1,4 +1,6 @@
-"""Small graph queries and edits shared by the model map and the passes (onnx-ir objects)."""
+"""Small graph queries and edits shared by the model map and the passes (onnx-ir objects):
+module scopes, constants, walking back through producers, who reads a value, initializer
+contents."""
 
 from __future__ import annotations
 
@@ -8,25 +10,43 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx_ir as ir
 
+from pangu_light.core import contract
+
 __all__ = [
-    "NAME_SCOPES_KEY",
     "module_scopes",
+    "in_scope",
+    "common_prefix",
     "constant_array",
     "walk_back",
+    "outside_readers",
+    "exclusive",
     "replace_initializer",
 ]
 
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-
 
 def module_scopes(node: ir.Node) -> list[str]:
-    """Module paths enclosing ``node``, outermost first (``['', 'model', 'model.layers.0', ...]``)."""
-    raw = node.metadata_props.get(NAME_SCOPES_KEY)
+    """Module paths enclosing ``node``, outermost first (``['model', 'model.layers.0', ...]``)."""
+    raw = node.metadata_props.get(contract.TORCH_NAME_SCOPES)
     if not raw:
         return []
     scopes = ast.literal_eval(raw)
     # The last entry names the FX node itself, not a module.
     return [s for s in scopes[:-1] if s]
+
+
+def in_scope(node: ir.Node, scope: str) -> bool:
+    """Whether ``node`` was exported from inside module ``scope`` (or one of its children)."""
+    return any(s == scope or s.startswith(scope + ".") for s in module_scopes(node))
+
+
+def common_prefix(a: str, b: str) -> str:
+    """The longest common dotted prefix of two module paths (``model.layers.0.mlp``)."""
+    parts = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        parts.append(x)
+    return ".".join(parts)
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
@@ -54,6 +74,19 @@ def walk_back(start: Iterable[ir.Value], stop: set[ir.Value] | None = None) -> I
             stack.extend(v for v in node.inputs if v is not None)
 
 
+def outside_readers(value: ir.Value, region: Iterable[ir.Node]) -> list[ir.Node]:
+    """The nodes outside ``region`` that read ``value`` (each once, in use order)."""
+    inside = set(region)
+    return list(dict.fromkeys(use.node for use in value.uses() if use.node not in inside))
+
+
+def exclusive(value: ir.Value, region: Iterable[ir.Node]) -> bool:
+    """Whether only nodes of ``region`` read ``value``: no other node, and it is neither a
+    graph input nor a graph output. A pass that edits ``value`` for one region checks this
+    first, so the edit cannot change what anything else computes."""
+    return not outside_readers(value, region) and not value.is_graph_input() and not value.is_graph_output()
+
+
 def replace_initializer(value: ir.Value, array: np.ndarray) -> None:
     """Give initializer ``value`` new contents (and shape), keeping its name and dtype."""
     dtype = value.const_value.dtype if value.const_value is not None else None
@@ -64,4 +97,3 @@ def replace_initializer(value: ir.Value, array: np.ndarray) -> None:
     value.shape = ir.Shape(array.shape)
     if dtype is not None:
         value.dtype = dtype
-
