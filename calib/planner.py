@@ -7,15 +7,16 @@ Choices, each by the statistics of ``calib.stats`` (higher = more important):
 - query heads: inside every kept group, the top ``heads_per_group`` heads by S_head (eq. 2),
   so every group of a layer keeps the same number and GQA stays regular;
 - FFN neurons: per layer the top ``ffn`` neurons by S_ffn (eq. 3). When a budget sets the
-  width and ``uniform`` is off, the same total is spread over the layers by one ranking of the neurons' scores divided by their
-  layer's mean score (raw scores grow with depth, which would starve the first layers);
+  width and ``uniform`` is off, the same total is spread over the layers by one ranking of
+  the neurons' scores divided by their layer's mean score (raw scores grow with depth,
+  which would starve the first layers);
 - layers: the ``drop_layers`` layers with the lowest Block Influence (eq. 4), or named ones;
 - CLAP (3.2.1): each removed layer merges into the nearest kept layer before it (a removed
   first layer: the next kept one); the KV groups of the kept layer and of all layers merging
   into it are ranked together by the mean S_head of their surviving heads (eq. 5) and the top
   K are kept, K = the kept layer's own count (``clap_groups``: or all of them, or N). Only
   layers of the receiver's attention type (same rotary, mask: not Gemma's sliding vs global)
-  and heads per group contribute. Variants (DESIGN.md): ``clap_margin`` ranks the receiver's
+  and heads per group contribute. Variants: ``clap_margin`` ranks the receiver's
   own groups ``margin`` times higher, ``clap_adjacent`` merges only the removed layer next
   to its receiver;
 - SLNP (eq. 6) scales ||gamma_orig|| / ||gamma_kept|| are written for every hidden norm;
@@ -38,10 +39,12 @@ import numpy as np
 
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.attention_context import attention_context
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.analysis.parameters import Shape, count_parameters, shape_of
 from pangu_light.passes.infra.plan import ClapMerge, PrunePlan
 
-__all__ = ["Targets", "make_plan", "count_parameters", "Shape"]
+__all__ = ["Targets", "make_plan"]
 
 BUDGET_TOLERANCE = 0.01
 # transformers (5.x) refuses these configs unless hidden_size % num_attention_heads == 0, even
@@ -73,57 +76,6 @@ class Targets:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-@dataclasses.dataclass
-class Shape:
-    """The kept sizes: hidden, and per layer (original numbering) heads per group, groups, FFN."""
-
-    hidden: int
-    heads_per_group: list[int]
-    kv_groups: list[int]
-    ffn: list[int]
-    dropped: set[int]
-
-
-# ------------------------------------------------------------------------------ counting
-
-
-def count_parameters(model_map: ModelMap, shape: Shape) -> int:
-    """Parameters of the model ``shape`` makes of ``model_map`` (same count as GraphStats)."""
-    h = shape.hidden
-    total = model_map.vocab_size * h + h  # embedding + final norm
-    if not model_map.tied_embeddings:
-        total += model_map.vocab_size * h + (model_map.vocab_size if model_map.lm_head.bias is not None else 0)
-    for layer in model_map.layers:
-        if layer.index in shape.dropped:
-            continue
-        a, f = layer.attention, layer.ffn
-        groups = shape.kv_groups[layer.index]
-        heads = groups * shape.heads_per_group[layer.index]
-        width = shape.ffn[layer.index]
-        total += h * len(layer.norms)
-        total += sum(n.gamma.const_value.size for n in (a.q_norm, a.k_norm) if n is not None)
-        q, kv = heads * a.head_dim, groups * a.head_dim
-        total += h * q + (q if a.q.bias is not None else 0)
-        total += 2 * (h * kv) + (kv if a.k.bias is not None else 0) + (kv if a.v.bias is not None else 0)
-        total += q * h + (h if a.o.bias is not None else 0)
-        if f.fused_gate_up:
-            total += 2 * width * h + (2 * width if f.gate.bias is not None else 0)
-        else:
-            total += 2 * width * h + (width if f.gate.bias is not None else 0) + (width if f.up.bias is not None else 0)
-        total += width * h + (h if f.down.bias is not None else 0)
-    return int(total)
-
-
-def original_shape(model_map: ModelMap) -> Shape:
-    return Shape(
-        hidden=model_map.hidden_size,
-        heads_per_group=[l.attention.num_heads // l.attention.num_kv_heads for l in model_map.layers],
-        kv_groups=[l.attention.num_kv_heads for l in model_map.layers],
-        ffn=[l.ffn.intermediate_size for l in model_map.layers],
-        dropped=set(),
-    )
-
-
 # ------------------------------------------------------------------------------ the plan
 
 
@@ -153,7 +105,8 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) ->
     plan.clap = targets.clap
     if targets.clap and dropped:
         plan.clap_merges = clap_merges(
-            model_map, stats, plan, groups=targets.clap_groups, margin=targets.clap_margin, adjacent=targets.clap_adjacent
+            model_map, stats, plan,
+            groups=targets.clap_groups, margin=targets.clap_margin, adjacent=targets.clap_adjacent,
         )
         for merge in plan.clap_merges:  # the merged layer's size, for the estimate
             shape.kv_groups[merge.into] = len(merge.groups)
@@ -163,7 +116,7 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) ->
     plan.post_norm_s_inv = dict(stats.s_inv)
     if targets.absorb_post_norms and not stats.s_inv:
         raise PanguLightError("--absorb-post-norms: this model has no post-norms (it is not a sandwich-norm model)")
-    before = count_parameters(model_map, original_shape(model_map))
+    before = count_parameters(model_map, shape_of(model_map))
     after = count_parameters(model_map, shape)
     plan.targets = targets.to_json()
     plan.source = {"stats": dict(stats.meta), "calibration_tokens": stats.tokens}
@@ -201,8 +154,6 @@ def clap_merges(
     groups rank with their score times ``margin`` (1.5: a moved group must score 1.5x
     higher). ``adjacent``: only a removed layer next to its receiver contributes. One
     ClapMerge per contributing removed layer; the others are removed plainly."""
-    from pangu_light.passes.rewrites.clap import attention_context
-
     if not (groups in ("keep", "sum") or (isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1)):
         raise PanguLightError(
             f"CLAP groups={groups!r}: give \"keep\" (the receiver's own count), \"sum\" (every candidate group) "
@@ -315,9 +266,11 @@ def _align(width: float, align: int, most: int) -> int:
 
 
 def _resolve_shape(model_map: ModelMap, targets: Targets, dropped: set[int]) -> Shape:
-    full = original_shape(model_map)
+    full = shape_of(model_map)
     if targets.hidden is not None and not 1 <= targets.hidden <= full.hidden:
-        raise PanguLightError(f"hidden={targets.hidden}: the model has {full.hidden} channels; keep between 1 and {full.hidden}")
+        raise PanguLightError(
+            f"hidden={targets.hidden}: the model has {full.hidden} channels; keep between 1 and {full.hidden}"
+        )
     fixed_heads = _per_layer(targets.heads_per_group, full.heads_per_group, "heads per group", full.heads_per_group)
     fixed_groups = _per_layer(targets.kv_groups, full.kv_groups, "KV groups", full.kv_groups)
     fixed_ffn = _per_layer(targets.ffn, full.ffn, "FFN width", full.ffn)

@@ -4,7 +4,8 @@ Everything is derived from the model map (``ModelMap.from_model``), so it stays 
 pruning, when layers differ in heads and FFN width.
 
 Parameters (``total_parameters``) are the elements of the initializers the map names as
-weights, each distinct initializer counted once:
+weights, each distinct initializer counted once (each layer's by ``parameters.layer_parameters``,
+the formula the planner uses too):
 
 - the embedding table ``[vocab, hidden]``;
 - every RMSNorm gamma (pre/post attention, pre/post FFN, q/k norms, the final norm);
@@ -49,9 +50,10 @@ from typing import Any
 
 import onnx_ir as ir
 
+from pangu_light.core import contract
+from pangu_light.core.records import pass_records
 from pangu_light.passes.analysis.model_map import Layer, Linear, ModelMap
-from pangu_light.passes.infra.base import TAG_KEY
-from pangu_light.passes.infra.manager import PASS_STATS_KEY, PIPELINE_KEY
+from pangu_light.passes.analysis.parameters import layer_parameters
 
 __all__ = [
     "DEFAULT_CONTEXT",
@@ -161,7 +163,7 @@ class GraphStats:
             return total
 
         embedding = elements(model_map.embedding)
-        layers = [_layer_stats(layer, context, elements) for layer in model_map.layers]
+        layers = [_layer_stats(layer, context) for layer in model_map.layers]
         final_norm = elements(model_map.final_norm.gamma)
         lm_head = elements(model_map.lm_head.weight, model_map.lm_head.bias)
 
@@ -208,8 +210,8 @@ class GraphStats:
             op_counts=op_counts,
             tagged_nodes=tagged_nodes,
             tagged_initializers=tagged_initializers,
-            pipeline=meta.get(PIPELINE_KEY),
-            pass_stats=_pass_stats(meta.get(PASS_STATS_KEY)),
+            pipeline=meta.get(contract.PIPELINE),
+            pass_stats=pass_records(meta),
         )
 
     # ----------------------------------------------------------------- totals
@@ -241,7 +243,9 @@ class GraphStats:
     def flops_per_token(self) -> int:
         return self.projection_flops + self.lm_head_flops + self.attention_flops
 
-    def bytes_per_token_decode(self, context: int | None = None, kv_bytes_per_element: int | None = None) -> DecodeBytes:
+    def bytes_per_token_decode(
+        self, context: int | None = None, kv_bytes_per_element: int | None = None
+    ) -> DecodeBytes:
         """Bytes one decode step reads at cache length ``context`` (default: this stats' context).
 
         ``kv_bytes_per_element`` defaults to the dtype of the graph's KV-cache inputs (decode
@@ -341,12 +345,13 @@ def _layer_norm_gammas(layer: Layer) -> list[ir.Value]:
     return [n.gamma for n in norms]
 
 
-def _layer_stats(layer: Layer, context: int, elements) -> LayerStats:
+def _layer_stats(layer: Layer, context: int) -> LayerStats:
     attn = layer.attention
     linears = _layer_linears(layer)
-    parameters = elements(*_layer_norm_gammas(layer))
-    for lin in linears:
-        parameters += elements(lin.weight, lin.bias)
+    hidden, kv_groups = attn.q.in_features, attn.num_kv_heads
+    parameters = layer_parameters(
+        layer, hidden, kv_groups, attn.num_heads // kv_groups, layer.ffn.intermediate_size
+    )
     return LayerStats(
         index=layer.index,
         module=layer.module,
@@ -389,15 +394,5 @@ def _nbytes(value: ir.Value) -> int:
 
 
 def _tags(obj: ir.Node | ir.Value) -> list[str]:
-    raw = obj.metadata_props.get(TAG_KEY)
+    raw = obj.metadata_props.get(contract.PASS_TAG)
     return [name for name in raw.split(",") if name] if raw else []
-
-
-def _pass_stats(raw: str | None) -> list[dict[str, Any]]:
-    if not raw:
-        return []
-    try:
-        records = json.loads(raw)
-    except json.JSONDecodeError:
-        return []
-    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []

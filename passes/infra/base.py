@@ -8,7 +8,7 @@ A pass is an onnx-ir in-place pass (``call(model) -> PassResult(model, modified)
   option). ``kind`` is ``bool``, ``int``, ``float``, ``str``, ``list``, ``list[int]``, ... or a
   validator ``f(value) -> value`` that raises ValueError/TypeError. Unknown options and
   wrong types are errors that list the valid options;
-- ``tag(node_or_value)``: records the pass in ``metadata_props["pangu_light.pass"]``;
+- ``tag(node_or_value)``: records the pass in ``metadata_props[contract.PASS_TAG]``;
 - ``count(key, n)``: per-run counters, readable as ``pass_.stats`` after the run.
 """
 
@@ -21,12 +21,11 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.infra.pipeline import format_value
 
-__all__ = ["Option", "PanguPass", "REQUIRED", "TAG_KEY"]
-
-TAG_KEY = "pangu_light.pass"
+__all__ = ["Option", "PanguPass", "REQUIRED"]
 
 
 class _Required:
@@ -124,13 +123,13 @@ class PanguPass(ir.passes.InPlacePass):
         self.stats[key] = self.stats.get(key, 0) + n
 
     def tag(self, obj: ir.Node | ir.Value) -> None:
-        """Record this pass in ``obj.metadata_props["pangu_light.pass"]`` (comma-separated)."""
+        """Record this pass in ``obj.metadata_props[contract.PASS_TAG]`` (comma-separated)."""
         props = obj.metadata_props
-        previous = props.get(TAG_KEY)
+        previous = props.get(contract.PASS_TAG)
         if not previous:
-            props[TAG_KEY] = self.name
+            props[contract.PASS_TAG] = self.name
         elif self.name not in previous.split(","):
-            props[TAG_KEY] = f"{previous},{self.name}"
+            props[contract.PASS_TAG] = f"{previous},{self.name}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options!r})"

@@ -6,10 +6,10 @@ touched), runs them in order through onnx-ir's ``PassBase.__call__`` (``requires
 ``after_change(index, name, model)`` after each such pass (tools/ writes the dumps), and
 records provenance in ``model.metadata_props``:
 
-- ``pangu_light.pipeline``: the canonical pipeline text, appended after ``,`` to the pipeline
+- ``contract.PIPELINE``: the canonical pipeline text, appended after ``,`` to the pipeline
   of an earlier compile;
-- ``pangu_light.pass_stats``: a JSON list of ``{"pass", "modified", "stats"}``, appended to
-  the list of an earlier compile.
+- ``contract.PASS_STATS``: a JSON list of ``{"pass", "modified", "stats"}``, appended to
+  the list of an earlier compile (read back with ``core.records.pass_records``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
+from pangu_light.core.records import pass_records
 from pangu_light.passes.infra.base import PanguPass
 from pangu_light.passes.infra.pipeline import PassSpec, Pipeline, format_value
 from pangu_light.passes.infra.registry import Registry, build_pass
@@ -37,8 +39,10 @@ __all__ = [
     "run_pipeline",
 ]
 
-PIPELINE_KEY = "pangu_light.pipeline"
-PASS_STATS_KEY = "pangu_light.pass_stats"
+# The keys live in core.contract; these two names remain only until tests/reference.py and
+# tests/tools/test_diff_cmd.py import them from there (the lead moves those callers).
+PIPELINE_KEY = contract.PIPELINE
+PASS_STATS_KEY = contract.PASS_STATS
 
 AfterChange = Callable[[int, str, ir.Model], None]
 
@@ -179,15 +183,7 @@ def _user_options(pass_: PanguPass) -> dict:
 def _record_provenance(model: ir.Model, report: PipelineReport) -> None:
     props = model.metadata_props
     text = str(report.pipeline)
-    previous = props.get(PIPELINE_KEY)
-    props[PIPELINE_KEY] = f"{previous},{text}" if previous else text
-    entries = report.to_json()
-    previous_stats = props.get(PASS_STATS_KEY)
-    if previous_stats:
-        try:
-            earlier = json.loads(previous_stats)
-        except json.JSONDecodeError:
-            earlier = None
-        if isinstance(earlier, list):
-            entries = earlier + entries
-    props[PASS_STATS_KEY] = json.dumps(entries, separators=(",", ":"))
+    previous = props.get(contract.PIPELINE)
+    props[contract.PIPELINE] = f"{previous},{text}" if previous else text
+    entries = pass_records(props) + report.to_json()
+    props[contract.PASS_STATS] = json.dumps(entries, separators=(",", ":"))

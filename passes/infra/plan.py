@@ -2,7 +2,7 @@
 
 The planner (``pangu_light.calib.planner``) turns calibration statistics and targets into a
 ``PrunePlan``. ``compile --plan plan.json`` records the plan in the graph's metadata
-(``pangu_light.plan``) and runs ``plan.pipeline()``, whose passes take the option
+(``core.contract.PLAN``) and runs ``plan.pipeline()``, whose passes take the option
 ``plan=true``: they read the plan from the graph they rewrite, so a pass stays a pure
 function of its input graph, and the output graph carries the plan that made it. The JSON
 form is meant to be read by people::
@@ -34,24 +34,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
+from pangu_light.core.files import write_text
 from pangu_light.passes.infra.pipeline import PassSpec, Pipeline
+from pangu_light.passes.infra.readable_json import readable_json
 
 if TYPE_CHECKING:
     from pangu_light.passes.analysis.model_map import ModelMap
 
-__all__ = ["LayerPlan", "LayerShape", "PrunePlan", "ClapMerge", "load_plan", "PLAN_FORMAT", "PLAN_KEY"]
+__all__ = ["LayerPlan", "LayerShape", "PrunePlan", "ClapMerge", "load_plan", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "pangu-light-plan"
 PLAN_VERSION = 1
-PLAN_KEY = "pangu_light.plan"  # metadata key under which `compile --plan` records the plan
 
 
 @dataclasses.dataclass
@@ -184,14 +185,11 @@ class PrunePlan:
         return plan
 
     def dumps(self) -> str:
-        return _compact_json(self.to_json())
+        return readable_json(self.to_json())
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the plan atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.dumps() + "\n")
-        os.replace(tmp, path)
+        """Write the plan atomically (``core.files``: never half a file)."""
+        write_text(path, self.dumps() + "\n")
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -204,7 +202,9 @@ class PrunePlan:
                 raise PanguLightError(f"{where}: {what} keeps nothing; keep at least one")
             bad = [i for i in keep if not 0 <= i < size]
             if bad:
-                raise PanguLightError(f"{where}: {what} names index {bad[0]}, but there are only {size} (0..{size - 1})")
+                raise PanguLightError(
+                    f"{where}: {what} names index {bad[0]}, but there are only {size} (0..{size - 1})"
+                )
             if len(set(keep)) != len(keep):
                 raise PanguLightError(f"{where}: {what} names an index twice")
 
@@ -216,7 +216,9 @@ class PrunePlan:
             if layer.index != i:
                 raise PanguLightError(f"{where}: layer entry {i} has index {layer.index}")
             if shape.num_kv_heads <= 0 or shape.num_heads % shape.num_kv_heads:
-                raise PanguLightError(f"{where}: layer {i} has {shape.num_heads} heads in {shape.num_kv_heads} KV groups")
+                raise PanguLightError(
+                    f"{where}: layer {i} has {shape.num_heads} heads in {shape.num_kv_heads} KV groups"
+                )
             check_keep(layer.kv_groups, shape.num_kv_heads, f"layer {i} kv_groups")
             check_keep(layer.heads, shape.num_heads, f"layer {i} heads")
             check_keep(layer.ffn, shape.intermediate_size, f"layer {i} ffn")
@@ -232,7 +234,9 @@ class PrunePlan:
                 raise PanguLightError(f"{where}: layer {i} keeps head {stray[0]} of a removed KV group")
         bad = [i for i in self.drop_layers if not 0 <= i < n_layers]
         if bad:
-            raise PanguLightError(f"{where}: drop_layers names layer {bad[0]}; the model has {n_layers} (0..{n_layers - 1})")
+            raise PanguLightError(
+                f"{where}: drop_layers names layer {bad[0]}; the model has {n_layers} (0..{n_layers - 1})"
+            )
         if len(set(self.drop_layers)) == n_layers:
             raise PanguLightError(f"{where}: drop_layers removes all {n_layers} layers; keep at least one")
 
@@ -299,12 +303,16 @@ class PrunePlan:
             elif attention.num_kv_heads == len(groups):
                 current_groups = groups  # current group position i holds original group groups[i]
             else:
-                raise self._mismatch(pass_name, layer.index, "KV group count", attention.num_kv_heads, shape.num_kv_heads, len(groups))
+                raise self._mismatch(
+                    pass_name, layer.index, "KV group count", attention.num_kv_heads, shape.num_kv_heads, len(groups)
+                )
             if current_rep == kept_per_group:
                 result.append(list(range(attention.num_heads)))
                 continue
             if current_rep != shape.heads_per_group:
-                raise self._mismatch(pass_name, layer.index, "query heads per group", current_rep, shape.heads_per_group, kept_per_group)
+                raise self._mismatch(
+                    pass_name, layer.index, "query heads per group", current_rep, shape.heads_per_group, kept_per_group
+                )
             keep = []
             for position, group in enumerate(current_groups):
                 members = sorted(h % shape.heads_per_group for h in plan.heads if h // shape.heads_per_group == group)
@@ -325,12 +333,12 @@ class PrunePlan:
 
     def attach(self, model: ir.Model) -> None:
         """Record the plan in ``model``'s metadata, where ``plan=true`` passes read it."""
-        model.metadata_props[PLAN_KEY] = json.dumps(self.to_json(), separators=(",", ":"))
+        model.metadata_props[contract.PLAN] = json.dumps(self.to_json(), separators=(",", ":"))
 
     @classmethod
     def from_model(cls, model: ir.Model, pass_name: str) -> PrunePlan:
         """The plan recorded in ``model`` (by ``attach``); a clear error when there is none."""
-        text = model.metadata_props.get(PLAN_KEY)
+        text = model.metadata_props.get(contract.PLAN)
         if not text:
             raise PanguLightError(
                 f"pass {pass_name}: plan=true but the graph carries no plan; run it through "
@@ -384,23 +392,7 @@ def load_plan(path: str | os.PathLike) -> PrunePlan:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise PanguLightError(f"the plan {path} is not valid JSON ({error}); write it with `pangu-light plan`") from None
+        raise PanguLightError(
+            f"the plan {path} is not valid JSON ({error}); write it with `pangu-light plan`"
+        ) from None
     return PrunePlan.from_json(data, where=f"the plan {path}")
-
-
-def _compact_json(data: Any, indent: int = 0) -> str:
-    """JSON with one line per list of numbers: long index lists stay readable and diffable."""
-    pad = "  " * indent
-    if isinstance(data, dict):
-        if not data:
-            return "{}"
-        items = [f'{pad}  {json.dumps(k)}: {_compact_json(v, indent + 1)}' for k, v in data.items()]
-        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
-    if isinstance(data, list) and any(isinstance(v, (dict, list)) for v in data) and not all(
-        isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v) and len(v) <= 4 for v in data
-    ):
-        items = [f"{pad}  {_compact_json(v, indent + 1)}" for v in data]
-        return "[\n" + ",\n".join(items) + f"\n{pad}]"
-    if isinstance(data, float) and not math.isfinite(data):
-        raise PanguLightError(f"plan value {data} is not a finite number")
-    return json.dumps(data)

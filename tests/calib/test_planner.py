@@ -6,11 +6,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.calib.planner import Targets, count_parameters, make_plan, original_shape
+from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.analysis.parameters import Shape, count_parameters
+from pangu_light.passes.analysis.parameters import shape_of as original_shape
 from pangu_light.passes.infra.plan import PrunePlan, load_plan
 
 
@@ -158,8 +160,6 @@ def test_same_statistics_same_plan(llama_map):
 
 
 def _shape_of(plan: PrunePlan):
-    from pangu_light.calib.planner import Shape
-
     return Shape(
         hidden=len(plan.hidden),
         heads_per_group=[len(l.heads) // len(l.kv_groups) for l in plan.layers],
