@@ -32,11 +32,11 @@ import numpy as np
 import onnx_ir as ir
 
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.analysis.graph_utils import module_scopes, replace_initializer
+from pangu_light.passes.analysis.graph_utils import exclusive, module_scopes, outside_readers, replace_initializer
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
-from pangu_light.passes.rewrites.drop_post_norm import (
+from pangu_light.passes.surgery.post_norm import (
     PostNorm,
     check_removable,
     ensure_no_post_norms,
@@ -54,7 +54,8 @@ class AbsorbPostNormPass(PanguPass):
     options_schema = {
         "s_inv": Option(
             list[float], default=None,
-            doc="mean inverse RMS of each post-norm's input, in model-map order (layer by layer, post_attn then post_ffn)",
+            doc="mean inverse RMS of each post-norm's input, in model-map order "
+            "(layer by layer, post_attn then post_ffn)",
         ),
         "plan": Option(bool, default=False, doc="read s_inv from the plan recorded in the graph"),
     }
@@ -75,7 +76,7 @@ class AbsorbPostNormPass(PanguPass):
         # Check every fold first, so that a refusal leaves the graph untouched.
         for post, s_inv in zip(posts, scales):
             check_removable(post, self.name)
-            self._check_private(post)
+            self._check_exclusive(post)
             if not (math.isfinite(s_inv) and s_inv > 0):
                 raise PanguLightError(
                     f"pass {self.name}: {post.where}: s_inv={s_inv} must be a positive finite number "
@@ -125,7 +126,8 @@ class AbsorbPostNormPass(PanguPass):
             raise PanguLightError(
                 f"pass {self.name}: the plan has no s_inv for {missing[0]}"
                 f"{f' (and {len(missing) - 1} more post-norms)' if len(missing) > 1 else ''}; "
-                "make the plan from calibration statistics of this model (`pangu-light calibrate`, then `pangu-light plan`)"
+                "make the plan from calibration statistics of this model "
+                "(`pangu-light calibrate`, then `pangu-light plan`)"
             )
         extra = sorted(set(table) - set(names))
         if extra:
@@ -137,32 +139,28 @@ class AbsorbPostNormPass(PanguPass):
 
     # -- safety ----------------------------------------------------------------------------
 
-    def _check_private(self, post: PostNorm) -> None:
+    def _check_exclusive(self, post: PostNorm) -> None:
         """Refuse to fold into a weight, bias or projection output that others also read."""
         source = post.source
         where = f"pass {self.name}: {post.where}: cannot fold gamma_abs into {source.module or 'its projection'}"
-        own = [source.transpose]
-        weight_readers = [u.node for u in source.weight.uses() if u.node not in own]
-        transposed_readers = [u.node for u in source.transpose.outputs[0].uses() if u.node is not source.matmul]
-        for value, readers in ((source.weight, weight_readers), (source.transpose.outputs[0], transposed_readers)):
-            if readers or value.is_graph_input() or value.is_graph_output():
-                others = ", ".join(_describe(n) for n in readers) or "the graph's inputs/outputs"
+        for value, region in ((source.weight, [source.transpose]), (source.transpose.outputs[0], [source.matmul])):
+            if not exclusive(value, region):
+                others = ", ".join(_describe(n) for n in outside_readers(value, region)) or "the graph's inputs/outputs"
                 raise PanguLightError(
                     f"{where}: the weight {source.weight.name} is also read by {others}; scaling it would "
                     "change them too. Give this projection its own copy of the weight, or use drop-post-norm"
                 )
-        if source.bias is not None:
-            bias_readers = [u.node for u in source.bias.uses() if u.node is not source.bias_add]
-            if bias_readers or source.bias.is_graph_input():
-                raise PanguLightError(
-                    f"{where}: the bias {source.bias.name} is also read by "
-                    f"{', '.join(_describe(n) for n in bias_readers) or 'a graph input'}; give it its own copy"
-                )
-        out_readers = [u.node for u in source.output.uses() if u.node not in post.norm.nodes]
-        if out_readers or source.output.is_graph_output():
+        if source.bias is not None and not exclusive(source.bias, [source.bias_add]):
+            readers = outside_readers(source.bias, [source.bias_add])
+            raise PanguLightError(
+                f"{where}: the bias {source.bias.name} is also read by "
+                f"{', '.join(_describe(n) for n in readers) or 'a graph input'}; give it its own copy"
+            )
+        if not exclusive(source.output, post.norm.nodes):
+            readers = outside_readers(source.output, post.norm.nodes)
             raise PanguLightError(
                 f"{where}: its output {source.output.name} is also read by "
-                f"{', '.join(_describe(n) for n in out_readers) or 'a graph output'}, which would see the scaled values"
+                f"{', '.join(_describe(n) for n in readers) or 'a graph output'}, which would see the scaled values"
             )
 
 

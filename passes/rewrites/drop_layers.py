@@ -8,11 +8,13 @@ Every consumer of the removed layer's output reads its input instead; the layer'
 weights then have no consumers and are deleted. In decode graphs the layer's
 ``past_key_values.{l}.*`` inputs and ``present.{l}.*`` outputs go too. The layers after a
 removed one are renumbered (weights ``model.layers.{i}.*``, name scopes, KV-cache I/O
-names), so the result looks like a model exported with fewer layers.
+names), so the result looks like a model exported with fewer layers; the original index of
+each kept layer is recorded in the metadata (``contract.LAYER_ORIGINS``, composed over
+repeated runs; absent means layer i is the original layer i).
 
 Which layers: ``layers=[...]``, or ``plan=true`` for the plan's ``drop_layers`` (the lowest
 Block Influence, eq. 4, ``1 - mean cos(x_l, x_{l+1})``). With a plan made with CLAP (paper
-3.2.1, ``pangu_light.passes.rewrites.clap``), each removed layer's best KV groups first move into the
+3.2.1, ``passes.surgery.clap_merge``), each removed layer's best KV groups first move into the
 kept layer it merges into (the plan's ``clap_merges``, ranked by eq. 5)::
 
     layer l: groups {(l, 0), (l, 1)}    layer l+1 (removed): {(l+1, 0), (l+1, 1)}
@@ -25,21 +27,23 @@ the plan says; ``clap=true`` merges even if the plan was not made for it (it nee
 from __future__ import annotations
 
 import ast
+import json
 import re
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.analysis.graph_utils import NAME_SCOPES_KEY
+from pangu_light.core.records import layer_origins
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
-from pangu_light.passes.rewrites.clap import merge_attention, resolve_merges
+from pangu_light.passes.surgery.clap_merge import merge_attention
+from pangu_light.passes.surgery.clap_plan import resolve_merges
 
 __all__ = ["DropLayersPass"]
 
-_KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 
 
 class DropLayersPass(PanguPass):
@@ -91,6 +95,7 @@ class DropLayersPass(PanguPass):
                     )
                 graph.inputs.remove(value)
         self._renumber(model, model_map, drop)
+        _record_origins(model, len(model_map.layers), drop)
         self.stats["removed"] = sorted(drop)
         return ir.passes.PassResult(model, modified=True)
 
@@ -173,18 +178,28 @@ class DropLayersPass(PanguPass):
                     self.count("initializers_renamed")
         pattern = re.compile(r"^(" + "|".join(re.escape(m) for m in renames) + r")(?=\.|$)")
         for node in graph:
-            raw = node.metadata_props.get(NAME_SCOPES_KEY)
+            raw = node.metadata_props.get(contract.TORCH_NAME_SCOPES)
             if not raw:
                 continue
             scopes = ast.literal_eval(raw)
             if any(pattern.match(s) for s in scopes):
                 renamed = [pattern.sub(lambda m: renames[m.group(1)], s) for s in scopes]
-                node.metadata_props[NAME_SCOPES_KEY] = repr(renamed)
-        for value in [*graph.inputs, *graph.outputs]:
-            match = _KV_NAME.match(value.name or "")
-            if match and int(match.group(2)) in new_index and new_index[int(match.group(2))] != int(match.group(2)):
-                value.name = f"{match.group(1)}.{new_index[int(match.group(2))]}.{match.group(3)}"
-                self.tag(value)
+                node.metadata_props[contract.TORCH_NAME_SCOPES] = repr(renamed)
+        for old, new in new_index.items():
+            attention = model_map.layer(old).attention
+            names = (contract.past_key, contract.past_value, contract.present_key, contract.present_value)
+            values = (attention.past_key, attention.past_value, attention.present_key, attention.present_value)
+            for name, value in zip(names, values):
+                if value is not None and old != new:
+                    value.name = name(new)
+                    self.tag(value)
+
+
+def _record_origins(model: ir.Model, count: int, drop: set[int]) -> None:
+    """Record the original index of each kept layer, composed with an earlier record."""
+    origins = layer_origins(model.metadata_props) or list(range(count))
+    kept = [origin for index, origin in enumerate(origins) if index not in drop]
+    model.metadata_props[contract.LAYER_ORIGINS] = json.dumps(kept)
 
 
 def _with_index(module: str, index: int) -> str:

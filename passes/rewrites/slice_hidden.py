@@ -15,7 +15,7 @@ as ORT rejects graphs whose recorded shapes contradict the new weights.
 
 For SLNP (paper eq. 6, the ``slnp`` pass), every gamma it slices records ||gamma_eff||_2 of
 the effective gamma before slicing (``1 + w`` for Gemma's norms), in float64, in the
-value's ``metadata_props["pangu_light.gamma_l2_before_slice"]``: once, so a second slice
+value's ``metadata_props[contract.GAMMA_L2_BEFORE_SLICE]``: once, so a second slice
 keeps the original norm; slicing again also clears slnp's "applied" mark, so slnp then
 rescales to the original norm again.
 """
@@ -25,17 +25,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.analysis.graph_utils import replace_initializer
+from pangu_light.passes.analysis.graph_utils import exclusive, outside_readers, replace_initializer
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
 from pangu_light.passes.surgery.head_surgery import clear_intermediate_shapes
 
-__all__ = ["SliceHiddenPass", "GAMMA_L2_KEY", "SLNP_APPLIED_KEY"]
-
-GAMMA_L2_KEY = "pangu_light.gamma_l2_before_slice"  # ||gamma_eff||_2 before any slicing
-SLNP_APPLIED_KEY = "pangu_light.slnp_applied"  # set by slnp, cleared here when sliced again
+__all__ = ["SliceHiddenPass"]
 
 
 class SliceHiddenPass(PanguPass):
@@ -52,6 +50,7 @@ class SliceHiddenPass(PanguPass):
         if len(keep) == model_map.hidden_size:
             return ir.passes.PassResult(model, modified=False)
         sliced: set[ir.Value] = set()
+        region = _hidden_readers(model_map)
 
         def take(value: ir.Value | None, axis: int) -> None:
             if value is None or value in sliced:  # a tied lm_head is the embedding: slice once
@@ -62,7 +61,7 @@ class SliceHiddenPass(PanguPass):
                     f"pass slice-hidden: {value.name} has {array.shape[axis]} channels on axis "
                     f"{axis}, expected the hidden size {model_map.hidden_size}"
                 )
-            self._check_private(value, model_map)
+            self._check_private(value, region)
             replace_initializer(value, np.take(array, keep, axis=axis))
             sliced.add(value)
             self.tag(value)
@@ -73,9 +72,9 @@ class SliceHiddenPass(PanguPass):
         for norm in model_map.hidden_norms():
             if norm.gamma not in sliced:
                 props = norm.gamma.metadata_props
-                if GAMMA_L2_KEY not in props:
-                    props[GAMMA_L2_KEY] = repr(float(np.linalg.norm(norm.effective_gamma())))
-                props.pop(SLNP_APPLIED_KEY, None)
+                if contract.GAMMA_L2_BEFORE_SLICE not in props:
+                    props[contract.GAMMA_L2_BEFORE_SLICE] = repr(float(np.linalg.norm(norm.effective_gamma())))
+                props.pop(contract.SLNP_APPLIED, None)
             take(norm.gamma, axis=0)
         for layer in model_map.layers:
             attention, ffn = layer.attention, layer.ffn
@@ -108,18 +107,32 @@ class SliceHiddenPass(PanguPass):
         bad = [k for k in keep if not 0 <= k < hidden]
         if bad:
             raise PanguLightError(
-                f"pass slice-hidden: channel {bad[0]} does not exist; the hidden size is {hidden} (channels 0..{hidden - 1})"
+                f"pass slice-hidden: channel {bad[0]} does not exist; "
+                f"the hidden size is {hidden} (channels 0..{hidden - 1})"
             )
         if len(set(keep)) != len(keep):
             raise PanguLightError("pass slice-hidden: keep=[...] names a channel twice")
         return np.array(sorted(keep), dtype=np.int64)
 
     @staticmethod
-    def _check_private(value: ir.Value, model_map: ModelMap) -> None:
+    def _check_private(value: ir.Value, region: set[ir.Node]) -> None:
         """Refuse to slice a weight that something outside the hidden-size roles also reads."""
-        readers = {use.node.op_type for use in value.uses()}
-        if not readers <= {"Transpose", "Gather", "Mul", "Add"}:
+        if not exclusive(value, region):
+            readers = {node.op_type for node in outside_readers(value, region)}
             raise PanguLightError(
-                f"pass slice-hidden: {value.name} is also read by {sorted(readers)}; "
+                f"pass slice-hidden: {value.name} is also read by {sorted(readers) or 'the graph'}; "
                 "slicing it would change those readers too"
             )
+
+
+def _hidden_readers(model_map: ModelMap) -> set[ir.Node]:
+    """The nodes that read the weights this pass slices: the embedding lookup, every
+    projection's Transpose and bias Add, every hidden-size norm's nodes."""
+    linears = [model_map.lm_head]
+    for layer in model_map.layers:
+        attention, ffn = layer.attention, layer.ffn
+        linears += [attention.q, attention.k, attention.v, attention.o, ffn.gate, ffn.up, ffn.down]
+    region = {model_map.embedding_gather}
+    region.update(node for linear in linears for node in (linear.transpose, linear.bias_add) if node is not None)
+    region.update(node for norm in model_map.hidden_norms() for node in norm.nodes)
+    return region

@@ -12,8 +12,8 @@ applied to the effective gamma: for Gemma's ``(1 + w)`` norms, g = 1 + w is resc
                                                           (Gemma: Mul(Add(w_new, 1)))
 
 ||gamma_orig|| comes from the graph itself: slice-hidden records it on every gamma it slices
-(``pangu_light.gamma_l2_before_slice``). This pass rescales exactly those, in float64, cast
-back once, and marks each one (``pangu_light.slnp_applied``) so running it twice does not
+(``contract.GAMMA_L2_BEFORE_SLICE``). This pass rescales exactly those, in float64, cast
+back once, and marks each one (``contract.SLNP_APPLIED``) so running it twice does not
 rescale twice. With nothing sliced it changes nothing. To turn SLNP off, leave it out of the
 pipeline (``PrunePlan.pipeline(slnp=False)``).
 """
@@ -23,11 +23,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_utils import replace_initializer
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.base import PanguPass
-from pangu_light.passes.rewrites.slice_hidden import GAMMA_L2_KEY, SLNP_APPLIED_KEY
 
 __all__ = ["SLNPPass"]
 
@@ -41,7 +41,7 @@ class SLNPPass(PanguPass):
         todo = []
         for norm in model_map.hidden_norms():
             props = norm.gamma.metadata_props
-            if GAMMA_L2_KEY not in props or SLNP_APPLIED_KEY in props:
+            if contract.GAMMA_L2_BEFORE_SLICE not in props or contract.SLNP_APPLIED in props:
                 continue
             if any(norm.gamma is other.gamma for other in todo):
                 continue
@@ -61,7 +61,7 @@ class SLNPPass(PanguPass):
             scale = original / pruned
             rescaled = gamma * scale
             replace_initializer(norm.gamma, rescaled - 1.0 if norm.one_plus_w else rescaled)
-            norm.gamma.metadata_props[SLNP_APPLIED_KEY] = repr(scale)
+            norm.gamma.metadata_props[contract.SLNP_APPLIED] = repr(scale)
             self.tag(norm.gamma)
             self.count("gammas_rescaled")
             scales.append(scale)
@@ -71,14 +71,14 @@ class SLNPPass(PanguPass):
 
 
 def _recorded_norm(norm) -> float:
-    text = norm.gamma.metadata_props[GAMMA_L2_KEY]
+    text = norm.gamma.metadata_props[contract.GAMMA_L2_BEFORE_SLICE]
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not np.isfinite(value) or value < 0:
         raise PanguLightError(
-            f"pass slnp: {norm.gamma.name} records {GAMMA_L2_KEY}={text!r}, not a norm; "
+            f"pass slnp: {norm.gamma.name} records {contract.GAMMA_L2_BEFORE_SLICE}={text!r}, not a norm; "
             "re-run slice-hidden on the unsliced graph"
         )
     return value

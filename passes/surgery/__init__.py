@@ -1,5 +1,10 @@
-"""Weight surgery shared by several passes: keeping rows, columns and heads of projections,
-rewriting head-count constants, and the CLAP merge of key/value groups.
+"""Weight surgery shared by several passes.
+
+- ``head_surgery``: keeping rows, columns and heads of projections, rewriting head-count
+  constants and KV-cache shapes (prune-heads, prune-kv-groups, prune-ffn, the CLAP merge).
+- ``clap_merge``: CLAP's merge of KV groups from removed layers into a kept one;
+  ``clap_plan`` reads the plan's merges in the graph's numbering (both used by drop-layers).
+- ``post_norm``: finding and removing post-norms (drop-post-norm, absorb-post-norm).
 
 Imports: the foundation, ``passes.analysis`` and ``passes.infra``.
 """

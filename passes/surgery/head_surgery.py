@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.analysis.graph_utils import constant_array, replace_initializer
+from pangu_light.passes.analysis.graph_utils import constant_array, exclusive, in_scope, replace_initializer
 from pangu_light.passes.analysis.model_map import Attention, HeadCountConstant, Linear, ModelMap
 from pangu_light.passes.infra.base import PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
@@ -55,7 +55,7 @@ def all_head_count_constants(attention: Attention) -> list[HeadCountConstant]:
     found = list(attention.head_count_constants)
     for start, what, count in ((attention.q.output, "heads", attention.num_heads),
                                (attention.k.output, "kv_heads", attention.num_kv_heads)):
-        for node in _path_to_scores(start):
+        for node in _path_to_scores(start, attention.module):
             concat = node.inputs[1].producer() if node.op_type == "Reshape" and len(node.inputs) > 1 else None
             if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 4 or (concat, 1) in known:
                 continue
@@ -66,16 +66,16 @@ def all_head_count_constants(attention: Attention) -> list[HeadCountConstant]:
     return found
 
 
-def _path_to_scores(value: ir.Value) -> list[ir.Node]:
-    """Nodes reachable forward from a q/k projection output up to (not past) the attention
-    MatMul; shape reads (Shape) are not followed: they lead to masks, not head axes."""
+def _path_to_scores(value: ir.Value, layer_scope: str) -> list[ir.Node]:
+    """Nodes of the layer reachable forward from a q/k projection output up to (not past) the
+    attention MatMul; shape reads (Shape) are not followed: they lead to masks, not head axes."""
     seen: dict[ir.Node, None] = {}  # insertion-ordered set
     frontier = [value]
     while frontier:
         next_frontier = []
         for v in frontier:
             for node in v.consumers():
-                if node in seen:
+                if node in seen or not in_scope(node, layer_scope):
                     continue
                 seen[node] = None
                 if node.op_type not in ("MatMul", "Shape"):
@@ -160,8 +160,7 @@ def check_private(pass_name: str, *linears: Linear) -> None:
 
 
 def _check_private(pass_name: str, linear: Linear) -> None:
-    readers = [use.node for use in linear.weight.uses()]
-    if readers != [linear.transpose]:
+    if not exclusive(linear.weight, [linear.transpose]):
         raise PanguLightError(
             f"pass {pass_name}: {linear.weight.name} is also read outside {linear.module or 'its projection'}; "
             "removing its rows would change those readers too (untie the weight before pruning)"

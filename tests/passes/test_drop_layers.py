@@ -6,6 +6,7 @@ import onnx_ir as ir
 import pytest
 
 from pangu_light.core.errors import PanguLightError
+from pangu_light.core.records import layer_origins, pass_records
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import format_value
@@ -65,6 +66,19 @@ def test_renumbers_weights_and_scopes(exported_graph, tmp_path):
     assert model_map.layers[1].attention.q.weight.name == "model.layers.1.self_attn.q_proj.weight"
     renamed = pruned.graph.initializers["model.layers.1.self_attn.q_proj.weight"]
     assert renamed.metadata_props["pangu_light.pass"] == "drop-layers"
+
+
+def test_records_the_original_index_of_each_kept_layer(exported_graph):
+    """Dropping twice composes: layer 1 of [0, 2, 3] is original layer 2, so [0, 3] remain."""
+    _, path = exported_graph("llama")
+    model = ir.load(path)
+    assert layer_origins(model.metadata_props) is None
+    run_pipeline(model, "drop-layers{layers=[1]}")
+    assert layer_origins(model.metadata_props) == [0, 2, 3]
+    run_pipeline(model, "drop-layers{layers=[1]}")
+    assert layer_origins(model.metadata_props) == [0, 3]
+    assert [r["stats"]["removed"] for r in pass_records(model.metadata_props)] == [[1], [1]]
+    assert len(ModelMap.from_model(model).layers) == 2
 
 
 def test_empty_list_changes_nothing(exported_graph, tmp_path):
