@@ -1,8 +1,10 @@
 """The graph side: pure rewrites of exported decoder graphs.
 
 - ``infra``: pipelines as data, the ``PanguPass`` base, the pass table, the manager and the plan.
-- ``analysis``: the model map and graph statistics (read-only).
-- ``surgery``: weight edits shared by several passes (rows, columns, heads, the CLAP merge).
+- ``analysis``: read-only: graph regions as patterns, the model map, the parameter count and
+  graph statistics.
+- ``surgery``: weight edits shared by several passes (rows, columns, heads, the CLAP merge,
+  removing post-norms).
 - ``rewrites``: one rewrite pass per file.
 
 Nothing here imports torch, onnxruntime, or another package of ours but the foundation

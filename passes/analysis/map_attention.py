@@ -12,7 +12,7 @@ decode graph (``past_key_values.{i}.*`` in, ``present.{i}.*`` out) after a proje
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import onnx_ir as ir
 
@@ -20,15 +20,20 @@ from pangu_light.passes.analysis import patterns
 from pangu_light.passes.analysis.graph_utils import constant_array, walk_back
 from pangu_light.passes.analysis.map_types import Attention, HeadCountConstant, Linear, Norm, not_understood
 
-if TYPE_CHECKING:
-    from pangu_light.passes.analysis.map_builder import _MapBuilder
-
 __all__ = ["build_attention"]
 
 
-def build_attention(builder: _MapBuilder, where, scope, qkv, linears, norms) -> Attention:
-    inside = set(builder.layer_nodes[scope])
-    softmax = next((n for n in builder.layer_nodes[scope] if n.op_type == "Softmax"), None)
+Upstream = Callable[[ir.Value], set[ir.Value]]
+
+
+def build_attention(
+    where: str, scope: str, layer_nodes: list[ir.Node], upstream: Upstream,
+    qkv: list[Linear], linears: list[Linear], norms: list[Norm],
+) -> Attention:
+    """The attention of the layer ``scope`` (its nodes ``layer_nodes``, in graph order), whose
+    q/k/v are ``qkv``; ``upstream(value)`` is every value ``value`` depends on (memoised)."""
+    inside = set(layer_nodes)
+    softmax = next((n for n in layer_nodes if n.op_type == "Softmax"), None)
     if softmax is None:
         raise not_understood(f"{where}: no Softmax after the q/k/v projections")
     scores = _producer_back(softmax.inputs[0], "MatMul", inside)
@@ -47,9 +52,9 @@ def build_attention(builder: _MapBuilder, where, scope, qkv, linears, norms) -> 
     if len({id(q), id(k), id(v)}) != 3:
         raise not_understood(f"{where}: q, k and v projections are not distinct")
     after_context = [
-        (lin, builder.upstream(lin.input))
+        (lin, upstream(lin.input))
         for lin in linears
-        if lin not in qkv and context.outputs[0] in builder.upstream(lin.input)
+        if lin not in qkv and context.outputs[0] in upstream(lin.input)
     ]
     # o_proj is the first of them: no other linear after the attention feeds it.
     o_candidates = [
@@ -81,8 +86,8 @@ def build_attention(builder: _MapBuilder, where, scope, qkv, linears, norms) -> 
         raise not_understood(
             f"{where}: q_proj has {q.out_features} rows, expected {num_heads} heads x {head_dim}"
         )
-    past_key, present_key = _cache_pair(builder, k.output, builder.layer_nodes[scope])
-    past_value, present_value = _cache_pair(builder, v.output, builder.layer_nodes[scope])
+    past_key, present_key = _cache_pair(upstream, k.output, layer_nodes)
+    past_value, present_value = _cache_pair(upstream, v.output, layer_nodes)
     return Attention(
         module=scope, q=q, k=k, v=v, o=o, num_heads=num_heads, num_kv_heads=num_kv_heads,
         head_dim=head_dim, head_count_constants=constants, q_norm=q_norm, k_norm=k_norm,
@@ -139,7 +144,7 @@ def _view_head_dim(where, k: Linear) -> int:
     return int(head_dim.reshape(-1)[0])
 
 
-def _cache_pair(builder: _MapBuilder, projection_out: ir.Value, layer_nodes: list[ir.Node]):
+def _cache_pair(upstream: Upstream, projection_out: ir.Value, layer_nodes: list[ir.Node]):
     """(past input, present output) of the layer's cache Concat that appends this
     projection's keys or values, or (None, None) in a no-cache graph."""
     for node in layer_nodes:
@@ -147,7 +152,7 @@ def _cache_pair(builder: _MapBuilder, projection_out: ir.Value, layer_nodes: lis
             continue
         past, present = node.inputs[0], node.outputs[0]
         if past is not None and past.is_graph_input() and present.is_graph_output():
-            if projection_out in builder.upstream(node.inputs[1]):
+            if projection_out in upstream(node.inputs[1]):
                 return past, present
     return None, None
 

@@ -187,7 +187,7 @@ class _MapBuilder:
             raise not_understood(f"{where}: q/k/v do not read an RMSNorm of this layer")
         pre_attn.role = "pre_attn"
 
-        attention = build_attention(self, where, scope, qkv, linears, norms)
+        attention = build_attention(where, scope, self.layer_nodes[scope], self.upstream, qkv, linears, norms)
         ffn = self.build_ffn(where, linears, attention)
         layer_norms = {"pre_attn": pre_attn}
         pre_ffn = norm_by_output.get(ffn.gate.input)

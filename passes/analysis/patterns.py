@@ -14,6 +14,8 @@ The regions the model map and the passes look for::
     Linear    MatMul(x, Transpose(W[out, in]))  [-> Add(bias[out])]
     GQA       Reshape(Expand(kv, Concat[b, n_kv, n_rep, t, d]), Concat[b, n_heads, t, d])
               (an Identity may sit between Expand and Reshape)
+    heads-first view   Reshape(x, Concat[b, heads, s, d])  with heads a one-element constant
+              (GLM4's interleaved rotary flattens each rotated half back this way)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import onnx_ir as ir
 
 __all__ = [
     "Op", "Var", "Weight", "Const", "AnyOf", "Match", "match",
-    "RMS_NORM", "LINEAR", "LINEAR_BIAS", "GQA_EXPAND",
+    "RMS_NORM", "LINEAR", "LINEAR_BIAS", "GQA_EXPAND", "HEADS_FIRST_VIEW",
     "is_weight", "scalar",
 ]
 
@@ -223,3 +225,9 @@ GQA_EXPAND = Op("Reshape", (
 ), name="reshape")
 """repeat_kv: K/V heads expanded n_rep times and flattened to the query heads; binds kv, the
 constants kv_heads, heads_per_group, heads and the nodes expand_shape, reshape_shape."""
+
+HEADS_FIRST_VIEW = Op("Reshape", (
+    Var(),
+    Op("Concat", (Var(), Const("heads", test=lambda a: a.size == 1), Var(), Var()), name="shape"),
+), name="reshape")
+"""A view to ``[b, heads, s, d]`` whose head count is a constant; binds heads, shape, reshape."""

@@ -26,7 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.analysis.graph_utils import constant_array, exclusive, in_scope, replace_initializer
+from pangu_light.passes.analysis import patterns
+from pangu_light.passes.analysis.graph_utils import exclusive, in_scope, replace_initializer
 from pangu_light.passes.analysis.model_map import Attention, HeadCountConstant, Linear, ModelMap
 from pangu_light.passes.infra.base import PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
@@ -46,8 +47,8 @@ __all__ = [
 
 
 def all_head_count_constants(attention: Attention) -> list[HeadCountConstant]:
-    """The map's GQA constants plus head counts the map does not record: a Reshape on the
-    q (k) path, after the heads are moved to axis 1, whose target is a Concat holding the
+    """The map's GQA constants plus head counts the map does not record: a heads-first view
+    (``patterns.HEADS_FIRST_VIEW``) on the q (k) path inside the layer, whose Concat holds the
     query (KV) head count as a constant at position 1 (GLM4's interleaved rotary flatten,
     ``[b, heads, s, d_rot]``). The q/k views before that are ``[b, s, -1, d]``: position 1
     is the sequence length there, never a constant."""
@@ -56,13 +57,11 @@ def all_head_count_constants(attention: Attention) -> list[HeadCountConstant]:
     for start, what, count in ((attention.q.output, "heads", attention.num_heads),
                                (attention.k.output, "kv_heads", attention.num_kv_heads)):
         for node in _path_to_scores(start, attention.module):
-            concat = node.inputs[1].producer() if node.op_type == "Reshape" and len(node.inputs) > 1 else None
-            if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 4 or (concat, 1) in known:
+            view = patterns.match(patterns.HEADS_FIRST_VIEW, node.outputs[0]) if node.op_type == "Reshape" else None
+            if view is None or (view["shape"], 1) in known or int(patterns.scalar(view["heads"])) != count:
                 continue
-            held = constant_array(concat.inputs[1])
-            if held is not None and held.size == 1 and int(held.reshape(-1)[0]) == count:
-                found.append(HeadCountConstant(concat, 1, what))
-                known.add((concat, 1))
+            found.append(HeadCountConstant(view["shape"], 1, what))
+            known.add((view["shape"], 1))
     return found
 
 

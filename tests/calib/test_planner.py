@@ -24,7 +24,10 @@ def fake_stats(model_map: ModelMap, seed: int = 0) -> CalibrationStats:
         heads=[rng.random(l.attention.num_heads) for l in model_map.layers],
         ffn=[rng.random(l.ffn.intermediate_size) for l in model_map.layers],
         block_influence=rng.random(len(model_map.layers)),
-        s_inv={n.gamma.name: float(rng.random()) for l in model_map.layers for r, n in l.norms.items() if r.startswith("post")},
+        s_inv={
+            n.gamma.name: float(rng.random())
+            for l in model_map.layers for r, n in l.norms.items() if r.startswith("post")
+        },
         gamma={},
         tokens=100,
         meta={"aggregation": "paper"},
@@ -46,7 +49,9 @@ def test_parameter_count_matches_graph_stats(exported_graph, family):
 
 def test_choices_follow_the_statistics(llama_map):
     stats = fake_stats(llama_map)
-    plan = make_plan(llama_map, stats, Targets(hidden=40, heads_per_group=1, kv_groups=1, ffn=50, drop_layers=1, uniform=True))
+    plan = make_plan(
+        llama_map, stats, Targets(hidden=40, heads_per_group=1, kv_groups=1, ffn=50, drop_layers=1, uniform=True)
+    )
     assert plan.hidden == sorted(np.argsort(-stats.channel)[:40].tolist())
     for layer, layer_plan in zip(llama_map.layers, plan.layers):
         heads = stats.heads[layer.index]  # 4 heads in 2 groups of 2
@@ -62,7 +67,9 @@ def test_plan_round_trips_through_json(tmp_path, exported_graph):
     _, path = exported_graph("gemma2")
     model_map = ModelMap.from_model(ir.load(path))
     # Gemma2 alternates sliding/global layers: 3 merges into 1 (same type), 2 is removed plainly.
-    plan = make_plan(model_map, fake_stats(model_map), Targets(params=0.5, layers=[2, 3], clap=True, absorb_post_norms=True))
+    plan = make_plan(
+        model_map, fake_stats(model_map), Targets(params=0.5, layers=[2, 3], clap=True, absorb_post_norms=True)
+    )
     plan.save(tmp_path / "plan.json")
     again = load_plan(tmp_path / "plan.json")
     assert again.to_json() == plan.to_json()
@@ -190,7 +197,10 @@ def _two_layer_stats(llama_map):
 
 @pytest.mark.parametrize(
     "groups, expected",
-    [("keep", [(1, 1), (2, 0)]), ("sum", [(1, 0), (1, 1), (2, 0), (2, 1)]), (1, [(2, 0)]), (3, [(1, 0), (1, 1), (2, 0)])],
+    [
+        ("keep", [(1, 1), (2, 0)]), ("sum", [(1, 0), (1, 1), (2, 0), (2, 1)]),
+        (1, [(2, 0)]), (3, [(1, 0), (1, 1), (2, 0)]),
+    ],
 )
 def test_clap_groups_sets_the_merged_size(llama_map, groups, expected):
     import dataclasses

@@ -216,7 +216,8 @@ def test_planner_plan_matches_torch(exported_graph, tmp_path):
     ir.save(model, tmp_path / "p.onnx")
     kv_groups = [l.kv_groups for l in plan.layers]
     kept = [l.heads for l in plan.layers]
-    assert no_cache_diff(tmp_path / "p.onnx", torch_clap(hf_model, kv_groups, kept, [2], {1: merge.groups})) <= TOLERANCE
+    reference = torch_clap(hf_model, kv_groups, kept, [2], {1: merge.groups})
+    assert no_cache_diff(tmp_path / "p.onnx", reference) <= TOLERANCE
 
 
 # ------------------------------------------------------------------ errors
@@ -269,7 +270,8 @@ def test_merging_before_width_pruning_is_refused(exported_graph):
 
 def test_different_heads_per_group_are_refused(exported_graph):
     _, path = exported_graph("llama")
-    model = _plan_with(path, [ClapMerge(2, 1, [(1, 0), (2, 0)])], heads=[[0, 1, 2, 3], [0, 2], [0, 1, 2, 3], [0, 1, 2, 3]])
+    heads = [[0, 1, 2, 3], [0, 2], [0, 1, 2, 3], [0, 1, 2, 3]]
+    model = _plan_with(path, [ClapMerge(2, 1, [(1, 0), (2, 0)])], heads=heads)
     with pytest.raises(PanguLightError, match="keeps 2 query heads per group and layer 1 keeps 1"):
         run_pipeline(model, "prune-heads{plan=true},drop-layers{plan=true}")
 

@@ -173,7 +173,8 @@ def test_a_failed_precondition_is_a_user_error_naming_the_pass():
 
 def test_option_errors_come_before_any_pass_runs():
     model = build_model()
-    with pytest.raises(PanguLightError, match=r"pass scale-weight: unknown option 'factr'; valid options: factor \(float, default 2.0\)"):
+    message = r"pass scale-weight: unknown option 'factr'; valid options: factor \(float, default 2.0\)"
+    with pytest.raises(PanguLightError, match=message):
         run_pipeline(model, "scale-weight,scale-weight{factr=3}", registry=REGISTRY)
     np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), W_VALUES)
 

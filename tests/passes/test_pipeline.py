@@ -128,7 +128,10 @@ class ToyPass(PanguPass):
         return ir.passes.PassResult(model, modified=False)
 
 
-VALID = "valid options: layers (list[int]), ratio (float, default 0.5), clap (bool, default false), mode (str, default plain)"
+VALID = (
+    "valid options: layers (list[int]), ratio (float, default 0.5), clap (bool, default false), "
+    "mode (str, default plain)"
+)
 
 
 def test_options_are_resolved_with_defaults():

@@ -72,7 +72,8 @@ def test_decode_matches_torch(exported_graph, family, tmp_path):
 def test_decode_chained_with_heads_and_drop_layers(exported_graph, tmp_path):
     """Per-layer KV counts survive drop-layers' renumbering of the cache inputs/outputs."""
     hf_model, path = exported_graph("mistral", kv_cache=True)
-    pruned, _ = compile_graph(path, f"{PIPELINE},prune-heads{{per_group=1}},drop-layers{{layers=[2]}}", tmp_path / "p.onnx")
+    pipeline = f"{PIPELINE},prune-heads{{per_group=1}},drop-layers{{layers=[2]}}"
+    pruned, _ = compile_graph(path, pipeline, tmp_path / "p.onnx")
     io = {v.name: v for v in [*pruned.graph.inputs, *pruned.graph.outputs]}
     assert [io[f"present.{i}.key"].shape[1] for i in range(3)] == [1, 2, 1]
     heads = [[2], [0, 2], [0], [2]]  # the first head of each kept group
