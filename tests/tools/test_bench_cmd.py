@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 
 from pangu_light.passes.analysis.graph_stats import GraphStats
+from pangu_light.passes.infra.graph_io import load_model
 from pangu_light.tools import cli
-from pangu_light.tools.io import load_model
 
 from reference import compile_graph
 
