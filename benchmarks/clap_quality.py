@@ -15,8 +15,8 @@ The stages are the CLI's, called through the functions behind it:
 
    plain     Targets(drop_layers=N): the layers with the lowest Block Influence go (ShortGPT style)
    clap      + clap=True: the paper's CLAP, top-K groups by eq. 5, K = the receiver's own count
-   margin    + clap_margin=1.5: a moved group must score 1.5x the receiver's own (DESIGN.md)
-   adjacent  + clap_adjacent=True: only the removed layer right after a kept one merges (DESIGN.md)
+   margin    + clap_margin=1.5: a moved group must score 1.5x the receiver's own (our variant)
+   adjacent  + clap_adjacent=True: only the removed layer right after a kept one merges (our variant)
    sum       + clap_groups="sum": the receiver keeps every candidate group (bigger attention)
 
 4. ``pangu-light eval orig.onnx ... --data lambada --samples 32 --seq-len 256``: perplexity of

@@ -93,7 +93,7 @@ def check_schema(report: dict) -> None:
 
 def cost_by_positions(path, requests, batch: int) -> dict[str, int]:
     """The workload's FLOPs and decode bytes summed position by position with GraphStats at
-    each context: an independent check of the closed forms in bench_cmd.workload_cost."""
+    each context: an independent check of the closed forms in reports.bench_cost.workload_cost."""
     model = load_model(path)
     stats = {}
 
