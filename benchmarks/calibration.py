@@ -29,9 +29,10 @@ import onnxruntime as ort
 
 from pangu_light.calib.stats import StatsAccumulator, batched, calibrate
 from pangu_light.calib.taps import add_statistic_taps
+from pangu_light.calib.text import graph_tokenizer, sequences_for
+from pangu_light.core.files import write_json
 from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.tools.calibrate_cmd import load_model_metadata
-from pangu_light.tools.text_data import graph_tokenizer, sequences_for
+from pangu_light.passes.infra.graph_io import load_model_metadata
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,13 +123,14 @@ def main() -> None:
     sequences = sequences_for("wiki", encode, eos_id, samples=max(sizes), seq_len=args.seq_len, seed=0, split="calib")
     rng_order = np.random.default_rng(1).permutation(len(sequences))  # first-N subsets of one random draw
     sequences = sequences[rng_order]
-    print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, onnxruntime {ort.__version__}")
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {__import__('os').cpu_count()} cores, onnxruntime {ort.__version__}")
     result = {"throughput": throughput(args.graph, sequences[: args.throughput_samples], args.batch_size, args.repeats)}
     print(json.dumps(result["throughput"], indent=2), flush=True)
     result["stability"] = stability(args.graph, sequences, sizes, args.batch_size)
     print(json.dumps(result["stability"], indent=2))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

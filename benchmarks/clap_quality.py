@@ -8,15 +8,15 @@ The stages are the CLI's, called through the functions behind it:
 
 1. ``pangu-light export smollm2-135m -o WORKDIR/orig.onnx`` (no-cache graph), or ``--graph``.
 2. ``pangu-light calibrate orig.onnx --data wiki --samples 64 --seq-len 256 -o stats.npz``
-   (``tools.calibrate_cmd.calibrate_graph``), or ``--stats``.
+   (``calib.calibrate.calibrate_graph``), or ``--stats``.
 3. Per number of removed layers N and variant, ``pangu-light plan stats.npz --drop-layers N
    [--clap ...] -o plan.json`` (``calib.planner.make_plan``) and ``pangu-light compile orig.onnx
    --plan plan.json -o graph.onnx`` (attach the plan, run ``plan.pipeline()``). Variants:
 
    plain     Targets(drop_layers=N): the layers with the lowest Block Influence go (ShortGPT style)
    clap      + clap=True: the paper's CLAP, top-K groups by eq. 5, K = the receiver's own count
-   margin    + clap_margin=1.5: a moved group must score 1.5x the receiver's own (DESIGN.md)
-   adjacent  + clap_adjacent=True: only the removed layer right after a kept one merges (DESIGN.md)
+   margin    + clap_margin=1.5: a moved group must score 1.5x the receiver's own (our variant)
+   adjacent  + clap_adjacent=True: only the removed layer right after a kept one merges (our variant)
    sum       + clap_groups="sum": the receiver keeps every candidate group (bigger attention)
 
 4. ``pangu-light eval orig.onnx ... --data lambada --samples 32 --seq-len 256``: perplexity of
@@ -41,6 +41,7 @@ import onnx_ir as ir
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
+from pangu_light.reports.table import format_table
 
 ALIAS = "smollm2-135m"
 VARIANTS = {
@@ -70,8 +71,8 @@ def export_graph(workdir: Path) -> Path:
 
 
 def calibration(graph: Path, stats_path: Path, samples: int, seq_len: int, threads: int):
+    from pangu_light.calib.calibrate import calibrate_graph
     from pangu_light.calib.stats import CalibrationStats
-    from pangu_light.tools.calibrate_cmd import calibrate_graph
 
     if not stats_path.exists():
         note(f"pangu-light calibrate {graph} --data wiki --samples {samples} --seq-len {seq_len} -o {stats_path}")
@@ -113,27 +114,33 @@ def main() -> None:
     started = time.perf_counter()
 
     from pangu_light.calib.evaluate import perplexity
-    from pangu_light.tools.calibrate_cmd import load_model_metadata
-    from pangu_light.tools.text_data import graph_tokenizer, sequences_for
+    from pangu_light.calib.text import graph_tokenizer, sequences_for
+    from pangu_light.passes.infra.graph_io import load_model_metadata
 
     original = args.graph or export_graph(args.workdir)
-    stats = calibration(original, args.stats or args.workdir / "stats.npz", args.calib_samples, args.seq_len, args.threads)
+    stats = calibration(
+        original, args.stats or args.workdir / "stats.npz", args.calib_samples, args.seq_len, args.threads
+    )
     model_map = ModelMap.from_model(ir.load(original))
     order = [int(i) for i in stats.block_influence.argsort()]
 
     encode, eos_id = graph_tokenizer(original, load_model_metadata(original), None)
-    sequences = sequences_for(args.eval_data, encode, eos_id, samples=args.eval_samples, seq_len=args.seq_len,
-                              seed=0, split="eval")
+    sequences = sequences_for(
+        args.eval_data, encode, eos_id, samples=args.eval_samples, seq_len=args.seq_len, seed=0, split="eval"
+    )
 
     def evaluate(graph: Path) -> float:
         return perplexity(graph, sequences, batch_size=4, threads=args.threads).perplexity
 
     note(f"perplexity of the original on {args.eval_data} ({len(sequences)} x {args.seq_len}, eval split)")
     results = {
-        "model": ALIAS, "graph": str(original),
-        "calibration": dict(stats.meta), "block_influence_order": order,
+        "model": ALIAS,
+        "graph": str(original),
+        "calibration": dict(stats.meta),
+        "block_influence_order": order,
         "eval": {"data": args.eval_data, "samples": int(len(sequences)), "seq_len": args.seq_len, "split": "eval"},
-        "original": evaluate(original), "rows": [],
+        "original": evaluate(original),
+        "rows": [],
     }
     del model_map
     for n in drops:
@@ -144,12 +151,18 @@ def main() -> None:
             out = args.workdir / f"drop{n}-{name}.onnx"
             note(f"drop {n} ({name}): layers {plan.drop_layers}; compiling {out.name}")
             compile_stats = compile_plan(original, plan, out)
-            moved = sum(layer != m.into for m in {m.into: m for m in plan.clap_merges}.values() for layer, _ in m.groups)
+            moved = sum(
+                layer != m.into for m in {m.into: m for m in plan.clap_merges}.values() for layer, _ in m.groups
+            )
             note(f"perplexity of {out.name}")
             row = {
-                "drop": n, "variant": name, "layers": plan.drop_layers,
-                "merges": compile_stats.get("merged", ""), "groups_moved": moved,
-                "parameters": plan.estimate["parameters_after"], "perplexity": evaluate(out),
+                "drop": n,
+                "variant": name,
+                "layers": plan.drop_layers,
+                "merges": compile_stats.get("merged", ""),
+                "groups_moved": moved,
+                "parameters": plan.estimate["parameters_after"],
+                "perplexity": evaluate(out),
             }
             results["rows"].append(row)
             if not args.keep:
@@ -160,16 +173,29 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         return
     ev = results["eval"]
-    print(f"SmolLM2-135M, zero-shot (no recovery). Calibration: {stats.meta}. "
-          f"Lowest Block Influence first: {order[:12]}")
-    print(f"held-out perplexity on {ev['data']} ({ev['samples']} x {ev['seq_len']} tokens, eval split); "
-          f"unpruned: {results['original']:.2f}")
-    print(f"{'drop':>4} {'variant':<9} {'perplexity':>10} {'vs plain':>9} {'params':>12} {'moved':>5}  merged (into<-layer.group)")
+    print(
+        f"SmolLM2-135M, zero-shot (no recovery). Calibration: {stats.meta}. Lowest Block Influence first: {order[:12]}"
+    )
+    print(
+        f"held-out perplexity on {ev['data']} ({ev['samples']} x {ev['seq_len']} tokens, eval split); "
+        f"unpruned: {results['original']:.2f}"
+    )
+    table = [("drop", "variant", "perplexity", "vs plain", "params", "moved", "merged (into<-layer.group)")]
     plain = {r["drop"]: r["perplexity"] for r in results["rows"] if r["variant"] == "plain"}
     for r in results["rows"]:
         ratio = f"{r['perplexity'] / plain[r['drop']]:.3f}" if r["drop"] in plain else "-"
-        print(f"{r['drop']:>4} {r['variant']:<9} {r['perplexity']:>10.2f} {ratio:>9} {r['parameters']:>12,} "
-              f"{r['groups_moved']:>5}  {r['merges'] or '-'}")
+        table.append(
+            (
+                r["drop"],
+                r["variant"],
+                f"{r['perplexity']:.2f}",
+                ratio,
+                f"{r['parameters']:,}",
+                r["groups_moved"],
+                r["merges"] or "-",
+            )
+        )
+    print(format_table(table, align="rlrrrrl"))
     print("plan flags: " + "; ".join(f"{v}: {CLI_FLAGS[v] or '(none)'}" for v in variants))
     print(f"total {results['seconds']:.0f} s")
 

@@ -30,12 +30,16 @@ import numpy as np
 import onnxruntime as ort
 
 from pangu_light.passes.analysis.graph_stats import GraphStats
+from pangu_light.passes.infra.graph_io import load_model
+from pangu_light.reports.machine import format_machine
+from pangu_light.reports.table import format_table
 from pangu_light.runtime.generate import generate
-from pangu_light.runtime.machine import describe_machine, format_machine, load_average
-from pangu_light.tools.io import load_model
+from pangu_light.runtime.machine import describe_machine, load_average
 
 
-def profile_once(path: str, threads: int, prompt: list[int], new_tokens: int, vocab: int, spinning: bool = True) -> dict:
+def profile_once(
+    path: str, threads: int, prompt: list[int], new_tokens: int, vocab: int, spinning: bool = True
+) -> dict:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     if not spinning:
@@ -96,8 +100,14 @@ def main() -> None:
     for path in args.graphs:
         stats = GraphStats.from_model(load_model(path), context=args.prompt + args.new_tokens // 2)
         decode = stats.bytes_per_token_decode()
-        ideals.append({"bytes": decode.total_bytes, "flops": stats.flops_per_token, "vocab": stats.vocab_size,
-                       "lm_head_flops": stats.lm_head_flops})
+        ideals.append(
+            {
+                "bytes": decode.total_bytes,
+                "flops": stats.flops_per_token,
+                "vocab": stats.vocab_size,
+                "lm_head_flops": stats.lm_head_flops,
+            }
+        )
     prompt = np.random.default_rng(0).integers(0, min(i["vocab"] for i in ideals), args.prompt).tolist()
     samples: list[list[dict]] = [[] for _ in args.graphs]
     load_start = load_average()
@@ -123,30 +133,46 @@ def main() -> None:
         row["by_op_ms"] = {op: float(np.median(v)) for op, v in sorted(ops.items(), key=lambda kv: -np.median(kv[1]))}
         row["ideal"] = ideal
         rows.append(row)
-    report = {"machine": describe_machine(), "load_average": {"start": load_start, "end": load_end},
-              "threads": args.threads, "prompt": args.prompt, "new_tokens": args.new_tokens, "rows": rows}
+    report = {
+        "machine": describe_machine(),
+        "load_average": {"start": load_start, "end": load_end},
+        "threads": args.threads,
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(report, indent=2))
         return
     spin = " (no spinning)" if args.no_spinning else ""
-    print(f"machine: {format_machine(report['machine'])}; threads {args.threads}{spin}; load {load_start} -> {load_end}")
-    print(f"decode of {args.new_tokens} tokens after {args.prompt}, batch 1; ms per step, medians of {args.rounds} rounds")
+    print(
+        f"machine: {format_machine(report['machine'])}; threads {args.threads}{spin}; load {load_start} -> {load_end}"
+    )
+    print(
+        f"decode of {args.new_tokens} tokens after {args.prompt}, batch 1; ms per step, medians of {args.rounds} rounds"
+    )
     base = rows[0]
-    names = {"wall_ms": "wall", "loop_ms": "loop", "session_overhead_ms": "session", "kernels_ms": "kernels",
-             "lm_head_ms": "lm_head", "kv_concat_ms": "kv_concat"}
-    header = f"{'graph':<28}" + "".join(f"{names[k]:>17}" for k in keys) + f"{'nodes':>8}"
-    print(header)
+    names = {
+        "wall_ms": "wall",
+        "loop_ms": "loop",
+        "session_overhead_ms": "session",
+        "kernels_ms": "kernels",
+        "lm_head_ms": "lm_head",
+        "kv_concat_ms": "kv_concat",
+    }
+    table = [("graph", *(names[k] for k in keys), "nodes")]
     for row in rows:
-        cells = "".join(
-            f"{row[k]:>10.2f}" + (f" ({row[k] / base[k]:.2f})" if base[k] else "       ") for k in keys
-        )
-        print(f"{os.path.basename(row['graph']):<28}{cells}{row['kernel_nodes_per_step']:>8.0f}")
+        cells = [f"{row[k]:.2f}" + (f" ({row[k] / base[k]:.2f})" if base[k] else "") for k in keys]
+        table.append((os.path.basename(row["graph"]), *cells, f"{row['kernel_nodes_per_step']:.0f}"))
+    print(format_table(table))
     for row in rows[1:]:
         ideal, first = row["ideal"], base["ideal"]
         print(
-            f"{os.path.basename(row['graph'])}: ideal step-time ratio from bytes {ideal['bytes'] / first['bytes']:.3f}, "
-            f"from FLOPs {ideal['flops'] / first['flops']:.3f}, lm_head FLOPs {ideal['lm_head_flops'] / first['lm_head_flops']:.3f}; "
-            f"measured wall {row['wall_ms'] / base['wall_ms']:.3f}, kernels {row['kernels_ms'] / base['kernels_ms']:.3f}"
+            f"{os.path.basename(row['graph'])}: ideal step-time ratio from bytes "
+            f"{ideal['bytes'] / first['bytes']:.3f}, from FLOPs {ideal['flops'] / first['flops']:.3f}, "
+            f"lm_head FLOPs {ideal['lm_head_flops'] / first['lm_head_flops']:.3f}; "
+            f"measured wall {row['wall_ms'] / base['wall_ms']:.3f}, "
+            f"kernels {row['kernels_ms'] / base['kernels_ms']:.3f}"
         )
     for row in rows:
         top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(row["by_op_ms"].items())[:8])

@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pangu_light.reports.table import format_table
+
 
 def _cpu() -> str:
     try:
@@ -112,7 +114,11 @@ def speed(args: argparse.Namespace) -> None:
             loss.backward()
             return time.perf_counter() - start
 
-        tasks = {"kd_step": lambda: kd_step(True), "kd_fwd_bwd": lambda: kd_step(False), "student_fwd_bwd": student_alone}
+        tasks = {
+            "kd_step": lambda: kd_step(True),
+            "kd_fwd_bwd": lambda: kd_step(False),
+            "student_fwd_bwd": student_alone,
+        }
         if args.naive:
             tasks["naive_kd_fwd_bwd"] = naive_kd
         times: dict[str, list[float]] = {name: [] for name in tasks}
@@ -122,20 +128,34 @@ def speed(args: argparse.Namespace) -> None:
                 seconds = task()
                 if round_index >= args.warmup:
                     times[name].append(seconds)
-            print(f"round {round_index + 1}: " + ", ".join(f"{n} {t[-1] if t else 0:.2f}s" for n, t in times.items()),
-                  file=sys.stderr, flush=True)
+            print(
+                f"round {round_index + 1}: " + ", ".join(f"{n} {t[-1] if t else 0:.2f}s" for n, t in times.items()),
+                file=sys.stderr,
+                flush=True,
+            )
     tokens = args.batch * args.seq
     params = sum(p.numel() for p in student.parameters())
     result = {
-        "graph": str(args.graph), "student_parameters": params, "batch": args.batch, "seq": args.seq,
-        "bf16": args.bf16, "chunk": args.chunk, "threads": torch.get_num_threads(), "cpu": _cpu(),
-        "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "graph": str(args.graph),
+        "student_parameters": params,
+        "batch": args.batch,
+        "seq": args.seq,
+        "bf16": args.bf16,
+        "chunk": args.chunk,
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
         "median_seconds": {n: statistics.median(t) for n, t in times.items()},
         "samples": times,
     }
     result["tokens_per_second"] = {n: tokens / s for n, s in result["median_seconds"].items()}
-    result["kd_step_over_student_fwd_bwd"] = result["median_seconds"]["kd_step"] / result["median_seconds"]["student_fwd_bwd"]
-    result["kd_fwd_bwd_over_student_fwd_bwd"] = result["median_seconds"]["kd_fwd_bwd"] / result["median_seconds"]["student_fwd_bwd"]
+    result["kd_step_over_student_fwd_bwd"] = (
+        result["median_seconds"]["kd_step"] / result["median_seconds"]["student_fwd_bwd"]
+    )
+    result["kd_fwd_bwd_over_student_fwd_bwd"] = (
+        result["median_seconds"]["kd_fwd_bwd"] / result["median_seconds"]["student_fwd_bwd"]
+    )
     print(json.dumps(result, indent=2) if args.json else _speed_table(result))
 
 
@@ -144,12 +164,16 @@ def _speed_table(r: dict) -> str:
         f"student {r['student_parameters'] / 1e6:.1f}M parameters, batch {r['batch']} x {r['seq']}, "
         f"{'bf16 autocast' if r['bf16'] else 'fp32'}, {r['threads']} threads, {r['cpu']}",
         f"load average {r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}",
-        f"{'':<18} {'median s':>9} {'tokens/s':>9}  (over {len(r['samples']['kd_step'])} rounds)",
+        f"medians over {len(r['samples']['kd_step'])} rounds:",
     ]
+    table = [("", "median s", "tokens/s")]
     for name, seconds in r["median_seconds"].items():
-        lines.append(f"{name:<18} {seconds:>9.3f} {r['tokens_per_second'][name]:>9.0f}")
-    lines.append(f"KD step / student fwd+bwd: {r['kd_step_over_student_fwd_bwd']:.2f}x "
-                 f"(KD fwd+bwd alone {r['kd_fwd_bwd_over_student_fwd_bwd']:.2f}x)")
+        table.append((name, f"{seconds:.3f}", f"{r['tokens_per_second'][name]:.0f}"))
+    lines.append(format_table(table))
+    lines.append(
+        f"KD step / student fwd+bwd: {r['kd_step_over_student_fwd_bwd']:.2f}x "
+        f"(KD fwd+bwd alone {r['kd_fwd_bwd_over_student_fwd_bwd']:.2f}x)"
+    )
     return "\n".join(lines)
 
 
@@ -158,8 +182,8 @@ def _speed_table(r: dict) -> str:
 
 def quality(args: argparse.Namespace) -> None:
     from pangu_light.calib.evaluate import perplexity
-    from pangu_light.tools.calibrate_cmd import load_model_metadata
-    from pangu_light.tools.text_data import graph_tokenizer, sequences_for
+    from pangu_light.calib.text import graph_tokenizer, sequences_for
+    from pangu_light.passes.infra.graph_io import load_model_metadata
 
     work = Path(args.workdir)
     graphs = {name: work / f"{name}.onnx" for name in ("orig", "slnp", "noslnp")}
@@ -170,12 +194,31 @@ def quality(args: argparse.Namespace) -> None:
     for name in ("slnp", "noslnp"):
         out = work / f"distill-{name}-{args.tokens}"
         if not (out / "summary.json").is_file():
-            command = [sys.executable, "-m", "pangu_light.tools.cli", "distill", str(graphs[name]),
-                       "--teacher", args.teacher, "-o", str(out), "--data", "wiki", "--tokens", str(args.tokens),
-                       "--seed", str(args.seed), "--teacher-cache", str(work / "teacher_cache"),
-                       "--eval-every", str(args.eval_every), "--save-every", str(args.save_every),
-                       *(["--threads", str(args.threads)] if args.threads else []),
-                       *(["--resume"] if (out / "checkpoints").is_dir() else [])]
+            command = [
+                sys.executable,
+                "-m",
+                "pangu_light.tools.cli",
+                "distill",
+                str(graphs[name]),
+                "--teacher",
+                args.teacher,
+                "-o",
+                str(out),
+                "--data",
+                "wiki",
+                "--tokens",
+                str(args.tokens),
+                "--seed",
+                str(args.seed),
+                "--teacher-cache",
+                str(work / "teacher_cache"),
+                "--eval-every",
+                str(args.eval_every),
+                "--save-every",
+                str(args.save_every),
+                *(["--threads", str(args.threads)] if args.threads else []),
+                *(["--resume"] if (out / "checkpoints").is_dir() else []),
+            ]
             print(" ".join(command), file=sys.stderr, flush=True)
             start = time.perf_counter()
             subprocess.run(command, check=True)
@@ -184,12 +227,19 @@ def quality(args: argparse.Namespace) -> None:
     encode, eos = graph_tokenizer(graphs["orig"], load_model_metadata(graphs["orig"]), None)
     # The held-out text: LAMBADA's evaluation split, and the Wikipedia windows the runs evaluated on.
     eval_sets = {
-        args.eval_data: sequences_for(args.eval_data, encode, eos, samples=args.eval_samples, seq_len=256, seed=0, split="eval"),
+        args.eval_data: sequences_for(
+            args.eval_data, encode, eos, samples=args.eval_samples, seq_len=256, seed=0, split="eval"
+        ),
         "wiki": sequences_for("wiki", encode, eos, samples=16, seq_len=256, seed=args.seed, split="eval"),
     }
     ppl: dict[str, dict[str, float]] = {name: {} for name in eval_sets}
-    to_eval = {"teacher": graphs["orig"], "pruned (SLNP)": graphs["slnp"], "pruned (no SLNP)": graphs["noslnp"],
-               "distilled (SLNP)": runs["slnp"] / "distilled.onnx", "distilled (no SLNP)": runs["noslnp"] / "distilled.onnx"}
+    to_eval = {
+        "teacher": graphs["orig"],
+        "pruned (SLNP)": graphs["slnp"],
+        "pruned (no SLNP)": graphs["noslnp"],
+        "distilled (SLNP)": runs["slnp"] / "distilled.onnx",
+        "distilled (no SLNP)": runs["noslnp"] / "distilled.onnx",
+    }
     for label, path in to_eval.items():
         for name, windows in eval_sets.items():
             ppl[name][label] = perplexity(path, windows, batch_size=4).perplexity
@@ -200,19 +250,30 @@ def quality(args: argparse.Namespace) -> None:
         curves[name] = [(h["tokens"], round(h["eval_perplexity"], 3)) for h in history if "eval_perplexity" in h]
         speeds = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
         curves[name + "_median_tokens_per_s"] = statistics.median(speeds)
-    result = {"tokens": args.tokens, "eval": {args.eval_data: f"eval split, {args.eval_samples} x 256 tokens",
-                                               "wiki": "eval split, 16 x 256 tokens (the runs' held-out set)"},
-              "perplexity": ppl, "wiki_heldout_curves": curves}
+    result = {
+        "tokens": args.tokens,
+        "eval": {
+            args.eval_data: f"eval split, {args.eval_samples} x 256 tokens",
+            "wiki": "eval split, 16 x 256 tokens (the runs' held-out set)",
+        },
+        "perplexity": ppl,
+        "wiki_heldout_curves": curves,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     for name, values in ppl.items():
         print(f"perplexity on {name} ({result['eval'][name]}; ONNX Runtime, float32):")
-        for label, value in values.items():
-            print(f"  {label:<22} {value:>10.2f}  ({value / values['teacher']:.2f}x teacher)")
+        table = [
+            (f"  {label}", f"{value:.2f}", f"({value / values['teacher']:.2f}x teacher)")
+            for label, value in values.items()
+        ]
+        print(format_table(table))
     for name in ("slnp", "noslnp"):
-        print(f"held-out wiki perplexity during distillation ({name}; tokens: ppl): "
-              + ", ".join(f"{t}: {p}" for t, p in curves[name]))
+        print(
+            f"held-out wiki perplexity during distillation ({name}; tokens: ppl): "
+            + ", ".join(f"{t}: {p}" for t, p in curves[name])
+        )
         print(f"  median {curves[name + '_median_tokens_per_s']:.0f} tokens/s")
 
 

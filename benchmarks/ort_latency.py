@@ -22,7 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from pangu_light.passes.analysis.graph_stats import GraphStats
-from pangu_light.tools.io import load_model
+from pangu_light.passes.infra.graph_io import load_model
+from pangu_light.reports.table import format_table
 
 
 def main() -> None:
@@ -68,18 +69,32 @@ def main() -> None:
             "latency_ratio": median / base_median, "flops_per_token": flop, "flop_ratio": flop / base_flops,
             "speedup": base_median / median, "ideal_speedup_from_flops": base_flops / flop,
         })
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, ORT {ort.__version__}, {args.threads} threads"
+    cpu = platform.processor() or platform.machine()
+    machine = f"{cpu}, {os.cpu_count()} cores, ORT {ort.__version__}, {args.threads} threads"
     if args.json:
-        print(json.dumps({"machine": machine, "seq": args.seq, "batch": args.batch, "repeats": args.repeats, "rows": rows}, indent=2))
+        print(
+            json.dumps(
+                {"machine": machine, "seq": args.seq, "batch": args.batch, "repeats": args.repeats, "rows": rows},
+                indent=2,
+            )
+        )
         return
     print(f"machine: {machine}; batch {args.batch}, seq {args.seq}, {args.repeats} alternating repeats (medians)")
-    print(f"{'graph':<40} {'median ms':>10} {'IQR ms':>17} {'latency':>8} {'FLOPs':>7} {'speedup':>8} {'ideal':>6}")
+    table = [("graph", "median ms", "IQR ms", "latency", "FLOPs", "speedup", "ideal")]
     for row in rows:
         iqr = f"{row['iqr_ms'][0]:.1f}-{row['iqr_ms'][1]:.1f}"
-        print(
-            f"{os.path.basename(row['graph']):<40} {row['median_ms']:>10.1f} {iqr:>17} "
-            f"{row['latency_ratio']:>8.3f} {row['flop_ratio']:>7.3f} {row['speedup']:>7.2f}x {row['ideal_speedup_from_flops']:>5.2f}x"
+        table.append(
+            (
+                os.path.basename(row["graph"]),
+                f"{row['median_ms']:.1f}",
+                iqr,
+                f"{row['latency_ratio']:.3f}",
+                f"{row['flop_ratio']:.3f}",
+                f"{row['speedup']:.2f}x",
+                f"{row['ideal_speedup_from_flops']:.2f}x",
+            )
         )
+    print(format_table(table))
 
 
 if __name__ == "__main__":

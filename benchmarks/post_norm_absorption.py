@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -39,10 +38,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from pangu_light.core.files import atomic_write
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import format_value
 from pangu_light.passes.rewrites.drop_post_norm import post_norms
+from pangu_light.reports.table import format_table
 
 ALIAS = "gemma3-270m"
 
@@ -60,9 +61,8 @@ def export_graph(workdir: Path) -> Path:
         return path
     note(f"exporting {ALIAS} (no-cache; minutes on two cores)")
     model = load_hf_model(resolve_model(ALIAS))
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    ir.save(export_model(model, ExportOptions(kv_cache=False)), partial)
-    os.replace(partial, path)
+    with atomic_write(path) as temporary:
+        ir.save(export_model(model, ExportOptions(kv_cache=False)), temporary)
     return path
 
 
@@ -193,9 +193,10 @@ def main() -> None:
     print(f"Gemma-3-270M, {len(posts)} post-norms; s_inv from {cal['samples']} x {cal['seq_len']} tokens of "
           f"{cal['data']} (calib split): {cal['s_inv_range'][0]:.4g} .. {cal['s_inv_range'][1]:.4g}")
     print(f"held-out perplexity ({args.eval_samples} x {args.seq_len} tokens, eval split)")
-    print(f"{'data':<10} {'original':>10} {'dropped':>12} {'absorbed':>12}")
+    table = [("data", "original", "dropped", "absorbed")]
     for source, row in results["perplexity"].items():
-        print(f"{source:<10} {row['original']:>10.2f} {row['dropped']:>12.2f} {row['absorbed']:>12.2f}")
+        table.append((source, *(f"{row[k]:.2f}" for k in ("original", "dropped", "absorbed"))))
+    print(format_table(table))
     lat = results["latency"]
     print(f"ORT CPU latency ({lat['machine']}; seq {lat['seq']}, {lat['repeats']} alternating repeats, medians): "
           f"original {lat['median_ms']['original']:.1f} ms, absorbed {lat['median_ms']['absorbed']:.1f} ms, "

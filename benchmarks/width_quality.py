@@ -4,24 +4,25 @@
         --level 512,3,1344 --level 448,2,1152 [--samples 32 --seq-len 256]
 
 Each --level is hidden,heads_per_group,ffn (the same in every layer; not --uniform, whose
-hidden must divide by the head count for a Llama config: 448 does not divide by 6). For each level one plan is made from the
-statistics, compiled with and without SLNP, and every graph (the original first) is evaluated on
-the same held-out sequences of the evaluation corpus in one run.
+hidden must divide by the head count for a Llama config: 448 does not divide by 6). For each
+level one plan is made from the statistics, compiled with and without SLNP, and every graph
+(the original first) is evaluated on the same held-out sequences of the evaluation corpus in
+one run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from pangu_light.calib.evaluate import evaluate_graphs
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.stats import CalibrationStats
+from pangu_light.core.files import write_json
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.graph_io import load_model, save_model_atomic
 from pangu_light.passes.infra.manager import run_pipeline
-from pangu_light.tools.eval_cmd import evaluate_graphs
-from pangu_light.tools.io import load_model, save_model_atomic
 
 
 def main() -> None:
@@ -58,9 +59,12 @@ def main() -> None:
             "parameter_ratio": s.total_parameters / base.total_parameters,
             "flop_ratio": s.flops_per_token / base.flops_per_token,
         }
-        print(f"{name:<28} ppl {table[name]['perplexity']:>10.2f}  params {table[name]['parameter_ratio']:.3f}  "
-              f"FLOPs {table[name]['flop_ratio']:.3f}", flush=True)
-    (args.out / "width_quality.json").write_text(json.dumps(table, indent=2))
+        print(
+            f"{name:<28} ppl {table[name]['perplexity']:>10.2f}  params {table[name]['parameter_ratio']:.3f}  "
+            f"FLOPs {table[name]['flop_ratio']:.3f}",
+            flush=True,
+        )
+    write_json(args.out / "width_quality.json", table)
 
 
 if __name__ == "__main__":

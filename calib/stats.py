@@ -35,7 +35,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from pangu_light.calib.taps import TapLayout, add_statistic_taps
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
+from pangu_light.core.files import atomic_write
 from pangu_light.core.paths import record_path, resolve_recorded_path
 from pangu_light.passes.analysis.model_map import ModelMap
 
@@ -58,7 +60,7 @@ class CalibrationStats:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same folder, then rename). The graph the
+        """Write atomically (``core.files.atomic_write``). The graph the
         statistics describe is recorded relative to the stats file (absolute as fallback)."""
         meta = dict(self.meta)
         if meta.get("graph"):
@@ -73,10 +75,8 @@ class CalibrationStats:
         arrays.update({f"ffn.{i}": f for i, f in enumerate(self.ffn)})
         arrays.update({f"s_inv.{name}": np.array(v) for name, v in self.s_inv.items()})
         arrays.update({f"gamma.{name}": g for name, g in self.gamma.items()})
-        path = Path(path)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".npz", delete=False) as tmp:
-            np.savez(tmp, **arrays)
-        os.replace(tmp.name, path)
+        with atomic_write(path, suffix=".npz") as temporary:
+            np.savez(temporary, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationStats:
@@ -173,6 +173,7 @@ def calibrate(
 
     The graph at ``graph_path`` is not modified: a tapped copy is written to a temporary file
     (ONNX Runtime reads models from files) and removed afterwards."""
+    from pangu_light.runtime.layout import DecodeLayout
     from pangu_light.runtime.session import create_session
 
     if aggregation not in AGGREGATIONS:
@@ -181,7 +182,7 @@ def calibrate(
     model_map = ModelMap.from_model(model)
     layout = add_statistic_taps(model, model_map)
     common_passes.RemoveUnusedNodesPass()(model)  # what only fed the logits (lm_head, ...)
-    past_inputs = [v for v in model.graph.inputs if v.name.startswith("past_key_values.")]
+    decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
     with tempfile.TemporaryDirectory(prefix="pangu-light-calib-") as workdir:
         tapped = Path(workdir) / "tapped.onnx"
         ir.save(model, tapped, external_data="tapped.onnx.data")
@@ -189,11 +190,12 @@ def calibrate(
         info = create_session(tapped, provider=provider, threads=threads)
         accumulator = StatsAccumulator(layout)
         names = layout.outputs()
+        # A decode graph calibrates with an empty past.
+        cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
         for input_ids, mask in batches:
-            feeds = {"input_ids": input_ids.astype(np.int64), layout.mask_name: mask.astype(np.int64)}
-            for past in past_inputs:  # a decode graph calibrates with an empty past
-                kv_heads, head_dim = past.shape[1], past.shape[3]
-                feeds[past.name] = np.zeros((input_ids.shape[0], kv_heads, 0, head_dim), np.float32)
+            feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), layout.mask_name: mask.astype(np.int64)}
+            if cache is not None:
+                feeds.update(cache.empty_past(input_ids.shape[0]))
             outputs = dict(zip(names, info.session.run(names, feeds)))
             accumulator.add(outputs, mask)
             if on_batch is not None:

@@ -21,6 +21,11 @@ Two graph kinds (names as ONNX Runtime GenAI and optimum use them)::
 Positions are computed inside the graph from the attention mask (cumsum - 1), so batches
 with left padding need no extra input. Attention is exported in its eager form (explicit
 MatMul/Softmax) so every family, Gemma2's logit soft-capping included, has one shape.
+
+``export_to_file`` is the export stage: resolve a model (alias, directory or hub id), check its
+family from config.json before reading weights, export, record the tokenizer directory and the
+model spec in the metadata, derive the model map (the check that passes can read the graph) and
+save atomically.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ import ast
 import contextlib
 import io
 import logging
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -39,9 +47,13 @@ import transformers
 from onnxscript.optimizer import _constant_folding
 from transformers.cache_utils import DynamicCache
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
+from pangu_light.frontend.loading import load_hf_model, resolve_model
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.graph_io import refuse_overwrite_input, save_model_atomic
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ExportOptions", "export_model", "check_supported"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ExportOptions", "export_model", "export_to_file", "check_supported"]
 
 # config.model_type -> the family name used across the project.
 SUPPORTED_MODEL_TYPES = {
@@ -57,7 +69,6 @@ SUPPORTED_MODEL_TYPES = {
 
 OPSET = 18
 _WRAPPED = "m"  # attribute name of the HF model inside the export wrappers
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _NOISY_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "namespace")
 
 
@@ -203,9 +214,9 @@ def export_model(
     onnx_model = program.model
     _strip_wrapper_prefix(onnx_model)
     clean_graph(onnx_model)
-    onnx_model.metadata_props["pangu_light.family"] = family
-    onnx_model.metadata_props["pangu_light.graph_kind"] = "decode" if options.kv_cache else "no-cache"
-    onnx_model.metadata_props["pangu_light.source_config"] = model.config.to_json_string(use_diff=False)
+    onnx_model.metadata_props[contract.FAMILY] = family
+    onnx_model.metadata_props[contract.GRAPH_KIND] = "decode" if options.kv_cache else "no-cache"
+    onnx_model.metadata_props[contract.SOURCE_CONFIG] = model.config.to_json_string(use_diff=False)
     return onnx_model
 
 
@@ -244,10 +255,10 @@ def _strip_wrapper_prefix(model: ir.Model) -> None:
     for node in model.graph:
         for noisy in _NOISY_METADATA:  # local file paths and FX dumps, megabytes on big models
             node.metadata_props.pop(noisy, None)
-        scopes = node.metadata_props.get(NAME_SCOPES_KEY)
+        scopes = node.metadata_props.get(contract.TORCH_NAME_SCOPES)
         if scopes is None:
             continue
-        node.metadata_props[NAME_SCOPES_KEY] = _strip_scopes(scopes, prefix)
+        node.metadata_props[contract.TORCH_NAME_SCOPES] = _strip_scopes(scopes, prefix)
 
 
 def _strip_scopes(scopes: str, prefix: str) -> str:
@@ -267,3 +278,69 @@ def _quiet_exporter():
             yield
         finally:
             logging.getLogger("torch").setLevel(previous)
+
+
+def export_to_file(spec: str, output: Path | None, *, kv_cache: bool, progress: Callable[[str], None] | None = None):
+    """Resolve, load, check, export and save ``spec``; return ``(ir_model, model_map, seconds)``.
+
+    ``progress(message)`` is called before each slow step.
+    """
+    note = progress or (lambda message: None)
+    start = time.perf_counter()
+    _check_output(output)
+    model_dir = resolve_model(spec)
+    _check_output(output, model_dir)
+
+    # The architecture is checked from config.json before any weights are read.
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    except Exception as error:  # transformers raises ValueError/KeyError/OSError variously
+        raise PanguLightError(
+            f"cannot read the config of {model_dir} ({type(error).__name__}: {error}); "
+            "pass a Hugging Face model directory with a valid config.json"
+        ) from None
+    check_supported(config)
+
+    note(f"loading {spec} from {model_dir} (float32)")
+    try:
+        hf_model = load_hf_model(model_dir)
+    except PanguLightError:
+        raise
+    except Exception as error:  # missing or truncated weights, unknown classes, ...
+        raise PanguLightError(
+            f"cannot load the model in {model_dir} ({type(error).__name__}: {error}); "
+            "check that its weight files are complete"
+        ) from None
+    check_supported(hf_model.config)
+    n_params = sum(p.numel() for p in hf_model.parameters())
+    kind = "decode (KV cache)" if kv_cache else "no-cache"
+    note(f"exporting the {kind} graph of {n_params / 1e6:.1f}M parameters and cleaning it "
+         "(torch.onnx dynamo export, constant folding)")
+    ir_model = export_model(hf_model, ExportOptions(kv_cache=kv_cache))
+    del hf_model
+    ir_model.metadata_props[contract.TOKENIZER] = str(model_dir)
+    ir_model.metadata_props[contract.SOURCE_MODEL] = str(spec)
+
+    note("deriving the model map")
+    try:
+        model_map = ModelMap.from_model(ir_model)
+    except PanguLightError as error:
+        raise PanguLightError(
+            f"the exported graph is not one the passes can read ({error}); this is a bug in "
+            "pangu-light's exporter, please report it with the model's config.json"
+        ) from None
+
+    note(f"saving {output}")
+    save_model_atomic(ir_model, output)
+    return ir_model, model_map, time.perf_counter() - start
+
+
+def _check_output(output: Path | None, model_dir: Path | None = None) -> None:
+    if output is None:
+        raise PanguLightError(
+            "export needs -o OUTPUT, e.g. `pangu-light export smollm2-135m -o model.onnx`"
+        )
+    if output.is_dir():
+        raise PanguLightError(f"output {output} is a directory; pass a file path such as {output / 'model.onnx'}")
+    if model_dir is not None and model_dir.is_dir():
+        refuse_overwrite_input(output, *sorted(model_dir.iterdir()))

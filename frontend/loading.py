@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from pangu_light.core.cache import default_cache_dir
 from pangu_light.core.errors import PanguLightError
+from pangu_light.core.files import share_permissions, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -185,6 +184,9 @@ def _resolve_alias(key: str, cache_dir: Path) -> Path:
         _install(alias)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(target.parent, key)
+    # Not core.files.atomic_directory: the ".tmp-<alias>-" names let a later run remove the
+    # leftovers of a killed conversion, and when another process finished first its result is
+    # kept rather than replaced.
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=target.parent))
     try:
         _convert(key, alias, work)
@@ -210,16 +212,6 @@ def _remove_abandoned(models_dir: Path, key: str, age_s: float = 3600.0) -> None
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError:
             pass
-
-
-def share_permissions(directory: Path) -> None:
-    """Give the converted files the usual modes (mkdtemp and safetensors write them private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
 
 
 def _install(alias: Alias) -> None:
@@ -290,7 +282,7 @@ def _convert(key: str, alias: Alias, work: Path) -> None:
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
-    (work / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+    write_json(work / SOURCE_FILE, source)
     seconds = time.perf_counter() - start
     print(f"converted {alias.name} in {seconds:.0f} s", file=sys.stderr, flush=True)
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from pangu_light.core import contract
 from pangu_light.runtime.errors import RuntimeUserError
 from pangu_light.runtime.generate import GenerationResult, generate
 
@@ -94,13 +95,13 @@ def workload_requests(name: str, scale: int = 1) -> list[Request]:
 def graph_kind(session: ort.InferenceSession) -> str:
     """``decode`` when the graph takes a KV cache (past_key_values.* inputs), else ``no-cache``."""
     names = [arg.name for arg in session.get_inputs()]
-    return "decode" if any(name.startswith("past_key_values.") for name in names) else "no-cache"
+    return "decode" if any(contract.is_past_input(name) for name in names) else "no-cache"
 
 
 def logits_vocab(session: ort.InferenceSession) -> int | None:
     """The fixed last dimension of the graph's ``logits`` output (None when symbolic)."""
     for arg in session.get_outputs():
-        if arg.name == "logits" and isinstance(arg.shape[-1], int):
+        if arg.name == contract.LOGITS and isinstance(arg.shape[-1], int):
             return arg.shape[-1]
     return None
 
@@ -114,11 +115,11 @@ def make_prompts(vocab: int, requests: Sequence[Request], batch: int, seed: int 
 def _run_no_cache(session: ort.InferenceSession, prompts: list[list[int]]) -> GenerationResult:
     """One forward of a no-cache graph over the prompts: the prefill, and its arg-max token."""
     ids = np.asarray(prompts, dtype=np.int64)
-    feeds = {"input_ids": ids}
-    if any(arg.name == "attention_mask" for arg in session.get_inputs()):
-        feeds["attention_mask"] = np.ones_like(ids)
+    feeds = {contract.INPUT_IDS: ids}
+    if any(arg.name == contract.ATTENTION_MASK for arg in session.get_inputs()):
+        feeds[contract.ATTENTION_MASK] = np.ones_like(ids)
     start = time.perf_counter()
-    logits = session.run(["logits"], feeds)[0]
+    logits = session.run([contract.LOGITS], feeds)[0]
     tokens = np.argmax(logits[:, -1, :], axis=-1)
     elapsed = time.perf_counter() - start
     return GenerationResult([[int(t)] for t in tokens], elapsed, 0.0, 0, len(prompts))

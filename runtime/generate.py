@@ -10,7 +10,7 @@ different lengths is LEFT-padded with ``pad_token_id`` and mask 0. The prefill r
 padded batch with past tensors of length 0; each later step feeds one token per sequence and
 the previous step's present tensors as the past. After pruning, layers may be fewer and
 kv_i / d_i may differ per layer: they are read from the graph's input types, never from a
-config.
+config (``runtime.layout.DecodeLayout``).
 
 The KV cache lives in buffers allocated once per generation on the device of the session's
 provider, sized for prompt + max_new_tokens - 1 positions, two per cache tensor: each step
@@ -18,246 +18,25 @@ binds (IO binding) its past to one and its present to the other, then they swap.
 allocated per step and the cache never crosses into numpy: only the token ids, the mask and
 the last position's logits do.
 
-The choice of the next token is a plug-in (``TokenSelector``: last-position logits [B, V] ->
-token ids [B]): ``argmax_selector`` (greedy, the default) or ``Sampling(temperature, top_k,
-top_p, seed)``, seeded per row so that a seed reproduces its tokens.
+The choice of the next token is a plug-in from ``runtime.sampling``: ``argmax_selector``
+(greedy, the default) or ``Sampling(temperature, top_k, top_p, seed)``.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
+from pangu_light.core import contract
 from pangu_light.runtime.errors import RuntimeUserError
+from pangu_light.runtime.layout import DecodeLayout
+from pangu_light.runtime.sampling import Sampling, TokenSelector, argmax_selector
 
-__all__ = [
-    "DecodeLayout",
-    "GenerationResult",
-    "KVLayer",
-    "Sampling",
-    "TokenSelector",
-    "argmax_selector",
-    "generate",
-    "greedy_generate",
-    "left_pad",
-]
-
-# last-position logits [batch, vocab] -> next token ids [batch] (int64)
-TokenSelector = Callable[[np.ndarray], np.ndarray]
-
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-_NUMPY_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-}
-
-
-def argmax_selector(logits: np.ndarray) -> np.ndarray:
-    """Greedy choice: the first index of the largest logit in each row."""
-    return np.argmax(logits, axis=-1).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling settings; ``selector(batch)`` makes a seeded ``TokenSelector`` from them.
-
-    For each row of last-position logits z (computed in float64):
-
-    1. ``temperature`` T: p = softmax(z / T). T = 0 is greedy (the arg-max).
-    2. ``top_k`` k > 0: keep the k largest logits (k = 1 is the arg-max, first index on ties,
-       exactly as greedy); 0 keeps all.
-    3. ``top_p`` p in (0, 1]: of what is left, keep the smallest set of most likely tokens
-       whose probabilities sum to at least p (the nucleus; always at least one token).
-    4. Draw one token from the kept probabilities, renormalised.
-
-    Each row has its own random stream, ``SeedSequence(seed).spawn(batch)[row]``, so with a
-    seed the same prompts give the same tokens in every call, whatever the other rows do
-    (a finished row still draws, and its draw is discarded). ``seed=None`` draws fresh
-    entropy.
-    """
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise RuntimeUserError(f"temperature must be 0 (greedy) or more (got {self.temperature})")
-        if not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise RuntimeUserError(f"top_k must be a whole number, 0 for no limit (got {self.top_k})")
-        if not 0 < self.top_p <= 1:
-            raise RuntimeUserError(f"top_p must be in (0, 1], 1 for no nucleus cut (got {self.top_p})")
-        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
-            raise RuntimeUserError(f"seed must be a non-negative whole number (got {self.seed})")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-    def selector(self, batch: int) -> TokenSelector:
-        """A fresh selector for ``batch`` rows: the same seed gives the same draws."""
-        if self.greedy:
-            return argmax_selector
-        generators = [np.random.default_rng(child) for child in np.random.SeedSequence(self.seed).spawn(batch)]
-
-        def select(logits: np.ndarray) -> np.ndarray:
-            if logits.shape[0] != batch:
-                raise RuntimeUserError(
-                    f"this sampling selector was made for {batch} rows but got {logits.shape[0]}: "
-                    "make one per generation call (Sampling.selector(batch))"
-                )
-            return np.array(
-                [self.sample_row(row, generator) for row, generator in zip(logits, generators)], dtype=np.int64
-            )
-
-        return select
-
-    def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(token ids, probabilities) that one row's draw chooses from: with a top-k or top-p cut,
-        most likely first (ties by index); without one, the whole vocabulary in id order."""
-        z = np.asarray(logits, dtype=np.float64) / self.temperature
-        vocab = z.shape[-1]
-        if self.top_k and self.top_k < vocab:
-            ids = np.argpartition(-z, self.top_k - 1)[: self.top_k]
-        elif self.top_p < 1:
-            ids = np.arange(vocab)
-        else:  # no cut at all: no need to sort
-            probs = np.exp(z - z.max())
-            return np.arange(vocab), probs / probs.sum()
-        ids = ids[np.lexsort((ids, -z[ids]))]  # by logit, descending; ties by index
-        probs = np.exp(z[ids] - z[ids[0]])
-        probs /= probs.sum()
-        if self.top_p < 1:
-            keep = int(np.searchsorted(np.cumsum(probs), self.top_p)) + 1
-            ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
-        return ids, probs
-
-    def sample_row(self, logits: np.ndarray, generator: np.random.Generator) -> int:
-        ids, probs = self.candidates(logits)
-        cumulative = np.cumsum(probs)
-        index = int(np.searchsorted(cumulative, generator.random() * cumulative[-1], side="right"))
-        return int(ids[min(index, len(ids) - 1)])
-
-
-@dataclass(frozen=True)
-class KVLayer:
-    """One layer's cache tensors as the graph declares them."""
-
-    past_key: str
-    past_value: str
-    present_key: str
-    present_value: str
-    kv_heads: int
-    head_dim: int
-    dtype: type
-
-
-@dataclass(frozen=True)
-class DecodeLayout:
-    """The names and per-layer cache shapes of a decode graph, read from the session."""
-
-    layers: tuple[KVLayer, ...]
-    vocab: int | None
-    logits_dtype: type = np.float32
-
-    @classmethod
-    def from_session(cls, session: ort.InferenceSession) -> DecodeLayout:
-        inputs = {arg.name: arg for arg in session.get_inputs()}
-        outputs = {arg.name: arg for arg in session.get_outputs()}
-        past = {}
-        for name in inputs:
-            match = _PAST.match(name)
-            if match:
-                past[(int(match.group(1)), match.group(2))] = inputs[name]
-        if not past:
-            raise RuntimeUserError(
-                "the graph has no past_key_values.* inputs (a no-cache graph), so it cannot decode "
-                "token by token: export it with `pangu-light export --kv-cache`"
-            )
-        for required, table, kind in (
-            ("input_ids", inputs, "input"),
-            ("attention_mask", inputs, "input"),
-            ("logits", outputs, "output"),
-        ):
-            if required not in table:
-                raise RuntimeUserError(
-                    f"the decode graph has no {kind} {required!r}: use a graph written by "
-                    "`pangu-light export --kv-cache` (or compiled from one)"
-                )
-        layers = []
-        for index in sorted({layer for layer, _ in past}):
-            names = {}
-            for kind in ("key", "value"):
-                if (index, kind) not in past:
-                    raise RuntimeUserError(
-                        f"the decode graph has past_key_values.{index} without its {kind}: the "
-                        "graph is damaged; re-export it with `pangu-light export --kv-cache`"
-                    )
-                present = f"present.{index}.{kind}"
-                if present not in outputs:
-                    raise RuntimeUserError(
-                        f"the decode graph has no output {present!r} for input "
-                        f"past_key_values.{index}.{kind}: re-export it with `pangu-light export --kv-cache`"
-                    )
-                names[kind] = past[(index, kind)]
-            shape = names["key"].shape
-            if len(shape) != 4 or not all(isinstance(dim, int) for dim in (shape[1], shape[3])):
-                raise RuntimeUserError(
-                    f"past_key_values.{index}.key has shape {shape}, not [batch, kv_heads, "
-                    "past_sequence, head_dim] with fixed kv_heads and head_dim: re-export the graph"
-                )
-            value_shape = names["value"].shape
-            if len(value_shape) != 4 or value_shape[1] != shape[1]:
-                raise RuntimeUserError(
-                    f"past_key_values.{index}.value has shape {value_shape}, which does not match "
-                    f"the key's {shape}: re-export the graph"
-                )
-            dtype = _NUMPY_DTYPES.get(names["key"].type)
-            if dtype is None:
-                raise RuntimeUserError(
-                    f"past_key_values.{index}.key has element type {names['key'].type}; the runtime "
-                    f"handles {', '.join(_NUMPY_DTYPES)}: export in float32"
-                )
-            layers.append(
-                KVLayer(
-                    past_key=f"past_key_values.{index}.key",
-                    past_value=f"past_key_values.{index}.value",
-                    present_key=f"present.{index}.key",
-                    present_value=f"present.{index}.value",
-                    kv_heads=shape[1],
-                    head_dim=shape[3],
-                    dtype=dtype,
-                )
-            )
-        vocab = outputs["logits"].shape[-1]
-        return cls(
-            layers=tuple(layers),
-            vocab=vocab if isinstance(vocab, int) else None,
-            logits_dtype=_NUMPY_DTYPES.get(outputs["logits"].type, np.float32),
-        )
-
-    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        """Zero-length past tensors [batch, kv_i, 0, d_i] for the prefill."""
-        past = {}
-        for layer in self.layers:
-            empty = np.zeros((batch, layer.kv_heads, 0, layer.head_dim), dtype=layer.dtype)
-            past[layer.past_key] = empty
-            past[layer.past_value] = empty
-        return past
-
-    def past_to_present(self) -> list[tuple[str, str]]:
-        pairs = []
-        for layer in self.layers:
-            pairs.append((layer.past_key, layer.present_key))
-            pairs.append((layer.past_value, layer.present_value))
-        return pairs
+__all__ = ["GenerationResult", "generate", "greedy_generate", "left_pad"]
 
 
 @dataclass
@@ -371,17 +150,17 @@ class _BoundRunner:
             )
         # bind_cpu_input wraps the numpy buffer: keep the arrays alive until the run returns.
         self._keep = [np.ascontiguousarray(input_ids), np.ascontiguousarray(attention_mask)]
-        binding.bind_cpu_input("input_ids", self._keep[0])
-        binding.bind_cpu_input("attention_mask", self._keep[1])
+        binding.bind_cpu_input(contract.INPUT_IDS, self._keep[0])
+        binding.bind_cpu_input(contract.ATTENTION_MASK, self._keep[1])
         step_logits = new == 1 and self.step_logits is not None
         if step_logits:
             binding.bind_output(
-                "logits", "cpu", 0, self.step_logits.dtype.type, list(self.step_logits.shape),
+                contract.LOGITS, "cpu", 0, self.step_logits.dtype.type, list(self.step_logits.shape),
                 self.step_logits.ctypes.data,
             )
         else:  # the prefill: ONNX Runtime allocates [batch, S, vocab]; bound first, so output 0
             binding.clear_binding_outputs()
-            binding.bind_output("logits", "cpu")
+            binding.bind_output(contract.LOGITS, "cpu")
         read, write = self.current, 1 - self.current
         for (past, present, dtype, (kv, dim)), pointers in zip(self.tensors, self.pointers):
             binding.bind_input(past, self.device, self.device_id, dtype, [batch, kv, self.length, dim], pointers[read])
@@ -402,11 +181,11 @@ class _NumpyRunner:
     def __init__(self, session: ort.InferenceSession, layout: DecodeLayout, batch: int):
         self.session = session
         self.layout = layout
-        self.output_names = ["logits"] + [present for _, present in layout.past_to_present()]
+        self.output_names = [contract.LOGITS] + [present for _, present in layout.past_to_present()]
         self.past: dict[str, np.ndarray] = layout.empty_past(batch)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **self.past}
+        feeds = {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask, **self.past}
         values = self.session.run(self.output_names, feeds)
         self.past = {
             past: value for (past, _), value in zip(self.layout.past_to_present(), values[1:])

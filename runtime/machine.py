@@ -1,5 +1,6 @@
 """The machine a measurement ran on: CPU model, cores, RAM, OS, onnxruntime and its providers,
 and the load average (other work on the machine skews timings; a report should say so).
+``reports.machine.format_machine`` writes the description as one line.
 
 Read from the standard library, ``/proc`` where it exists and onnxruntime; nothing is run.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-__all__ = ["describe_machine", "format_machine", "load_average", "peak_rss_bytes", "current_rss_bytes"]
+__all__ = ["describe_machine", "load_average", "peak_rss_bytes", "current_rss_bytes"]
 
 
 def _cpuinfo() -> list[dict[str, str]]:
@@ -109,19 +110,3 @@ def describe_machine() -> dict[str, Any]:
         "available_providers": list(ort.get_available_providers()),
     }
 
-
-def format_machine(machine: dict[str, Any]) -> str:
-    """One line for the top of a report."""
-    ram = machine.get("ram_bytes")
-    physical = machine.get("physical_cores")
-    cores = f"{machine['logical_cores']} logical cores"
-    if physical:
-        cores += f" ({physical} physical)"
-    if machine.get("usable_cores") not in (None, machine["logical_cores"]):
-        cores += f", {machine['usable_cores']} usable"
-    parts = [machine["cpu_model"], cores]
-    if ram:
-        parts.append(f"{ram / 2**30:.1f} GiB RAM")
-    parts.append(machine["os"])
-    parts.append(f"onnxruntime {machine['onnxruntime']} ({', '.join(machine['available_providers'])})")
-    return ", ".join(parts)

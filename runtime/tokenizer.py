@@ -11,11 +11,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from pangu_light.core.contract import TOKENIZER
 from pangu_light.runtime.errors import RuntimeUserError
 
-__all__ = ["TOKENIZER_METADATA_KEY", "Tokenizer", "find_tokenizer_dir", "load_tokenizer"]
-
-TOKENIZER_METADATA_KEY = "pangu_light.tokenizer"
+__all__ = ["Tokenizer", "find_tokenizer_dir", "load_tokenizer"]
 
 
 def find_tokenizer_dir(
@@ -27,16 +26,16 @@ def find_tokenizer_dir(
         path = Path(override).expanduser()
         source = "--tokenizer"
     else:
-        recorded = metadata.get(TOKENIZER_METADATA_KEY)
+        recorded = metadata.get(TOKENIZER)
         if not recorded:
             raise RuntimeUserError(
-                f"{str(model_path)!r} does not record its tokenizer (no {TOKENIZER_METADATA_KEY} "
+                f"{str(model_path)!r} does not record its tokenizer (no {TOKENIZER} "
                 "metadata): pass --tokenizer DIR, the Hugging Face model directory it was exported from"
             )
         path = Path(recorded).expanduser()
         if not path.is_absolute():
             path = Path(model_path).parent / path
-        source = f"the graph's {TOKENIZER_METADATA_KEY} metadata"
+        source = f"the graph's {TOKENIZER} metadata"
     if not path.is_dir():
         raise RuntimeUserError(
             f"tokenizer directory {str(path)!r} (from {source}) does not exist: pass --tokenizer DIR "
@@ -112,8 +111,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         try:
             return Tokenizer(AutoTokenizer.from_pretrained(str(directory)), hf=True, directory=directory)
         except Exception as error:  # transformers raises many types for a bad directory
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise RuntimeUserError(
-                f"could not load a tokenizer from {str(directory)!r} ({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
+                f"could not load a tokenizer from {str(directory)!r} ({reason}): "
                 "pass --tokenizer with a Hugging Face model directory holding tokenizer.json"
             ) from None
     try:

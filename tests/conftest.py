@@ -7,7 +7,6 @@ seconds per graph, so each (family, kind) is exported once and kept in the cache
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -39,24 +38,13 @@ def _graph_cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def exported_graph():
-    import onnx_ir as ir
-
-    from pangu_light.frontend.export import ExportOptions, export_model
-
     cache: dict[tuple[str, bool], tuple[object, Path]] = {}
-    root = _graph_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
 
     def get(family: str, kv_cache: bool = False):
         key = (family, kv_cache)
         if key not in cache:
             model = tiny_model(family)
-            path = root / f"{family}{'-kv' if kv_cache else ''}.onnx"
-            if not path.exists():
-                partial = path.with_suffix(f".{os.getpid()}.partial")
-                ir.save(export_model(model, ExportOptions(kv_cache=kv_cache)), partial)
-                os.replace(partial, path)
-            cache[key] = (model, path)
+            cache[key] = (model, _cached_export(model, family, kv_cache))
         return cache[key]
 
     return get
@@ -78,18 +66,16 @@ def smollm2_model(smollm2_dir):
 
 
 def _cached_export(model, name: str, kv_cache: bool) -> Path:
-    """Export ``model`` once into the graph cache as ``name[-kv].onnx`` (atomic rename)."""
+    """Export ``model`` once into the graph cache as ``name[-kv].onnx`` (written atomically)."""
     import onnx_ir as ir
 
+    from pangu_light.core.files import atomic_write
     from pangu_light.frontend.export import ExportOptions, export_model
 
-    root = _graph_cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{name}{'-kv' if kv_cache else ''}.onnx"
+    path = _graph_cache_dir() / f"{name}{'-kv' if kv_cache else ''}.onnx"
     if not path.exists():
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        ir.save(export_model(model, ExportOptions(kv_cache=kv_cache)), partial)
-        os.replace(partial, path)
+        with atomic_write(path) as temporary:
+            ir.save(export_model(model, ExportOptions(kv_cache=kv_cache)), temporary)
     return path
 
 

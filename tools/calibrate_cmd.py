@@ -16,15 +16,14 @@ mean over each sequence, then the L2 norm over sequences (Minitron's choice).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from pangu_light.core.errors import PanguLightError
-from pangu_light.tools.io import refuse_overwrite_input
-from pangu_light.tools.text_data import add_text_arguments, graph_tokenizer, sequences_for
+from pangu_light.passes.infra.graph_io import refuse_overwrite_input
+from pangu_light.tools.arguments import add_text_arguments
 
-__all__ = ["HELP", "add_arguments", "run", "calibrate_graph"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "compute importance statistics of a graph on calibration text (-> stats.npz)"
 
@@ -46,44 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def calibrate_graph(
-    model_path: Path, *, data: str, samples: int | None, seq_len: int, seed: int, batch_size: int,
-    aggregation: str = "paper", provider: str = "cpu", threads: int | None = None,
-    tokenizer: Path | None = None, quiet: bool = False,
-):
-    """Tokenize the calibration text for ``model_path`` and run ``calib.stats.calibrate``."""
-    from tqdm import tqdm
-
-    from pangu_light.calib.stats import batched, calibrate
-
-    metadata = load_model_metadata(model_path)
-    encode, bos_id = graph_tokenizer(model_path, metadata, tokenizer)
-    sequences = sequences_for(data, encode, bos_id, samples=samples, seq_len=seq_len, seed=seed, split="calib")
-    meta = {"data": data, "split": "calib", "samples": int(len(sequences)), "seq_len": seq_len, "seed": seed}
-    with tqdm(total=int(sequences.size), unit="tok", desc="calibrate", disable=quiet, file=sys.stderr) as bar:
-        return calibrate(
-            model_path, batched(sequences, batch_size), aggregation=aggregation, provider=provider,
-            threads=threads, meta=meta, on_batch=bar.update,
-        )
-
-
-def load_model_metadata(path: Path) -> dict[str, str]:
-    """The graph's metadata_props, read without its weights."""
-    import onnx
-
-    if not path.is_file():
-        raise PanguLightError(f"{path}: no such file; pass the path of an .onnx graph")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # protobuf raises several unrelated types for a corrupt file
-        raise PanguLightError(f"{path} is not a readable ONNX model ({type(error).__name__}); re-export it") from None
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 def run(args: argparse.Namespace) -> int:
     refuse_overwrite_input(args.output, args.model)
     if args.output.suffix != ".npz":
         raise PanguLightError(f"the statistics file must end in .npz (got {args.output})")
+    from pangu_light.calib.calibrate import calibrate_graph
+
     start = time.perf_counter()
     stats = calibrate_graph(
         args.model, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
@@ -93,9 +60,11 @@ def run(args: argparse.Namespace) -> int:
     stats.save(args.output)
     seconds = time.perf_counter() - start
     order = stats.block_influence.argsort()
-    print(f"calibrated on {stats.tokens:,} tokens of {args.data!r} in {seconds:.1f} s ({stats.tokens / seconds:,.0f} tokens/s)")
+    rate = stats.tokens / seconds
+    print(f"calibrated on {stats.tokens:,} tokens of {args.data!r} in {seconds:.1f} s ({rate:,.0f} tokens/s)")
     print(f"lowest Block Influence: layers {', '.join(str(int(i)) for i in order[:6])}")
     if stats.s_inv:
-        print(f"post-norm s_inv: {len(stats.s_inv)} norms, {min(stats.s_inv.values()):.4g} .. {max(stats.s_inv.values()):.4g}")
+        low, high = min(stats.s_inv.values()), max(stats.s_inv.values())
+        print(f"post-norm s_inv: {len(stats.s_inv)} norms, {low:.4g} .. {high:.4g}")
     print(f"wrote {args.output}")
     return 0

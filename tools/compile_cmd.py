@@ -30,10 +30,10 @@ from pathlib import Path
 
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.infra import registry
+from pangu_light.passes.infra.graph_io import load_model, refuse_overwrite_input, save_model_atomic
 from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import Pipeline
 from pangu_light.passes.infra.plan import load_plan
-from pangu_light.tools.io import load_model, refuse_overwrite_input, save_model_atomic
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="check the graph (ONNX checker + strict shape inference) before the first pass and after every pass that changed it",
+        help="check the graph (ONNX checker + strict shape inference) before the first pass and after every "
+        "pass that changed it",
     )
     parser.add_argument(
         "--dump-after-change",
@@ -59,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="write the graph after every pass that changed it to DIR/NN-passname.onnx",
     )
-    parser.add_argument("--list-passes", action="store_true", help="list the registered passes and their options, then exit")
+    parser.add_argument(
+        "--list-passes", action="store_true", help="list the registered passes and their options, then exit"
+    )
     parser.add_argument("--progress", action="store_true", help="print a line to stderr as each pass starts and ends")
 
 
@@ -112,9 +115,7 @@ def run(args: argparse.Namespace) -> int:
             if args.progress:
                 print(f"    dumped {path}", file=sys.stderr)
 
-    report = run_pipeline(
-        model, pipeline, verify=args.verify, after_change=after_change, progress=args.progress
-    )
+    report = run_pipeline(model, pipeline, verify=args.verify, after_change=after_change, progress=args.progress)
     print(report)
     save_model_atomic(model, args.output)
     print(f"wrote {args.output}")

@@ -28,7 +28,8 @@ from typing import Any
 
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_stats import DEFAULT_CONTEXT, GraphStats, LayerStats
-from pangu_light.tools.io import load_model
+from pangu_light.passes.infra.graph_io import load_model
+from pangu_light.reports.table import format_table
 
 __all__ = ["HELP", "add_arguments", "run", "diff_stats", "format_diff", "match_layers"]
 
@@ -176,13 +177,11 @@ def _ratio(pair: dict[str, Any]) -> str:
     return "-" if pair["ratio"] is None else f"{pair['ratio']:.4f}"
 
 
-def _layer_cells(layer: dict[str, Any] | None) -> str:
+def _layer_cells(layer: dict[str, Any] | None) -> list[str]:
     if layer is None:
-        return ""
-    return (
-        f"{layer['num_heads']:>5} {layer['num_kv_heads']:>3} {layer['head_dim']:>4} "
-        f"{layer['intermediate_size']:>6} {layer['parameters']:>10,}"
-    )
+        return [""] * 5
+    keys = ("num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+    return [str(layer[key]) for key in keys] + [f"{layer['parameters']:,}"]
 
 
 def format_diff(diff: dict[str, Any]) -> str:
@@ -208,9 +207,7 @@ def format_diff(diff: dict[str, Any]) -> str:
     add("hidden size", diff["hidden_size"])
     add("vocab size", diff["vocab_size"])
     add("layers", diff["num_layers"])
-    widths = [max(len(r[c]) for r in rows) for c in range(4)]
-    for r in rows:
-        lines.append(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}".rstrip())
+    lines.append(format_table(rows))
 
     layers = diff["layers"]
     lines.append("")
@@ -229,18 +226,17 @@ def format_diff(diff: dict[str, Any]) -> str:
             f"per layer, by position: cannot tell how B's layers relate to A's "
             f"({layers['unmatched_reason']}); A has {diff['num_layers']['a']}, B {diff['num_layers']['b']}"
         )
-    head = f"{'heads':>5} {'kv':>3} {'hd':>4} {'ffn':>6} {'params':>10}"
-    lines.append(f"{'A':>5} {head}  | {'B':>5} {head}  changed")
-    blank = " " * len(head)
+    head = ("heads", "kv", "hd", "ffn", "params")
+    table = [("A", *head, "|", "B", *head, "changed")]
     for row in layers["rows"]:
         a_idx = "" if row["a_index"] is None else str(row["a_index"])
         if row["b"] is None and row["a"] is not None and layers["matched_by"] is not None:
-            right = f"{'':>5} {'removed':<{len(head)}}"
+            right = ["", "removed", "", "", "", ""]
         else:
-            b_idx = "" if row["b_index"] is None else str(row["b_index"])
-            right = f"{b_idx:>5} {_layer_cells(row['b']) or blank}"
-        left = f"{a_idx:>5} {_layer_cells(row['a']) or blank}"
-        lines.append(f"{left}  | {right}  {' '.join(_short(k) for k in row['changed'])}".rstrip())
+            right = ["" if row["b_index"] is None else str(row["b_index"]), *_layer_cells(row["b"])]
+        changed = " ".join(_short(k) for k in row["changed"])
+        table.append((a_idx, *_layer_cells(row["a"]), "|", *right, changed))
+    lines.append(format_table(table, align="rrrrrrlrrrrrrl", gap=" "))
 
     lines.append("")
     if diff["op_counts"]:

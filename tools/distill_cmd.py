@@ -30,8 +30,8 @@ import math
 import os
 from pathlib import Path
 
+from pangu_light.calib.text import graph_tokenizer, sequences_for
 from pangu_light.core.errors import PanguLightError
-from pangu_light.tools.text_data import graph_tokenizer, sequences_for
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -43,9 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", required=True, help="the unpruned model: alias, local HF directory or hub id")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", default="wiki", help="training text: wiki (default), lambada, or a .txt/.jsonl file (calibration split)")
+    data.add_argument(
+        "--data",
+        default="wiki",
+        help="training text: wiki (default), lambada, or a .txt/.jsonl file (calibration split)",
+    )
     data.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    data.add_argument("--train-samples", type=int, help="use only this many training windows (default: all of the split)")
+    data.add_argument(
+        "--train-samples", type=int, help="use only this many training windows (default: all of the split)"
+    )
     data.add_argument("--eval-data", help="held-out text (evaluation split; default: the same source as --data)")
     data.add_argument("--eval-samples", type=int, default=16, help="held-out windows (default 16)")
     data.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
@@ -60,26 +66,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this (default 0.1)")
     train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default 0)")
-    train.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.95)")
+    train.add_argument(
+        "--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.95)"
+    )
     train.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default 1.0)")
     train.add_argument("--temperature", type=float, default=1.0, help="KL temperature T (default 1)")
-    train.add_argument("--ce-weight", type=float, default=0.0, help="weight a of the next-token cross-entropy (default 0: KL only)")
-    train.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 matmuls (default: bfloat16 autocast)")
+    train.add_argument(
+        "--ce-weight", type=float, default=0.0, help="weight a of the next-token cross-entropy (default 0: KL only)"
+    )
+    train.add_argument(
+        "--no-bf16", dest="bf16", action="store_false", help="float32 matmuls (default: bfloat16 autocast)"
+    )
     train.add_argument("--chunk", type=int, default=256, help="token rows per chunk of the fused loss (default 256)")
     train.add_argument("--attn", choices=("eager", "sdpa"), help="student attention (default sdpa; eager for Gemma2)")
     train.add_argument("--threads", type=int, help="torch intra-op threads")
     teacher = parser.add_argument_group("teacher")
-    teacher.add_argument("--online-teacher", action="store_true", help="run the teacher every step instead of caching it")
-    teacher.add_argument("--teacher-cache", type=Path, help="cache directory (default OUTDIR/teacher_cache); runs on the same data share it")
-    teacher.add_argument("--teacher-cache-dtype", choices=("float32", "float16"), default="float32",
-                         help="cache precision (default float32, exact; float16 halves the disk)")
+    teacher.add_argument(
+        "--online-teacher", action="store_true", help="run the teacher every step instead of caching it"
+    )
+    teacher.add_argument(
+        "--teacher-cache",
+        type=Path,
+        help="cache directory (default OUTDIR/teacher_cache); runs on the same data share it",
+    )
+    teacher.add_argument(
+        "--teacher-cache-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="cache precision (default float32, exact; float16 halves the disk)",
+    )
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--eval-every", type=int, default=25, help="held-out evaluation every N steps (default 25)")
     run_group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
     run_group.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
-    run_group.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                           help="continue from the latest checkpoint in OUTDIR (or the one given)")
-    run_group.add_argument("--fsdp", action="store_true", help="under torchrun: shard the student (FSDP2) instead of DDP")
+    run_group.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in OUTDIR (or the one given)",
+    )
+    run_group.add_argument(
+        "--fsdp", action="store_true", help="under torchrun: shard the student (FSDP2) instead of DDP"
+    )
     run_group.add_argument("--no-export", dest="export", action="store_false", help="skip the ONNX re-export")
     run_group.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -89,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pangu_light.frontend.distill import DistillConfig, distill
     from pangu_light.frontend.loading import resolve_model
+    from pangu_light.passes.infra.graph_io import load_model_metadata
     from pangu_light.runtime.tokenizer import find_tokenizer_dir
-    from pangu_light.tools.calibrate_cmd import load_model_metadata
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,10 +130,18 @@ def run(args: argparse.Namespace) -> int:
     teacher_dir = resolve_model(args.teacher)
     tokenizer_dir = find_tokenizer_dir(args.graph, metadata, args.tokenizer)
     encode, eos_id = graph_tokenizer(args.graph, metadata, args.tokenizer)
-    train = sequences_for(args.data, encode, eos_id, samples=args.train_samples, seq_len=args.seq_len,
-                          seed=args.seed, split="calib")
-    evaluation = sequences_for(args.eval_data or args.data, encode, eos_id, samples=args.eval_samples,
-                               seq_len=args.seq_len, seed=args.seed, split="eval")
+    train = sequences_for(
+        args.data, encode, eos_id, samples=args.train_samples, seq_len=args.seq_len, seed=args.seed, split="calib"
+    )
+    evaluation = sequences_for(
+        args.eval_data or args.data,
+        encode,
+        eos_id,
+        samples=args.eval_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        split="eval",
+    )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = args.batch_size * args.grad_accum * world
     if args.steps is not None:
@@ -115,15 +153,37 @@ def run(args: argparse.Namespace) -> int:
         steps = math.ceil(tokens / (global_batch * args.seq_len))
     resume = args.resume if args.resume is True or args.resume is False else Path(args.resume)
     config = DistillConfig(
-        graph=args.graph, teacher_dir=teacher_dir, output=args.output, train_windows=train,
-        eval_windows=evaluation, tokenizer_dir=tokenizer_dir, steps=steps, micro_batch=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, betas=tuple(args.betas), clip=args.clip, temperature=args.temperature,
-        ce_weight=args.ce_weight, bf16=args.bf16, chunk=args.chunk, seed=args.seed,
-        online_teacher=args.online_teacher, teacher_cache_dir=args.teacher_cache,
-        teacher_cache_dtype=args.teacher_cache_dtype, eval_every=args.eval_every, save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints, resume=resume, fsdp=args.fsdp, attn_implementation=args.attn,
-        export=args.export, quiet=args.quiet,
+        graph=args.graph,
+        teacher_dir=teacher_dir,
+        output=args.output,
+        train_windows=train,
+        eval_windows=evaluation,
+        tokenizer_dir=tokenizer_dir,
+        steps=steps,
+        micro_batch=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        betas=tuple(args.betas),
+        clip=args.clip,
+        temperature=args.temperature,
+        ce_weight=args.ce_weight,
+        bf16=args.bf16,
+        chunk=args.chunk,
+        seed=args.seed,
+        online_teacher=args.online_teacher,
+        teacher_cache_dir=args.teacher_cache,
+        teacher_cache_dtype=args.teacher_cache_dtype,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=resume,
+        fsdp=args.fsdp,
+        attn_implementation=args.attn,
+        export=args.export,
+        quiet=args.quiet,
     )
     result = distill(config)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -140,6 +200,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.model_dir is not None:
         kind = "Hugging Face directory" if result.model_format == "hf" else "per-layer student (load_student)"
-        print(f"wrote {result.model_dir} ({kind})" + (f", {result.graph} (ORT vs PyTorch max |diff| {result.export_max_abs_diff:.2e})" if result.graph else ""))
+        print(
+            f"wrote {result.model_dir} ({kind})"
+            + (f", {result.graph} (ORT vs PyTorch max |diff| {result.export_max_abs_diff:.2e})" if result.graph else "")
+        )
     print(f"curves: {result.output / 'loss.png'}, {result.output / 'metrics.jsonl'}")
     return 0

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from pangu_light.tools.calibrate_cmd import load_model_metadata
-from pangu_light.tools.text_data import graph_tokenizer, sequences_for
+from pangu_light.reports.table import format_table
 
-__all__ = ["HELP", "add_arguments", "run", "evaluate_graphs"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "perplexity of graphs on held-out text (the evaluation split)"
 
@@ -35,24 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def evaluate_graphs(paths, *, data, samples, seq_len, seed=0, tokenizer=None, batch_size=4,
-                    provider="cpu", threads=None, quiet=False):
-    """{path: Perplexity} on one set of eval sequences drawn with the first graph's tokenizer."""
-    from tqdm import tqdm
-
-    from pangu_light.calib.evaluate import perplexity
-
-    encode, bos_id = graph_tokenizer(paths[0], load_model_metadata(Path(paths[0])), tokenizer)
-    sequences = sequences_for(data, encode, bos_id, samples=samples, seq_len=seq_len, seed=seed, split="eval")
-    results = {}
-    for path in paths:
-        with tqdm(total=int(sequences.size), unit="tok", desc=f"eval {Path(path).name}", disable=quiet, file=sys.stderr) as bar:
-            results[str(path)] = perplexity(path, sequences, batch_size=batch_size, provider=provider,
-                                            threads=threads, on_batch=bar.update)
-    return results
-
-
 def run(args: argparse.Namespace) -> int:
+    from pangu_light.calib.evaluate import evaluate_graphs
+
     results = evaluate_graphs(
         args.models, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         tokenizer=args.tokenizer, batch_size=args.batch_size, provider=args.provider,
@@ -61,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({path: r.to_json() for path, r in results.items()}, indent=2))
         return 0
-    width = max(len(p) for p in results)
-    print(f"{'graph':<{width}}  {'perplexity':>10}  {'nll':>7}  {'tokens':>7}   ({args.data}, eval split)")
-    for path, r in results.items():
-        print(f"{path:<{width}}  {r.perplexity:>10.3f}  {r.nll:>7.4f}  {r.tokens:>7}")
+    rows = [("graph", "perplexity", "nll", "tokens")]
+    rows += [(path, f"{r.perplexity:.3f}", f"{r.nll:.4f}", r.tokens) for path, r in results.items()]
+    print(f"({args.data}, eval split)")
+    print(format_table(rows))
     return 0

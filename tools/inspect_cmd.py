@@ -24,9 +24,10 @@ from typing import Any
 
 import onnx_ir as ir
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.tools.io import load_model
+from pangu_light.passes.infra.graph_io import load_model
 
 __all__ = ["HELP", "add_arguments", "run", "describe"]
 
@@ -34,7 +35,7 @@ HELP = "print the model map, inputs/outputs and provenance of a graph"
 
 METADATA_PREFIX = "pangu_light."
 # Printed in full only with --json: a whole config.json is noise in the table.
-_LONG_KEYS = ("pangu_light.source_config",)
+_LONG_KEYS = (contract.SOURCE_CONFIG,)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +109,7 @@ def _format_metadata(metadata: dict[str, Any]) -> list[str]:
     for key, value in metadata.items():
         if key in _LONG_KEYS:
             lines.append(f"    {key}: ({len(json.dumps(value))} characters; see --json)")
-        elif key.endswith("pass_stats") and isinstance(value, list):
+        elif key == contract.PASS_STATS and isinstance(value, list):
             lines.append(f"    {key}:")
             for entry in value:
                 if isinstance(entry, dict):

@@ -22,68 +22,13 @@ import argparse
 from pathlib import Path
 
 from pangu_light.core.errors import PanguLightError
-from pangu_light.tools.io import load_model, refuse_overwrite_input
+from pangu_light.passes.infra.graph_io import load_model, refuse_overwrite_input
+from pangu_light.reports.prune import describe_plan
+from pangu_light.tools.arguments import add_target_arguments, targets_from_args
 
-__all__ = ["HELP", "add_arguments", "add_target_arguments", "run", "targets_from_args"]
+__all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "turn statistics and targets (or a parameter budget) into a prune plan (-> plan.json)"
-
-
-def _int_or_list(text: str) -> int | list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
-    return values[0] if len(values) == 1 else values
-
-
-def _int_list(text: str) -> list[int]:
-    value = _int_or_list(text)
-    return value if isinstance(value, list) else [value]
-
-
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("targets (what survives)")
-    group.add_argument("--hidden", type=int, help="kept hidden size (channels ranked by S_channel)")
-    group.add_argument("--heads-per-group", type=_int_or_list, metavar="N[,N...]", help="query heads kept in each KV group")
-    group.add_argument("--kv-groups", type=_int_or_list, metavar="N[,N...]", help="KV groups kept per layer")
-    group.add_argument("--ffn", type=_int_or_list, metavar="N[,N...]", help="FFN width kept per layer")
-    group.add_argument("--drop-layers", type=int, metavar="N", help="drop the N layers with the lowest Block Influence")
-    group.add_argument("--layers", type=_int_list, metavar="I,J,...", help="drop exactly these layers")
-    group.add_argument("--params", type=float, metavar="F", help="keep a fraction F of the parameters; the planner picks the widths")
-    group.add_argument("--uniform", action="store_true", help="the same shape in every layer (a standard Hugging Face config)")
-    group.add_argument("--align", type=int, default=1, metavar="N", help="round kept hidden/FFN widths to multiples of N")
-    group.add_argument("--clap", action="store_true", help="merge each dropped layer's best KV groups into its neighbour (CLAP)")
-    group.add_argument(
-        "--clap-groups", default="keep", metavar="keep|sum|N",
-        help="KV groups of a layer after a CLAP merge: keep its own count (default), sum (all candidates), or N",
-    )
-    group.add_argument("--clap-margin", type=float, default=1.0, metavar="F",
-                       help="a merged group must outscore the receiver's own by this factor (DESIGN.md variant; default 1)")
-    group.add_argument("--clap-adjacent", action="store_true",
-                       help="merge only a removed layer directly after its receiver; others are plainly removed")
-    group.add_argument("--no-slnp", action="store_true", help="do not rescale pruned norm gammas (ablation)")
-    group.add_argument("--absorb-post-norms", action="store_true", help="fold post-norms into o_proj/down_proj (sandwich models)")
-
-
-def targets_from_args(args: argparse.Namespace):
-    from pangu_light.calib.planner import Targets
-
-    return Targets(
-        hidden=args.hidden, heads_per_group=args.heads_per_group, kv_groups=args.kv_groups, ffn=args.ffn,
-        drop_layers=args.drop_layers, layers=args.layers, params=args.params, uniform=args.uniform,
-        align=args.align, clap=args.clap, slnp=not args.no_slnp, absorb_post_norms=args.absorb_post_norms,
-        clap_groups=_clap_groups(args.clap_groups), clap_margin=args.clap_margin, clap_adjacent=args.clap_adjacent,
-    )
-
-
-def _clap_groups(text: str) -> int | str:
-    if text in ("keep", "sum"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise PanguLightError(f"--clap-groups {text!r}: use keep, sum or a number of KV groups") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,15 +60,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}")
     return 0
 
-
-def describe_plan(plan) -> str:
-    e = plan.estimate
-    lines = [
-        f"parameters {e['parameters_before']:,} -> {e['parameters_after']:,} ({e['parameter_ratio']:.3f})",
-        f"hidden {plan.hidden_size} -> {e['hidden']}; layers {len(plan.shapes)} -> {e['layers']}"
-        + (f" (drop {plan.drop_layers})" if plan.drop_layers else ""),
-        f"heads per group -> {e['heads_per_group']}; KV groups -> {e['kv_groups']}; FFN -> {e['ffn']}",
-        f"SLNP {'on' if plan.slnp else 'off'}; CLAP {'on' if plan.clap else 'off'}"
-        + (f"; absorb {len(plan.post_norm_s_inv)} post-norms" if plan.absorb_post_norms else ""),
-    ]
-    return "\n".join(lines)

@@ -18,15 +18,16 @@ and prints parameters, FLOPs per token and held-out perplexity before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
+from pangu_light.core.files import write_json
 from pangu_light.frontend.loading import DEFAULT_MODEL
-from pangu_light.tools.plan_cmd import add_target_arguments, describe_plan, targets_from_args
-from pangu_light.tools.text_data import add_text_arguments
+from pangu_light.reports.prune import describe_plan, summary_table
+from pangu_light.tools.arguments import add_target_arguments, add_text_arguments, targets_from_args
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -34,12 +35,16 @@ HELP = "export, calibrate, plan, compile and evaluate in one go (-> OUTDIR)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias, HF model directory or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument(
+        "model", nargs="?", default=DEFAULT_MODEL, help=f"alias, HF model directory or hub id (default {DEFAULT_MODEL})"
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="output directory for every intermediate")
     add_target_arguments(parser)
     calib = parser.add_argument_group("calibration")
     add_text_arguments(calib, role="calib", samples=64, seq_len=256)
-    calib.add_argument("--aggregation", choices=("paper", "minitron"), default="paper", help="statistic aggregation (default paper)")
+    calib.add_argument(
+        "--aggregation", choices=("paper", "minitron"), default="paper", help="statistic aggregation (default paper)"
+    )
     evaluation = parser.add_argument_group("evaluation")
     add_text_arguments(evaluation, role="eval", samples=32, seq_len=256)
     evaluation.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
@@ -50,15 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pangu_light.calib.calibrate import calibrate_graph
+    from pangu_light.calib.evaluate import evaluate_graphs
     from pangu_light.calib.planner import make_plan
     from pangu_light.core.paths import record_path
+    from pangu_light.frontend.export import export_to_file
     from pangu_light.passes.analysis.graph_stats import GraphStats
     from pangu_light.passes.analysis.model_map import ModelMap
+    from pangu_light.passes.infra.graph_io import load_model, load_model_metadata, save_model_atomic
     from pangu_light.passes.infra.manager import run_pipeline
-    from pangu_light.tools.calibrate_cmd import calibrate_graph, load_model_metadata
-    from pangu_light.tools.eval_cmd import evaluate_graphs
-    from pangu_light.tools.export_cmd import SOURCE_MODEL_KEY, export_to_file
-    from pangu_light.tools.io import load_model, save_model_atomic
 
     targets = targets_from_args(args)
     if targets == type(targets)() or targets == type(targets)(align=args.align):
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     def exported(name: str, kv_cache: bool) -> Path:
         path = out / name
-        if path.is_file() and load_model_metadata(path).get(SOURCE_MODEL_KEY) == str(args.model):
+        if path.is_file() and load_model_metadata(path).get(contract.SOURCE_MODEL) == str(args.model):
             note(f"reusing {path} (exported from {args.model})")
             return path
         note(f"exporting {args.model} -> {path}")
@@ -88,9 +93,16 @@ def run(args: argparse.Namespace) -> int:
     original = exported("original.onnx", kv_cache=False)
     note("calibrating")
     stats = calibrate_graph(
-        original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        batch_size=args.batch_size, aggregation=args.aggregation, threads=args.threads,
-        tokenizer=args.tokenizer, quiet=args.quiet,
+        original,
+        data=args.data,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        aggregation=args.aggregation,
+        threads=args.threads,
+        tokenizer=args.tokenizer,
+        quiet=args.quiet,
     )
     stats.save(out / "stats.npz")
 
@@ -121,9 +133,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_eval:
         note(f"perplexity on {args.eval_data!r} (eval split)")
         results = evaluate_graphs(
-            [original, out / "pruned.onnx"], data=args.eval_data, samples=args.eval_samples,
-            seq_len=args.eval_seq_len, seed=args.seed, tokenizer=args.tokenizer,
-            batch_size=args.batch_size, threads=args.threads, quiet=args.quiet,
+            [original, out / "pruned.onnx"],
+            data=args.eval_data,
+            samples=args.eval_samples,
+            seq_len=args.eval_seq_len,
+            seed=args.seed,
+            tokenizer=args.tokenizer,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            quiet=args.quiet,
         )
         perplexities = dict(zip(("original", "pruned"), results.values()))
 
@@ -131,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "plan": describe_plan(plan).splitlines(),
         "calibration": {"data": args.data, "tokens": stats.tokens, "samples": args.samples, "seq_len": args.seq_len},
-        "evaluation": None if args.no_eval else {"data": args.eval_data, "samples": args.eval_samples, "seq_len": args.eval_seq_len},
+        "evaluation": None
+        if args.no_eval
+        else {"data": args.eval_data, "samples": args.eval_samples, "seq_len": args.eval_seq_len},
         "graphs": {
             name: {
                 "parameters": s.total_parameters,
@@ -144,27 +164,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "seconds": round(time.perf_counter() - start, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(_table(summary))
+    write_json(out / "summary.json", summary)
+    print(summary_table(summary))
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} in {out}")
     return 0
-
-
-def _table(summary: dict) -> str:
-    graphs = summary["graphs"]
-    o, p = graphs["original"], graphs["pruned"]
-    lines = [f"{'':<16} {'original':>14} {'pruned':>14} {'ratio':>7}"]
-
-    def row(label: str, key: str, fmt: str) -> None:
-        if key in o and key in p:
-            lines.append(f"{label:<16} {format(o[key], fmt):>14} {format(p[key], fmt):>14} {p[key] / o[key]:>7.3f}")
-
-    row("parameters", "parameters", ",")
-    row("FLOPs/token", "flops_per_token", ",")
-    row("layers", "layers", "d")
-    row("hidden size", "hidden_size", "d")
-    if summary["evaluation"]:
-        row("perplexity", "perplexity", ".2f")
-        lines.append(f"(perplexity on {summary['evaluation']['data']!r}, eval split, "
-                     f"{summary['evaluation']['samples']} x {summary['evaluation']['seq_len']} tokens)")
-    return "\n".join(lines)

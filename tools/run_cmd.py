@@ -27,12 +27,15 @@ import sys
 import warnings
 from pathlib import Path
 
+from pangu_light.core import contract
 from pangu_light.runtime.errors import RuntimeUserError
-from pangu_light.runtime.generate import Sampling, argmax_selector, generate
-from pangu_light.runtime.session import OPTIMIZATION_LEVELS, PROVIDER_CHOICES, ProviderFallbackWarning, create_session
+from pangu_light.runtime.generate import generate
+from pangu_light.runtime.sampling import Sampling, argmax_selector
+from pangu_light.runtime.session import ProviderFallbackWarning, create_session
 from pangu_light.runtime.tokenizer import find_tokenizer_dir, load_tokenizer
+from pangu_light.tools.arguments import add_session_arguments, session_options_from_args
 
-__all__ = ["HELP", "add_arguments", "parse_provider_options", "run", "sampling_from_args"]
+__all__ = ["HELP", "add_arguments", "run", "sampling_from_args"]
 
 HELP = "greedy or sampled generation with a decode graph under ONNX Runtime"
 
@@ -45,52 +48,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
     add_session_arguments(parser)
     parser.add_argument(
-        "--tokenizer", type=Path, help="Hugging Face model directory with the tokenizer (default: from the graph's metadata)"
+        "--tokenizer",
+        type=Path,
+        help="Hugging Face model directory with the tokenizer (default: from the graph's metadata)",
     )
     parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to each prompt")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="sampling temperature; 0 (default) is greedy")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
     parser.add_argument("--top-k", type=int, help="sample from the K most likely tokens only (needs --temperature)")
-    parser.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with probability >= P (needs --temperature)")
+    parser.add_argument(
+        "--top-p", type=float, help="sample from the smallest set of tokens with probability >= P (needs --temperature)"
+    )
     parser.add_argument("--seed", type=int, help="seed of the sampling draws (needs --temperature)")
-
-
-def add_session_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ONNX Runtime session options shared by `run` and `bench`."""
-    parser.add_argument(
-        "--provider", default="auto", help=f"execution provider: {', '.join(PROVIDER_CHOICES)} (default auto)"
-    )
-    parser.add_argument(
-        "--provider-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="option for the execution provider, e.g. device_id=0 or precision_mode=force_fp16; repeatable",
-    )
-    parser.add_argument(
-        "--strict-provider", action="store_true", help="fail instead of falling back to the CPU provider"
-    )
-    parser.add_argument(
-        "--optimization",
-        default="all",
-        choices=list(OPTIMIZATION_LEVELS),
-        help="ONNX Runtime graph optimisation level (default all)",
-    )
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
-    parser.add_argument("--no-spinning", action="store_true",
-                        help="idle ONNX Runtime threads wait instead of spinning (faster on a busy machine)")
-
-
-def session_options_from_args(args: argparse.Namespace) -> dict:
-    """``create_session`` keyword arguments from the options of ``add_session_arguments``."""
-    return dict(
-        provider=args.provider,
-        provider_options=parse_provider_options(args.provider_option),
-        optimization_level=args.optimization,
-        threads=args.threads,
-        spinning=not args.no_spinning,
-        strict=args.strict_provider,
-    )
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling | None:
@@ -109,17 +77,6 @@ def sampling_from_args(args: argparse.Namespace) -> Sampling | None:
         top_p=args.top_p if args.top_p is not None else 1.0,
         seed=args.seed,
     )
-
-
-def parse_provider_options(items: list[str]) -> dict[str, str]:
-    """``["KEY=VALUE", ...]`` from repeated --provider-option flags -> a dict."""
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RuntimeUserError(f"--provider-option {item!r} is not KEY=VALUE: write e.g. device_id=0")
-        options[key.strip()] = value.strip()
-    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,7 +129,7 @@ def _describe_sampling(sampling: Sampling | None) -> str:
 
 def _source_config(metadata: dict) -> dict:
     try:
-        config = json.loads(metadata.get("pangu_light.source_config", "{}"))
+        config = json.loads(metadata.get(contract.SOURCE_CONFIG, "{}"))
     except ValueError:
         return {}
     return config if isinstance(config, dict) else {}

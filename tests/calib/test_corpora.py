@@ -19,8 +19,8 @@ from pangu_light.calib.corpora import (
     load_documents,
     split_documents,
     token_sequences,
-    wiki_prose,
 )
+from pangu_light.calib.wiki import wiki_prose
 from pangu_light.core.errors import PanguLightError
 
 MARKUP = ("{{", "}}", "[[", "]]", "{|", "|}", "<ref", "</", "/>", "<!--", "&nbsp;", "thumb|", "==")
@@ -62,7 +62,7 @@ See [http://example.com the example site] for a page with more words about it.
 * Smith, John. A book about the letter X that is cited here. Publisher, 1990.
 [[Category:Letters]]
 [[de:X]]
-"""
+"""  # noqa: E501 (wikitext as articles have it: one long line)
     assert wiki_prose(wikitext) == (
         "X is a letter used in algebra for an unknown value.\n\n"
         "A list item that is a whole sentence of prose stays in the text.\n\n"
@@ -105,9 +105,7 @@ def test_missing_wheel_names_the_pip_command(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name: None if name == "gensim" else real_find_spec(name)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gensim" else real_find_spec(name))
     corpora._wiki_documents.cache_clear()
     try:
         with pytest.raises(PanguLightError, match=r"run `pip install --no-deps gensim==4\.4\.0`"):
@@ -224,9 +222,7 @@ def test_windows_are_cut_from_the_joined_stream(tmp_path):
 
 def test_seed_decides_the_sample():
     def draw(seed):
-        return token_sequences(
-            "wiki", byte_encode, samples=16, seq_len=64, split="calib", seed=seed
-        )
+        return token_sequences("wiki", byte_encode, samples=16, seq_len=64, split="calib", seed=seed)
 
     first = draw(0)
     assert first.shape == (16, 64)
@@ -280,9 +276,7 @@ def test_real_tokenizer_windows_decode_to_the_split_text(smollm2_dir):
     def encode(text):
         return tokenizer.encode(text, add_special_tokens=False)
 
-    windows = token_sequences(
-        "lambada", encode, samples=None, seq_len=256, split="eval", eos_id=eos
-    )
+    windows = token_sequences("lambada", encode, samples=None, seq_len=256, split="eval", eos_id=eos)
     assert windows.shape[1] == 256 and 350 < windows.shape[0] < 450  # about 101k tokens
     assert windows.max() < len(tokenizer)
     decoded = tokenizer.decode(windows.ravel().tolist())

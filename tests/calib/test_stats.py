@@ -23,7 +23,9 @@ def torch_statistics(model, model_map: ModelMap, batches, aggregation: str):
 
     def keep(name, which):
         def hook(module, args, output):
-            captured[name] = (args[0] if which == "in" else output if not isinstance(output, tuple) else output[0]).detach().double()
+            captured[name] = (
+                (args[0] if which == "in" else output if not isinstance(output, tuple) else output[0]).detach().double()
+            )
 
         return hook
 
@@ -31,7 +33,9 @@ def torch_statistics(model, model_map: ModelMap, batches, aggregation: str):
     hidden_norms = model_map.hidden_norms()
     for norm in hidden_norms:
         handles.append(modules[norm.module].register_forward_hook(keep(f"norm:{norm.module}", "out")))
-    post_norms = [n for layer in model_map.layers for role, n in layer.norms.items() if role in ("post_attn", "post_ffn")]
+    post_norms = [
+        n for layer in model_map.layers for role, n in layer.norms.items() if role in ("post_attn", "post_ffn")
+    ]
     for norm in post_norms:
         handles.append(modules[norm.module].register_forward_hook(keep(f"post:{norm.module}", "in")))
     for layer in model_map.layers:

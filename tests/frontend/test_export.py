@@ -156,7 +156,8 @@ def test_weights_keep_state_dict_names(exported_graph, family, kv_cache):
         checked += 1
     tied = model.config.tie_word_embeddings
     assert (["model.embed_tokens.weight", "lm_head.weight"] in aliases.values()) == tied
-    per_layer = 7 + 2 + (2 if family in ("qwen3", "gemma3") else 0) + (2 if family in ("gemma2", "gemma3", "glm4") else 0)
+    per_layer = 7 + 2 + (2 if family in ("qwen3", "gemma3") else 0)
+    per_layer += 2 if family in ("gemma2", "gemma3", "glm4") else 0
     per_layer -= 1 if family == "glm4" else 0  # one fused gate_up_proj
     per_layer += sum(1 for n in aliases.values() if n[0].startswith("model.layers.0.") and n[0].endswith(".bias"))
     assert checked == model.config.num_hidden_layers * per_layer + 2 + (0 if tied else 1)
@@ -179,9 +180,7 @@ def test_layers_have_their_own_head_count_constants(exported_graph, family, kv_c
         for c in constants:
             assert int(c.value.const_value.numpy().reshape(-1)[0]) == expected[c.what]
             previous = owner.setdefault(id(c.value), layer.index)
-            assert previous == layer.index, (
-                f"layers {previous} and {layer.index} share the constant {c.value.name}"
-            )
+            assert previous == layer.index, f"layers {previous} and {layer.index} share the constant {c.value.name}"
 
 
 def _dims(value: ir.Value) -> list:
@@ -228,8 +227,9 @@ def test_io_names_and_dynamic_dims_decode(exported_graph, family):
     "config",
     [
         transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0),
-        transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
-                                intermediate_size=32, vocab_size=50),
+        transformers.BertConfig(
+            num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50
+        ),
     ],
     ids=["gpt2", "bert"],
 )
@@ -243,15 +243,16 @@ def test_unsupported_architecture_names_supported_families(config):
 
 
 def test_export_refuses_unsupported_model_before_tracing():
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0)
+    )
     with pytest.raises(PanguLightError, match="not supported; supported decoder-only families: gemma2"):
         export_model(model, ExportOptions(kv_cache=False))
 
 
 # ----------------------------------------------------------------------------- SmolLM2-135M
 PROMPTS = [
-    "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
-    "structure in Paris.",
+    "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure in Paris.",
     "Photosynthesis converts light energy into chemical energy.",
 ]
 
@@ -274,8 +275,8 @@ def _smollm2_batch(tokenizer):
     ids = np.zeros((len(rows), seq), dtype=np.int64)
     mask = np.zeros((len(rows), seq), dtype=np.int64)
     for i, row in enumerate(rows):
-        ids[i, seq - len(row):] = row
-        mask[i, seq - len(row):] = 1
+        ids[i, seq - len(row) :] = row
+        mask[i, seq - len(row) :] = 1
     assert 15 <= seq <= 24 and mask.sum(1).min() < seq  # left padding really happens
     return ids, mask
 
@@ -302,4 +303,4 @@ def test_smollm2_decode_matches_torch(smollm2, smollm2_export):
     bound = float32_bound(reference, mask=all_mask)
     assert diff <= bound
     # Greedy decoding under ORT picked the tokens torch would pick from the same prefix.
-    assert_greedy_agrees(all_ids[:, ids.shape[1]:], reference[:, ids.shape[1] - 1 : -1], bound)
+    assert_greedy_agrees(all_ids[:, ids.shape[1] :], reference[:, ids.shape[1] - 1 : -1], bound)

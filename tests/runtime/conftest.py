@@ -75,7 +75,9 @@ def build_hetero_decode_graph(path: Path, vocab: int = 50) -> Path:
             past, present = f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}"
             inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, ["batch", kv, "past_sequence", dim]))
             outputs.append(
-                helper.make_tensor_value_info(present, TensorProto.FLOAT, ["batch", kv, "past_sequence + sequence", dim])
+                helper.make_tensor_value_info(
+                    present, TensorProto.FLOAT, ["batch", kv, "past_sequence + sequence", dim]
+                )
             )
             nodes.append(helper.make_node("Concat", [past, f"new_{layer}"], [present], axis=2))
     last = len(HETERO_KV) - 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pangu_light.reports.machine import format_machine
 from pangu_light.runtime import benchmark
 from pangu_light.runtime.benchmark import (
     Request,
@@ -21,7 +22,7 @@ from pangu_light.runtime.benchmark import (
 )
 from pangu_light.runtime.errors import RuntimeUserError
 from pangu_light.runtime.generate import GenerationResult
-from pangu_light.runtime.machine import describe_machine, format_machine, load_average
+from pangu_light.runtime.machine import describe_machine, load_average
 from pangu_light.runtime.session import create_session
 
 

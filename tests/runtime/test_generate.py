@@ -14,7 +14,8 @@ import transformers
 from pangu_light.passes.infra.pipeline import format_value
 from pangu_light.runtime import generate as generate_module
 from pangu_light.runtime.errors import RuntimeUserError
-from pangu_light.runtime.generate import DecodeLayout, generate, greedy_generate, left_pad
+from pangu_light.runtime.generate import generate, greedy_generate, left_pad
+from pangu_light.runtime.layout import DecodeLayout
 from pangu_light.runtime.session import create_session
 from pangu_light.tools import cli
 

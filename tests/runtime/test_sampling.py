@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pangu_light.runtime.errors import RuntimeUserError
-from pangu_light.runtime.generate import Sampling, generate, greedy_generate
+from pangu_light.runtime.generate import generate, greedy_generate
+from pangu_light.runtime.sampling import Sampling
 from pangu_light.runtime.session import create_session
 from pangu_light.tools import cli
 

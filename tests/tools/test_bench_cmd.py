@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 
 from pangu_light.passes.analysis.graph_stats import GraphStats
+from pangu_light.passes.infra.graph_io import load_model
 from pangu_light.tools import cli
-from pangu_light.tools.io import load_model
 
 from reference import compile_graph
 
@@ -93,7 +93,7 @@ def check_schema(report: dict) -> None:
 
 def cost_by_positions(path, requests, batch: int) -> dict[str, int]:
     """The workload's FLOPs and decode bytes summed position by position with GraphStats at
-    each context: an independent check of the closed forms in bench_cmd.workload_cost."""
+    each context: an independent check of the closed forms in reports.bench_cost.workload_cost."""
     model = load_model(path)
     stats = {}
 

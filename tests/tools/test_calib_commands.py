@@ -104,7 +104,15 @@ def test_prune_writes_every_intermediate(tiny_dir, tmp_path, capsys):
             "--eval-samples", "3", "--eval-seq-len", "16"]
     assert main(args) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"original.onnx", "stats.npz", "plan.json", "pruned.onnx", "original-kv.onnx", "pruned-kv.onnx", "summary.json"} <= names
+    assert {
+        "original.onnx",
+        "stats.npz",
+        "plan.json",
+        "pruned.onnx",
+        "original-kv.onnx",
+        "pruned-kv.onnx",
+        "summary.json",
+    } <= names
     summary = json.loads((out / "summary.json").read_text())
     pruned = GraphStats.from_model(ir.load(out / "pruned.onnx"))
     assert summary["graphs"]["pruned"]["parameters"] == pruned.total_parameters
@@ -121,7 +129,10 @@ def test_prune_writes_every_intermediate(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["calibrate", "{graph}", "--data", "{small}", "--samples", "50", "--seq-len", "24", "-o", "{tmp}/s.npz"], "sequences of 24; asked for 50"),
+        (
+            ["calibrate", "{graph}", "--data", "{small}", "--samples", "50", "--seq-len", "24", "-o", "{tmp}/s.npz"],
+            "sequences of 24; asked for 50",
+        ),
         (["calibrate", "{graph}", "-o", "{tmp}/s.txt"], "must end in .npz"),
         (["calibrate", "{graph}", "-o", "{graph}"], "never overwritten"),
         (["plan", "{tmp}/missing.npz", "-o", "{tmp}/p.json"], "not a statistics file"),

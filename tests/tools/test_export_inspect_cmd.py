@@ -95,7 +95,9 @@ def test_export_missing_model_dir(tmp_path, capsys):
 
 def test_export_unsupported_architecture_fails_before_loading(tmp_path, capsys):
     model_dir = tmp_path / "gpt2"
-    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0).save_pretrained(model_dir)
+    transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0
+    ).save_pretrained(model_dir)
     out = tmp_path / "model.onnx"
     # Only config.json exists: a failure to *load* would name missing weights instead.
     assert main(["export", str(model_dir), "-o", str(out)]) == 2

@@ -1,10 +1,10 @@
-"""Command-line plumbing shared by the commands that read text: which corpus, how much of it,
-and the tokenizer that turns it into token sequences for a graph."""
+"""Token sequences for a graph: the tokenizer it was exported with, and fixed-length windows of
+a corpus split encoded by it (what calibrate, eval, distill and the benchmarks feed a graph)."""
 
 from __future__ import annotations
 
-import argparse
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -12,36 +12,12 @@ import numpy as np
 from pangu_light.calib import corpora
 from pangu_light.core.errors import PanguLightError
 
-__all__ = ["add_text_arguments", "graph_tokenizer", "sequences_for"]
+__all__ = ["graph_tokenizer", "sequences_for"]
 
 
-def add_text_arguments(parser: argparse.ArgumentParser, *, role: str, samples: int | None, seq_len: int) -> None:
-    """--data, --samples, --seq-len, --seed, --tokenizer, for ``role`` "calib" or "eval"."""
-    default = corpora.CALIB_DEFAULT if role == "calib" else corpora.EVAL_DEFAULT
-    prefix = "" if role == "calib" else "eval-"
-    parser.add_argument(
-        f"--{prefix}data",
-        default=default,
-        help=f"text: wiki, lambada, or a .txt/.jsonl file (default {default}); the {role} split is used, "
-        "so calibration and evaluation never share a document",
-    )
-    parser.add_argument(
-        f"--{prefix}samples",
-        type=int,
-        default=samples,
-        help=f"number of token sequences (default {samples if samples else 'all of the split'})",
-    )
-    parser.add_argument(f"--{prefix}seq-len", type=int, default=seq_len, help=f"tokens per sequence (default {seq_len})")
-    if role == "calib":
-        parser.add_argument("--seed", type=int, default=0, help="seed for drawing the sequences (default 0)")
-        parser.add_argument(
-            "--tokenizer",
-            type=Path,
-            help="Hugging Face model directory with the tokenizer (default: the one recorded in the graph at export)",
-        )
-
-
-def graph_tokenizer(graph_path: str | os.PathLike, metadata, override: Path | None):
+def graph_tokenizer(
+    graph_path: str | os.PathLike, metadata: Mapping[str, str], override: Path | None
+) -> tuple[Callable[[str], list[int]], int | None]:
     """(encode without special tokens, BOS id or None) of the tokenizer the graph was exported with.
 
     The BOS id is returned only for tokenizers that add one by default (Gemma's): such models
@@ -66,7 +42,9 @@ def graph_tokenizer(graph_path: str | os.PathLike, metadata, override: Path | No
     return encode_raw, None
 
 
-def sequences_for(source: str, encode, bos_id, *, samples: int | None, seq_len: int, seed: int, split: str) -> np.ndarray:
+def sequences_for(
+    source: str, encode, bos_id, *, samples: int | None, seq_len: int, seed: int, split: str
+) -> np.ndarray:
     """Token windows of ``seq_len`` from ``split`` of ``source``; documents are joined by a blank
     line (not EOS: an instruct model's EOS ends a chat turn, and after it the next document is
     unpredictable), and with a BOS id each window is BOS + ``seq_len - 1`` tokens."""

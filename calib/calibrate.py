@@ -1,0 +1,35 @@
+"""The calibrate stage: a graph and a text source in, ``CalibrationStats`` out.
+
+Encodes the calibration split of the text with the graph's own tokenizer (``calib.text``) and
+runs ``calib.stats.calibrate`` over it batch by batch, with a progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pangu_light.calib.stats import CalibrationStats, batched, calibrate
+from pangu_light.calib.text import graph_tokenizer, sequences_for
+from pangu_light.passes.infra.graph_io import load_model_metadata
+
+__all__ = ["calibrate_graph"]
+
+
+def calibrate_graph(
+    model_path: Path, *, data: str, samples: int | None, seq_len: int, seed: int, batch_size: int,
+    aggregation: str = "paper", provider: str = "cpu", threads: int | None = None,
+    tokenizer: Path | None = None, quiet: bool = False,
+) -> CalibrationStats:
+    """Tokenize the calibration text for ``model_path`` and run ``calib.stats.calibrate``."""
+    from tqdm import tqdm
+
+    metadata = load_model_metadata(model_path)
+    encode, bos_id = graph_tokenizer(model_path, metadata, tokenizer)
+    sequences = sequences_for(data, encode, bos_id, samples=samples, seq_len=seq_len, seed=seed, split="calib")
+    meta = {"data": data, "split": "calib", "samples": int(len(sequences)), "seq_len": seq_len, "seed": seed}
+    with tqdm(total=int(sequences.size), unit="tok", desc="calibrate", disable=quiet, file=sys.stderr) as bar:
+        return calibrate(
+            model_path, batched(sequences, batch_size), aggregation=aggregation, provider=provider,
+            threads=threads, meta=meta, on_batch=bar.update,
+        )
