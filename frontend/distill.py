@@ -47,7 +47,8 @@ import torch
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.paths import record_path
 from pangu_light.frontend.kd_loss import KDLossOptions, fused_kd_loss
-from pangu_light.frontend.reimport import Reimported, reimport, save_student
+from pangu_light.frontend.reimport import Reimported, reimport
+from pangu_light.frontend.student import save_student
 from pangu_light.frontend.teacher_cache import TeacherCache, teacher_hidden, teacher_identity
 
 __all__ = [
