@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.frontend.reimport import reimport
 from pangu_light.frontend.student import STUDENT_FILE, build_student, load_student, save_student
@@ -90,6 +91,26 @@ def test_layer_types_follow_the_original_indices(exported_graph, tmp_path):
     wrong.load_state_dict(result.model.state_dict())
     ids, mask = left_padded_batch(160)
     assert max_diff_on_tokens(ort_logits(tmp_path / "p.onnx", ids, mask), torch_logits(wrong, ids, mask), mask) > 1e-3
+
+
+def test_layer_origins_come_from_metadata_then_from_drop_layers_records(exported_graph, tmp_path):
+    """The recorded LAYER_ORIGINS is what re-import reads; a graph without it falls back to the
+    drop-layers records; a list that does not match the graph's layers is refused."""
+    _, path = exported_graph("gemma3")
+    compile_graph(path, "drop-layers{layers=[0,1]}", tmp_path / "p.onnx")
+    graph = ir.load(str(tmp_path / "p.onnx"))
+    records = graph.metadata_props.pop(contract.PASS_STATS)
+    graph.metadata_props.pop(contract.LAYER_ORIGINS, None)
+    graph.metadata_props[contract.LAYER_ORIGINS] = json.dumps([2, 3])
+    result = reimport(graph)
+    assert result.spec.origin == [2, 3]
+    assert result.model.config.layer_types == ["full_attention", "sliding_attention"]
+    graph.metadata_props.pop(contract.LAYER_ORIGINS)
+    graph.metadata_props[contract.PASS_STATS] = records
+    assert reimport(graph).spec.origin == [2, 3]
+    graph.metadata_props[contract.LAYER_ORIGINS] = json.dumps([2])
+    with pytest.raises(PanguLightError, match="layer_origins"):
+        reimport(graph)
 
 
 @pytest.mark.parametrize("family", SANDWICH)
