@@ -57,8 +57,8 @@ class _Run:
         self.dist = dist
         self.out = Path(config.output)
         self.sharded = config.fsdp and dist.world > 1
-        self.say = (lambda m: print(m, file=sys.stderr, flush=True)) if (dist.main and not config.quiet) \
-            else (lambda m: None)
+        loud = dist.main and not config.quiet
+        self.say = (lambda m: print(m, file=sys.stderr, flush=True)) if loud else (lambda m: None)
 
     def setup(self) -> None:
         c = self.c
