@@ -10,13 +10,12 @@ A cache is one ``.npy`` array ``[windows, L, H]`` (float32, or float16 to halve 
 sidecar, named by a key that hashes the teacher (its directory's config and weight files) and the
 token ids of every window in cache order, so a cache is reused exactly when it holds the same
 numbers, and a run that changes the data or the teacher builds a new one. Both files are written
-under temporary names and renamed into place (array first), so a cache that exists is whole.
+atomically (``core.files``; array first), so a cache that exists is whole.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from pangu_light.core.errors import PanguLightError
+from pangu_light.core.files import atomic_write, write_json
 
 __all__ = ["TeacherCache", "teacher_hidden", "teacher_identity"]
 
@@ -99,20 +99,20 @@ class TeacherCache:
             cls._build(path, teacher=teacher, windows=windows, dtype=dtype, batch_size=batch_size, quiet=quiet)
         array = np.load(path, mmap_mode="r")
         if array.shape[:2] != windows.shape:
-            raise PanguLightError(f"teacher cache {path} has shape {array.shape}, expected {windows.shape} x H; delete it")
+            raise PanguLightError(
+                f"teacher cache {path} has shape {array.shape}, expected {windows.shape} x H; delete it"
+            )
         return cls(array, path)
 
     @staticmethod
     def _build(path: Path, *, teacher, windows: np.ndarray, dtype: str, batch_size: int, quiet: bool) -> None:
         from tqdm import tqdm
 
-        path.parent.mkdir(parents=True, exist_ok=True)
         hidden = int(teacher.get_output_embeddings().weight.shape[1])
         count, length = windows.shape
         size_gb = count * length * hidden * np.dtype(DTYPES[dtype]).itemsize / 1e9
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPES[dtype], shape=(count, length, hidden))
-        try:
+        with atomic_write(path) as temporary:
+            array = np.lib.format.open_memmap(temporary, mode="w+", dtype=DTYPES[dtype], shape=(count, length, hidden))
             with tqdm(total=count * length, unit="tok", desc=f"teacher cache ({size_gb:.2f} GB)",
                       disable=quiet, file=sys.stderr) as bar:
                 for start in range(0, count, batch_size):
@@ -121,12 +121,5 @@ class TeacherCache:
                     bar.update(int(ids.numel()))
             array.flush()
             del array
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         meta = {"version": CACHE_VERSION, "windows": count, "seq_len": length, "hidden": hidden, "dtype": dtype}
-        side = path.with_suffix(".json")
-        tmp_meta = side.with_name(f".{side.name}.{os.getpid()}.partial")
-        tmp_meta.write_text(json.dumps(meta) + "\n")
-        os.replace(tmp_meta, side)
+        write_json(path.with_suffix(".json"), meta, indent=None)

@@ -20,7 +20,8 @@ import transformers
 
 from pangu_light.frontend.distill import lr_factor, schedule_windows
 from pangu_light.frontend.kd_loss import KDLossOptions, fused_kd_loss, reference_kd_loss
-from pangu_light.frontend.reimport import STUDENT_FILE, load_student, reimport
+from pangu_light.frontend.reimport import reimport
+from pangu_light.frontend.student import STUDENT_FILE, load_student
 from pangu_light.frontend.teacher_cache import TeacherCache, teacher_hidden
 from pangu_light.tools.cli import main
 
@@ -125,7 +126,8 @@ def test_cached_hidden_states_give_the_teacher_logits(family, tmp_path):
     with torch.no_grad():
         teacher.model.norm.weight.mul_(40.0)  # logits large enough for the soft-cap to matter
     ids = torch.randint(3, 160, (3, 11), generator=torch.Generator().manual_seed(0))
-    cache = TeacherCache.open_or_build(tmp_path, teacher=teacher, identity="t", windows=ids.numpy(), batch_size=3, quiet=True)
+    cache = TeacherCache.open_or_build(tmp_path, teacher=teacher, identity="t", windows=ids.numpy(), batch_size=3,
+                                       quiet=True)
     assert torch.equal(cache[np.arange(3)], teacher_hidden(teacher, ids))
     options = KDLossOptions(teacher_softcap=getattr(teacher.config, "final_logit_softcapping", None))
     z = cache[np.arange(3)] @ teacher.lm_head.weight.detach().T
@@ -138,12 +140,14 @@ def test_cached_hidden_states_give_the_teacher_logits(family, tmp_path):
     # The loss of the teacher against itself through the cache is zero.
     h = cache[np.arange(3)].reshape(-1, 64)
     loss = fused_kd_loss(h, teacher.lm_head.weight.detach(), h, teacher.lm_head.weight.detach(),
-                         torch.full((33,), -100), dataclasses.replace(options, student_softcap=options.teacher_softcap))[0]
+                         torch.full((33,), -100),
+                         dataclasses.replace(options, student_softcap=options.teacher_softcap))[0]
     assert abs(float(loss)) <= 1e-6
     # A second open reuses the file; other windows get another one.
     again = TeacherCache.open_or_build(tmp_path, teacher=None, identity="t", windows=ids.numpy(), build=False)
     assert again.path == cache.path
-    other = TeacherCache.open_or_build(tmp_path, teacher=teacher, identity="t", windows=ids.numpy()[::-1].copy(), quiet=True)
+    other = TeacherCache.open_or_build(tmp_path, teacher=teacher, identity="t", windows=ids.numpy()[::-1].copy(),
+                                       quiet=True)
     assert other.path != cache.path
 
 
@@ -180,7 +184,8 @@ def test_distillation_lowers_held_out_kl_and_exports_a_plain_hf_model(setup, tmp
     original = torch_logits(reimport(setup / "uniform.onnx").model, ids, mask)
     assert max_diff_on_tokens(distilled, original, mask) > 1e-2  # the weights did change
     assert max_diff_on_tokens(ort_logits(out / "distilled.onnx", ids, mask), distilled, mask) <= TOLERANCE
-    assert max_diff_on_tokens(torch_logits(reimport(out / "distilled.onnx").model, ids, mask), distilled, mask) <= TOLERANCE
+    assert max_diff_on_tokens(torch_logits(reimport(out / "distilled.onnx").model, ids, mask), distilled,
+                              mask) <= TOLERANCE
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model_format"] == "hf" and summary["export_max_abs_diff"] <= 1e-4
     # A finished run is not overwritten by accident.
@@ -191,7 +196,8 @@ def test_distillation_lowers_held_out_kl_and_exports_a_plain_hf_model(setup, tmp
 def test_resume_continues_the_same_curve(setup, tmp_path):
     cache = ["--teacher-cache", str(tmp_path / "cache"), "--no-export", "--lr", "1e-3", "--eval-every", "100"]
     full = tmp_path / "full"
-    assert distill(setup, "per_layer.onnx", full, "--steps", "4", "--save-every", "2", "--keep-checkpoints", "5", *cache) == 0
+    assert distill(setup, "per_layer.onnx", full, "--steps", "4", "--save-every", "2", "--keep-checkpoints", "5",
+                   *cache) == 0
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "checkpoints" / "step-000002.pt", resumed / "checkpoints")

@@ -14,8 +14,10 @@ import pytest
 import torch
 import transformers
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
-from pangu_light.frontend.reimport import STUDENT_FILE, build_student, load_student, reimport, save_student
+from pangu_light.frontend.reimport import reimport
+from pangu_light.frontend.student import STUDENT_FILE, build_student, load_student, save_student
 from pangu_light.passes.infra.pipeline import format_value
 
 from reference import (
@@ -91,10 +93,31 @@ def test_layer_types_follow_the_original_indices(exported_graph, tmp_path):
     assert max_diff_on_tokens(ort_logits(tmp_path / "p.onnx", ids, mask), torch_logits(wrong, ids, mask), mask) > 1e-3
 
 
+def test_layer_origins_come_from_metadata_then_from_drop_layers_records(exported_graph, tmp_path):
+    """The recorded LAYER_ORIGINS is what re-import reads; a graph without it falls back to the
+    drop-layers records; a list that does not match the graph's layers is refused."""
+    _, path = exported_graph("gemma3")
+    compile_graph(path, "drop-layers{layers=[0,1]}", tmp_path / "p.onnx")
+    graph = ir.load(str(tmp_path / "p.onnx"))
+    records = graph.metadata_props.pop(contract.PASS_STATS)
+    graph.metadata_props.pop(contract.LAYER_ORIGINS, None)
+    graph.metadata_props[contract.LAYER_ORIGINS] = json.dumps([2, 3])
+    result = reimport(graph)
+    assert result.spec.origin == [2, 3]
+    assert result.model.config.layer_types == ["full_attention", "sliding_attention"]
+    graph.metadata_props.pop(contract.LAYER_ORIGINS)
+    graph.metadata_props[contract.PASS_STATS] = records
+    assert reimport(graph).spec.origin == [2, 3]
+    graph.metadata_props[contract.LAYER_ORIGINS] = json.dumps([2])
+    with pytest.raises(PanguLightError, match="layer_origins"):
+        reimport(graph)
+
+
 @pytest.mark.parametrize("family", SANDWICH)
 def test_absorbed_post_norms_with_sliced_hidden(exported_graph, family, tmp_path):
     _, path = exported_graph(family)
-    pipeline = f"absorb-post-norm{{s_inv={format_value(S_INV)}}},prune-ffn{{keep_first=50}},slice-hidden{{keep_first=40}}"
+    pipeline = (f"absorb-post-norm{{s_inv={format_value(S_INV)}}},prune-ffn{{keep_first=50}},"
+                "slice-hidden{keep_first=40}")
     compile_graph(path, pipeline, tmp_path / "p.onnx")
     result = reimport(tmp_path / "p.onnx")
     identities = [n for n, m in result.model.named_modules() if isinstance(m, torch.nn.Identity)]
@@ -193,11 +216,12 @@ def test_smollm2_width_pruned(smollm2_graph, tmp_path):
     448, so the config names gcd(448, 6) = 2 of them): re-imported logits equal ORT's within the
     bound of the export parity tests (float32_bound: 2e-4 + 3e-5 x max |logit|; a wrong re-import
     of any one projection moves the logits by more than 1)."""
-    compile_graph(smollm2_graph(), "prune-heads{per_group=2},prune-ffn{keep_first=1152},slice-hidden{keep_first=448},slnp",
-                  tmp_path / "p.onnx")
+    pipeline = "prune-heads{per_group=2},prune-ffn{keep_first=1152},slice-hidden{keep_first=448},slnp"
+    compile_graph(smollm2_graph(), pipeline, tmp_path / "p.onnx")
     result = reimport(tmp_path / "p.onnx")
     assert _shapes(result.model) == [(6, 3, 1152)] * 30 and not result.spec.standard_config
     ids, mask = left_padded_batch(49152, lengths=(37, 20))
     expected = ort_logits(tmp_path / "p.onnx", ids, mask)
     assert np.abs(expected).max() > 5
-    assert max_diff_on_tokens(expected, torch_logits(result.model, ids, mask), mask) <= float32_bound(expected, mask=mask)
+    assert max_diff_on_tokens(expected, torch_logits(result.model, ids, mask), mask) <= float32_bound(
+        expected, mask=mask)

@@ -1,0 +1,44 @@
+"""Knowledge distillation of a pruned student from its unpruned teacher (paper section 3.4).
+
+The student is the pruned graph re-imported into PyTorch (``frontend.reimport``); the teacher is
+the original Hugging Face model. Per optimizer step, over a global batch of G = micro_batch x
+grad_accum x world_size windows of L tokens::
+
+    loss   = (1 - a) T^2 KL(softmax(z_t / T) || softmax(z_s / T)) + a CE(z_s, next token)
+             over the full vocabulary, every position (kd_loss: fused with both heads, chunked)
+    update = AdamW(lr(t), betas, weight_decay) after clipping the global gradient norm
+    lr(t)  = lr * t / warmup                                            t < warmup
+             lr * (r + (1 - r) (1 + cos(pi (t - warmup) / (S - warmup))) / 2)   after (r = min_lr_ratio)
+
+The teacher runs online, or (default) is replaced by its cached final hidden states, from which
+``kd_loss`` recomputes its logits with one matmul (``frontend.teacher_cache``).
+
+Micro-batch k of a step goes to rank k mod world, so 1 process with grad_accum = 2 and 2
+processes with grad_accum = 1 see the same global batch and, since each micro-batch loss is a
+mean and gradients are averaged over micro-batches and ranks, compute the same update. The data
+order is a function of the step alone, so a checkpoint (weights, AdamW and schedule state,
+history) resumes the same curve exactly. Matmuls run under bfloat16 autocast when ``bf16``
+(weights, optimizer, softmax and KL stay fp32).
+
+Modules (each imports torch, numpy, ``core`` and the frontend modules it names; ``outputs`` also
+the exporter and ``runtime``'s session and decode layout for the parity check):
+
+- ``config``: ``DistillConfig``, ``DistillResult``, the checks on the numbers, the fingerprint.
+- ``data``: the seeded window order (``schedule_windows``), ``lr_factor``, the teacher's states.
+- ``distributed``: the ``torchrun`` process group; DDP or FSDP2 around the student.
+- ``objective``: ``DistillObjective`` (student forward + fused loss), ``next_token_targets``.
+- ``checkpoint``: the checkpoint format, writing (rank 0, atomic, the last few kept), resuming.
+- ``loop``: ``distill(config)``: set-up, training steps, evaluation, metrics.
+- ``outputs``: the model directory, the re-export checked under ONNX Runtime, ``summary.json``.
+- ``loss_plot``: ``loss.png``, training loss and held-out perplexity against tokens.
+"""
+
+from pangu_light.frontend.distill.config import DistillConfig, DistillResult
+from pangu_light.frontend.distill.data import lr_factor, schedule_windows
+from pangu_light.frontend.distill.loop import distill
+from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
+
+__all__ = [
+    "DistillConfig", "DistillObjective", "DistillResult", "distill", "lr_factor", "next_token_targets",
+    "schedule_windows",
+]

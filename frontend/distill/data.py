@@ -1,0 +1,110 @@
+"""The training data of a run: which windows each step takes, the learning-rate schedule, and the
+teacher's final hidden states for those windows (from the on-disk cache, or computed online).
+
+Order: the training windows are shuffled by ``seed`` once per epoch (epoch e uses
+``default_rng([seed, e]).permutation``), and step s takes positions [s G, (s + 1) G) of that
+endless order (G, the global batch); micro-batch k of a step goes to rank k mod world. The order
+is a function of the step alone, so a resumed run takes the same windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pangu_light.frontend.distill.config import DistillConfig
+from pangu_light.frontend.distill.distributed import Dist
+from pangu_light.frontend.teacher_cache import TeacherCache, teacher_hidden
+
+__all__ = ["TrainingData", "lr_factor", "schedule_windows"]
+
+
+def schedule_windows(num_windows: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Window indices at positions [start, start + count) of the endless seeded order."""
+    out = np.empty(count, dtype=np.int64)
+    position = start
+    filled = 0
+    while filled < count:
+        epoch, offset = divmod(position, num_windows)
+        order = np.random.default_rng([seed, epoch]).permutation(num_windows)
+        take = min(count - filled, num_windows - offset)
+        out[filled:filled + take] = order[offset:offset + take]
+        filled += take
+        position += take
+    return out
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """The windows of a run with the teacher's states for them; ``batch`` and ``eval_batches``
+    hand out token ids [B, L] with the teacher's final hidden states [B, L, H] (float32, CPU)."""
+
+    config: DistillConfig
+    dist: Dist
+    teacher: torch.nn.Module
+    global_batch: int
+    cache: TeacherCache | None  # None: the teacher runs online
+    cache_rows: np.ndarray  # training window -> row of the cache (-1: never used)
+    eval_teacher: list[torch.Tensor]  # one per evaluation micro-batch, kept in memory
+
+    @classmethod
+    def prepare(cls, config: DistillConfig, dist: Dist, *, teacher: torch.nn.Module, teacher_id: str,
+                global_batch: int, say: Callable[[str], None]) -> TrainingData:
+        """Build (rank 0) or open (the other ranks, after it) the teacher cache of the windows the
+        run will use, and compute the teacher's states on the evaluation windows."""
+        total_positions = config.steps * global_batch
+        used = np.unique(schedule_windows(len(config.train_windows), config.seed, 0, total_positions))
+        cache_rows = np.full(len(config.train_windows), -1, dtype=np.int64)
+        cache_rows[used] = np.arange(len(used))
+        cache = None
+        if not config.online_teacher:
+            cache_dir = Path(config.teacher_cache_dir or Path(config.output) / "teacher_cache")
+            windows = config.train_windows[used]
+            if dist.main:
+                say(f"... teacher cache: {len(used)} windows x {windows.shape[1]} tokens in {cache_dir}")
+                cache = TeacherCache.open_or_build(
+                    cache_dir, teacher=teacher, identity=teacher_id, windows=windows,
+                    dtype=config.teacher_cache_dtype, batch_size=config.micro_batch, quiet=config.quiet,
+                )
+            dist.barrier()
+            if not dist.main:
+                cache = TeacherCache.open_or_build(
+                    cache_dir, teacher=None, identity=teacher_id, windows=windows,
+                    dtype=config.teacher_cache_dtype, build=False,
+                )
+        eval_teacher = [teacher_hidden(teacher, ids) for ids in _chunks(config.eval_windows, config.micro_batch)]
+        return cls(config, dist, teacher, global_batch, cache, cache_rows, eval_teacher)
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``micro``-th micro-batch of ``step``: ids and the teacher's hidden states."""
+        c = self.config
+        k = micro * self.dist.world + self.dist.rank
+        start = step * self.global_batch + k * c.micro_batch
+        windows = schedule_windows(len(c.train_windows), c.seed, start, c.micro_batch)
+        ids = torch.from_numpy(np.ascontiguousarray(c.train_windows[windows], dtype=np.int64))
+        if self.cache is not None:
+            return ids, self.cache[self.cache_rows[windows]]
+        return ids, teacher_hidden(self.teacher, ids)
+
+    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The evaluation windows in micro-batches, with the teacher's states for each."""
+        return zip(_chunks(self.config.eval_windows, self.config.micro_batch), self.eval_teacher)
+
+
+def _chunks(windows: np.ndarray, size: int) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(windows[i:i + size], dtype=np.int64))
+            for i in range(0, len(windows), size)]
