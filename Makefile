@@ -39,6 +39,7 @@ demo: setup
 	    --prompt "The capital of France is" --max-new-tokens 20
 
 test: setup
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q tests
 
 clean-out:

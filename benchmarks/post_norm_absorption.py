@@ -42,7 +42,7 @@ from pangu_light.core.files import atomic_write
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.pipeline import format_value
-from pangu_light.passes.rewrites.drop_post_norm import post_norms
+from pangu_light.passes.surgery.post_norm import post_norms
 from pangu_light.reports.table import format_table
 
 ALIAS = "gemma3-270m"

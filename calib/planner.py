@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from pangu_light.calib.stats import CalibrationStats
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.attention_context import attention_context
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -49,7 +50,6 @@ __all__ = ["Targets", "make_plan"]
 BUDGET_TOLERANCE = 0.01
 # transformers (5.x) refuses these configs unless hidden_size % num_attention_heads == 0, even
 # with an explicit head_dim; --uniform promises a loadable standard config, so it keeps that.
-_CONFIG_CHECKS_HEADS_DIVIDE_HIDDEN = {"llama", "gemma2", "gemma3"}
 
 
 @dataclasses.dataclass
@@ -283,10 +283,10 @@ def _resolve_shape(model_map: ModelMap, targets: Targets, dropped: set[int]) -> 
         heads_per_group = fixed_heads or [max(1, round(r * n)) for n in full.heads_per_group]
         kv_groups = fixed_groups or list(full.kv_groups)
         hidden_align = targets.align
-        if targets.uniform and model_map.family in _CONFIG_CHECKS_HEADS_DIVIDE_HIDDEN:
+        if targets.uniform and model_map.family in contract.HEADS_DIVIDE_HIDDEN:
             hidden_align = math.lcm(targets.align, heads_per_group[0] * kv_groups[0])
         hidden = targets.hidden if targets.hidden is not None else _align(r * full.hidden, hidden_align, full.hidden)
-        if (targets.uniform and model_map.family in _CONFIG_CHECKS_HEADS_DIVIDE_HIDDEN
+        if (targets.uniform and model_map.family in contract.HEADS_DIVIDE_HIDDEN
                 and hidden % (heads_per_group[0] * kv_groups[0])):
             raise PanguLightError(
                 f"--uniform: hidden={hidden} is not a multiple of the {heads_per_group[0] * kv_groups[0]} query heads "

@@ -15,7 +15,7 @@ __all__ = [
     "past_key", "past_value", "present_key", "present_value", "is_past_input",
     "FAMILY", "GRAPH_KIND", "SOURCE_CONFIG", "SOURCE_MODEL", "TOKENIZER", "PIPELINE",
     "PASS_STATS", "PASS_TAG", "PLAN", "LAYER_ORIGINS", "GAMMA_L2_BEFORE_SLICE", "SLNP_APPLIED",
-    "DISTILLED_FROM_PIPELINE", "TORCH_NAME_SCOPES",
+    "DISTILLED_FROM_PIPELINE", "TORCH_NAME_SCOPES", "HEADS_DIVIDE_HIDDEN",
 ]
 
 INPUT_IDS = "input_ids"
@@ -63,6 +63,10 @@ DISTILLED_FROM_PIPELINE = "pangu_light.distilled_from_pipeline"
 PASS_TAG = "pangu_light.pass"  # comma-separated names of the passes that changed it
 GAMMA_L2_BEFORE_SLICE = "pangu_light.gamma_l2_before_slice"  # on a gamma: ||gamma_eff|| before slicing
 SLNP_APPLIED = "pangu_light.slnp_applied"  # on a gamma: set by slnp, cleared when sliced again
+
+# Families whose transformers config requires the hidden size to divide by the head count
+# (a uniform pruned shape that breaks this cannot be written as a standard config).
+HEADS_DIVIDE_HIDDEN = frozenset({"llama", "gemma2", "gemma3"})
 
 # Written by the torch exporter on each node: the module scopes it came from.
 TORCH_NAME_SCOPES = "pkg.torch.onnx.name_scopes"

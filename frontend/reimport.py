@@ -37,12 +37,12 @@ import onnx_ir as ir
 import transformers
 
 from pangu_light.core import contract
+from pangu_light.core.contract import HEADS_DIVIDE_HIDDEN
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.records import layer_origins, pass_records
 from pangu_light.frontend.export import check_supported
 from pangu_light.frontend.student import (
     EMBED_SCALE,
-    HEADS_DIVIDE_HIDDEN,
     LayerShape,
     StudentSpec,
     build_student,

@@ -37,12 +37,12 @@ import numpy as np
 import torch
 import transformers
 
+from pangu_light.core.contract import HEADS_DIVIDE_HIDDEN
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import atomic_directory
 
 __all__ = [
     "EMBED_SCALE",
-    "HEADS_DIVIDE_HIDDEN",
     "STUDENT_FILE",
     "LayerShape",
     "StudentSpec",
@@ -58,8 +58,6 @@ STUDENT_FORMAT = "pangu-light-student"
 STUDENT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 
-# Families whose config validation requires hidden_size % num_attention_heads == 0 (transformers 5).
-HEADS_DIVIDE_HIDDEN = frozenset({"llama", "gemma2", "gemma3"})
 EMBED_SCALE = "model.embed_tokens.embed_scale"  # Gemma's sqrt(hidden), a buffer and a graph constant
 
 

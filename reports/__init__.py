@@ -5,6 +5,7 @@
 - ``bench_cost``: the ideal cost of a generation workload (FLOPs, bytes) and the speedups it predicts.
 - ``bench_table``: the readable form of a ``bench`` report; ``bench_chart``: its PNG chart.
 - ``machine``: the machine a measurement ran on, as one line.
+- ``loss_plot``: a distillation run's loss and held-out perplexity against tokens (PNG).
 
 Imports: ``pangu_light.core`` and third-party libraries only (matplotlib lazily); the objects it
 reports on (graph statistics, plans, workloads) are passed in, never imported.

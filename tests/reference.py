@@ -11,8 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from pangu_light.core.contract import PASS_STATS as PASS_STATS_KEY
+from pangu_light.core.contract import PIPELINE as PIPELINE_KEY
 from pangu_light.core.errors import PanguLightError
-from pangu_light.passes.infra.manager import PASS_STATS_KEY, PIPELINE_KEY, run_pipeline
+from pangu_light.passes.infra.manager import run_pipeline
 
 
 def compile_graph(path, pipeline: str, out):

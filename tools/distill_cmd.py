@@ -15,7 +15,7 @@ evaluation split of --eval-data (default: the same source) every --eval-every st
 OUTDIR receives: checkpoints/step-N.pt (every --save-every steps; --resume continues the same
 curve exactly), metrics.jsonl, loss.png (loss and held-out perplexity against tokens),
 model/ (a standard Hugging Face directory when every layer has one shape, else per-layer shapes
-that pangu_light.frontend.reimport.load_student reads), distilled.onnx (re-exported with the
+that pangu_light.frontend.student.load_student reads), distilled.onnx (re-exported with the
 same clean exporter and checked against PyTorch under ONNX Runtime), and summary.json.
 
 Under torchrun the global batch is --batch-size x --grad-accum x processes, data is sharded by

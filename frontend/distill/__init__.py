@@ -30,7 +30,8 @@ the exporter and ``runtime``'s session and decode layout for the parity check):
 - ``checkpoint``: the checkpoint format, writing (rank 0, atomic, the last few kept), resuming.
 - ``loop``: ``distill(config)``: set-up, training steps, evaluation, metrics.
 - ``outputs``: the model directory, the re-export checked under ONNX Runtime, ``summary.json``.
-- ``loss_plot``: ``loss.png``, training loss and held-out perplexity against tokens.
+
+The loss plot (``loss.png``) is drawn by ``pangu_light.reports.loss_plot``.
 """
 
 from pangu_light.frontend.distill.config import DistillConfig, DistillResult

@@ -28,12 +28,12 @@ from pangu_light.frontend.distill.checkpoint import (
 from pangu_light.frontend.distill.config import DistillConfig, DistillResult, check_config, file_digest
 from pangu_light.frontend.distill.data import TrainingData, lr_factor
 from pangu_light.frontend.distill.distributed import Dist, init_distributed, wrap_for_training
-from pangu_light.frontend.distill.loss_plot import plot_history
 from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
 from pangu_light.frontend.distill.outputs import write_outputs
 from pangu_light.frontend.kd_loss import KDLossOptions
 from pangu_light.frontend.reimport import reimport
 from pangu_light.frontend.teacher_cache import teacher_identity
+from pangu_light.reports.loss_plot import plot_history
 
 __all__ = ["METRICS_FILE", "PLOT_FILE", "distill"]
 

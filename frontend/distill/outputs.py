@@ -81,7 +81,7 @@ def export_checked(model, info: Reimported, path: Path, windows: np.ndarray, *, 
     import onnx_ir as ir
 
     from pangu_light.frontend.export import ExportOptions, export_model
-    from pangu_light.runtime.generate import DecodeLayout
+    from pangu_light.runtime.layout import DecodeLayout
     from pangu_light.runtime.session import create_session
 
     say(f"... exporting the distilled student to {path}")

@@ -31,8 +31,6 @@ from pangu_light.passes.infra.registry import Registry, build_pass
 from pangu_light.passes.infra.verify import verify_model
 
 __all__ = [
-    "PIPELINE_KEY",
-    "PASS_STATS_KEY",
     "PassRecord",
     "PipelineReport",
     "run_passes",
@@ -41,8 +39,6 @@ __all__ = [
 
 # The keys live in core.contract; these two names remain only until tests/reference.py and
 # tests/tools/test_diff_cmd.py import them from there (the lead moves those callers).
-PIPELINE_KEY = contract.PIPELINE
-PASS_STATS_KEY = contract.PASS_STATS
 
 AfterChange = Callable[[int, str, ir.Model], None]
 

@@ -10,9 +10,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from pangu_light.core.contract import PASS_STATS as PASS_STATS_KEY
+from pangu_light.core.contract import PIPELINE as PIPELINE_KEY
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.infra.base import PanguPass
-from pangu_light.passes.infra.manager import PASS_STATS_KEY, PIPELINE_KEY, run_passes, run_pipeline
+from pangu_light.passes.infra.manager import run_passes, run_pipeline
 from pangu_light.passes.infra.pipeline import Pipeline
 from pangu_light.passes.infra.verify import verify_model
 

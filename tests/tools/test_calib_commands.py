@@ -11,8 +11,9 @@ import onnx_ir as ir
 import pytest
 
 from pangu_light.calib.stats import CalibrationStats
+from pangu_light.core.contract import PLAN as PLAN_KEY
 from pangu_light.passes.analysis.graph_stats import GraphStats
-from pangu_light.passes.infra.plan import PLAN_KEY, load_plan
+from pangu_light.passes.infra.plan import load_plan
 from pangu_light.tools.cli import main
 
 from families import tiny_model

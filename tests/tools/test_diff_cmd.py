@@ -8,10 +8,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from pangu_light.core.contract import PASS_STATS as PASS_STATS_KEY
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.analysis.graph_utils import replace_initializer
 from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.passes.infra.manager import PASS_STATS_KEY, run_pipeline
+from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.tools import cli, diff_cmd
 from pangu_light.tools.cli import main
 
