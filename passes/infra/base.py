@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -136,6 +136,19 @@ class PanguPass(ir.passes.InPlacePass):
 
     def __str__(self) -> str:
         return self.name
+
+
+def check_indices(
+    indices: Sequence[int], size: int, *, out_of_range: Callable[[int], str], repeated: Callable[[int], str]
+) -> None:
+    """Raise PanguLightError when an index is outside 0..size-1 (``out_of_range(index)`` says
+    so) or appears twice (``repeated(index)``); the messages are the caller's, so each names
+    its own axis."""
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise PanguLightError(out_of_range(bad[0]))
+    if len(set(indices)) != len(indices):
+        raise PanguLightError(repeated(next(i for i in indices if list(indices).count(i) > 1)))
 
 
 def _show(value: Any) -> str:

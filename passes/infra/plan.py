@@ -43,6 +43,7 @@ import onnx_ir as ir
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_text
+from pangu_light.passes.infra.base import check_indices
 from pangu_light.passes.infra.pipeline import PassSpec, Pipeline
 from pangu_light.passes.infra.readable_json import readable_json
 
@@ -200,13 +201,11 @@ class PrunePlan:
         def check_keep(keep: list[int], size: int, what: str) -> None:
             if not keep:
                 raise PanguLightError(f"{where}: {what} keeps nothing; keep at least one")
-            bad = [i for i in keep if not 0 <= i < size]
-            if bad:
-                raise PanguLightError(
-                    f"{where}: {what} names index {bad[0]}, but there are only {size} (0..{size - 1})"
-                )
-            if len(set(keep)) != len(keep):
-                raise PanguLightError(f"{where}: {what} names an index twice")
+            check_indices(
+                keep, size,
+                out_of_range=lambda i: f"{where}: {what} names index {i}, but there are only {size} (0..{size - 1})",
+                repeated=lambda i: f"{where}: {what} names an index twice",
+            )
 
         n_layers = len(self.shapes)
         if len(self.layers) != n_layers:

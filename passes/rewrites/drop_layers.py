@@ -37,7 +37,7 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.records import layer_origins
 from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.passes.infra.base import Option, PanguPass
+from pangu_light.passes.infra.base import Option, PanguPass, check_indices
 from pangu_light.passes.infra.plan import PrunePlan
 from pangu_light.passes.surgery.clap_merge import merge_attention
 from pangu_light.passes.surgery.clap_plan import resolve_merges
@@ -140,13 +140,12 @@ class DropLayersPass(PanguPass):
     def _validated(self, model: ir.Model, model_map: ModelMap) -> tuple[set[int], PrunePlan | None]:
         requested, plan = self._requested(model, model_map)
         count = len(model_map.layers)
-        bad = [i for i in requested if not 0 <= i < count]
-        if bad:
-            raise PanguLightError(
-                f"pass drop-layers: layer index {bad[0]} is out of range; this model has layers 0..{count - 1}"
-            )
-        if len(set(requested)) != len(requested):
-            raise PanguLightError(f"pass drop-layers: layers={requested} names a layer twice")
+        check_indices(
+            requested, count,
+            out_of_range=lambda i: f"pass drop-layers: layer index {i} is out of range; "
+            f"this model has layers 0..{count - 1}",
+            repeated=lambda i: f"pass drop-layers: layers={requested} names a layer twice",
+        )
         if len(set(requested)) == count:
             raise PanguLightError(
                 f"pass drop-layers: removing all {count} layers leaves no model; keep at least one"

@@ -29,7 +29,7 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_utils import exclusive, outside_readers, replace_initializer
 from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.passes.infra.base import Option, PanguPass
+from pangu_light.passes.infra.base import Option, PanguPass, check_indices
 from pangu_light.passes.infra.plan import PrunePlan
 from pangu_light.passes.surgery.head_surgery import clear_intermediate_shapes
 
@@ -104,14 +104,12 @@ class SliceHiddenPass(PanguPass):
             keep = list(range(keep_first))
         if not keep:
             raise PanguLightError("pass slice-hidden: keeping 0 channels leaves no model; keep at least one")
-        bad = [k for k in keep if not 0 <= k < hidden]
-        if bad:
-            raise PanguLightError(
-                f"pass slice-hidden: channel {bad[0]} does not exist; "
-                f"the hidden size is {hidden} (channels 0..{hidden - 1})"
-            )
-        if len(set(keep)) != len(keep):
-            raise PanguLightError("pass slice-hidden: keep=[...] names a channel twice")
+        check_indices(
+            keep, hidden,
+            out_of_range=lambda k: f"pass slice-hidden: channel {k} does not exist; "
+            f"the hidden size is {hidden} (channels 0..{hidden - 1})",
+            repeated=lambda k: "pass slice-hidden: keep=[...] names a channel twice",
+        )
         return np.array(sorted(keep), dtype=np.int64)
 
     @staticmethod

@@ -29,7 +29,7 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis import patterns
 from pangu_light.passes.analysis.graph_utils import exclusive, in_scope, replace_initializer
 from pangu_light.passes.analysis.model_map import Attention, HeadCountConstant, Linear, ModelMap
-from pangu_light.passes.infra.base import PanguPass
+from pangu_light.passes.infra.base import PanguPass, check_indices
 from pangu_light.passes.infra.plan import PrunePlan
 
 __all__ = [
@@ -102,15 +102,12 @@ def check_keep_lists(
                 f"pass {pass_name}: layer {index} keeps no {what}s; keep at least one "
                 "(remove whole layers with drop-layers)"
             )
-        bad = [i for i in kept if not 0 <= i < size]
-        if bad:
-            raise PanguLightError(
-                f"pass {pass_name}: layer {index}: {what} {bad[0]} does not exist; "
-                f"the layer has {size} (0..{size - 1})"
-            )
-        if len(set(kept)) != len(kept):
-            twice = next(i for i in kept if kept.count(i) > 1)
-            raise PanguLightError(f"pass {pass_name}: layer {index} names {what} {twice} twice")
+        check_indices(
+            kept, size,
+            out_of_range=lambda i: f"pass {pass_name}: layer {index}: {what} {i} does not exist; "
+            f"the layer has {size} (0..{size - 1})",
+            repeated=lambda i: f"pass {pass_name}: layer {index} names {what} {i} twice",
+        )
         result.append(sorted(kept))
     return result
 
