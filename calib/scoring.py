@@ -203,7 +203,8 @@ def score_tasks(
     progress: bool = True,
     label: str = "",
 ) -> dict[str, dict[str, float]]:
-    """lm-eval's ``results`` section for one model: task -> {"alias": task, "acc,none": v, ...}.
+    """lm-eval's ``results`` section for one model: task -> {"alias": task, "acc,none": v, ...},
+    plus "samples", the number of items scored (lm-eval keeps that count under "n-samples").
 
     Every call with the same ``limit`` scores the same items (the first ``limit`` of each split),
     so the results of several graphs line up."""
