@@ -2,9 +2,8 @@
 ORIGINAL graph's Gram statistics (``calib.gram``) and weights, by the plan's kept indices.
 
 For compiled layer c (original layer l: recorded by drop-layers in ``LAYER_ORIGINS``, else the
-plan's c-th kept layer) and each projection whose
-inputs the plan pruned (o_proj: the kept query heads' rows, d per head; down_proj: the kept
-neurons), with H the plan's kept hidden channels (all when not sliced)::
+plan's c-th kept layer) and each projection whose inputs the plan pruned (o_proj: the kept query
+heads' rows, d per head; down_proj: the kept neurons), with H the plan's kept hidden channels::
 
     W = original weight^T [in, out]       target   x W[:, H]  (+ b0[H] when it had a bias b0)
     method "refit":  W', b' = calib.refit.refit_projection(G_l, s_l, N, K, W[:, H], ridge, intercept)
@@ -20,6 +19,8 @@ post-norm absorption (sandwich families; it scales o_proj/down_proj rows by gamm
 refit would have to be done before it: refit the graph without absorption, or absorb after).
 Sandwich families without absorption (Gemma2/3, GLM4) refit as the others: the post-norm reads
 the projection's output, which the refit reproduces.
+
+``fluctuation_ranking`` feeds the planner FLAP's metric instead of S_head / S_ffn (per axis).
 """
 
 from __future__ import annotations
@@ -30,14 +31,22 @@ import numpy as np
 import onnx_ir as ir
 
 from pangu_light.calib.gram import GramStats
-from pangu_light.calib.refit import DEFAULT_RIDGE, Refit, bias_compensation, refit_projection
+from pangu_light.calib.refit import (
+    DEFAULT_RIDGE,
+    Refit,
+    bias_compensation,
+    fluctuation,
+    head_fluctuation,
+    refit_projection,
+)
+from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.records import layer_origins
 from pangu_light.passes.analysis.model_map import Linear, ModelMap
 from pangu_light.passes.infra.plan import PrunePlan
 from pangu_light.passes.rewrites.set_projection import Projection
 
-__all__ = ["METHODS", "ProjectionRefits", "refit_for_plan"]
+__all__ = ["METHODS", "ProjectionRefits", "fluctuation_ranking", "refit_for_plan"]
 
 METHODS = ("refit", "bias")
 
@@ -103,6 +112,31 @@ def refit_for_plan(
             result.projections[after.weight.name] = (fit.weight.T, _bias(before, fit, hidden))
             result.refit.append(f"layer {position}: {proj}")
     return result
+
+
+def fluctuation_ranking(
+    stats: CalibrationStats, grams: GramStats, model_map: ModelMap, *, heads: bool = True, ffn: bool = False
+) -> CalibrationStats:
+    """``stats`` with S_head (``heads``) and/or S_ffn (``ffn``) replaced by FLAP's fluctuation
+    metric of the original graph ``model_map`` (the planner ranks by whatever the fields hold)."""
+    if grams.num_layers != len(model_map.layers):
+        raise PanguLightError(f"the Gram file has {grams.num_layers} layers, the graph {len(model_map.layers)}")
+    replaced = {}
+    if heads:
+        replaced["heads"] = [
+            head_fluctuation(_fluctuation(grams, "o", index, layer.attention.o), layer.attention.head_dim)
+            for index, layer in enumerate(model_map.layers)
+        ]
+    if ffn:
+        replaced["ffn"] = [
+            _fluctuation(grams, "down", index, layer.ffn.down) for index, layer in enumerate(model_map.layers)
+        ]
+    return dataclasses.replace(stats, **replaced)
+
+
+def _fluctuation(grams: GramStats, proj: str, index: int, linear: Linear) -> np.ndarray:
+    weight = linear.weight.const_value.numpy().astype(np.float64).T
+    return fluctuation(grams.gram[proj][index], grams.sum[proj][index], grams.tokens, weight)
 
 
 def _origins(compiled: ir.Model, plan: PrunePlan, before: int, after: int) -> list[int]:

@@ -11,7 +11,8 @@ import torch
 
 from pangu_light.calib.gram import GramStats, collect_grams
 from pangu_light.calib.refit import bias_compensation, fluctuation, head_fluctuation, refit_projection
-from pangu_light.calib.refit_plan import refit_for_plan
+from pangu_light.calib.refit_plan import fluctuation_ranking, refit_for_plan
+from pangu_light.calib.stats import calibrate
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
@@ -120,6 +121,24 @@ def test_bias_compensation_and_fluctuation(llama_activations):
     scores = fluctuation(x.T @ x, x.sum(0), len(x), w)
     assert relative(scores, x.var(axis=0) * (w * w).sum(axis=1)) <= RELATIVE
     assert relative(head_fluctuation(scores, 16), scores.reshape(4, 16).sum(1)) <= RELATIVE
+
+
+def test_fluctuation_ranking_from_the_graph_equals_torch_activations(exported_graph):
+    hf_model, path = exported_graph("qwen3")
+    ids, mask = padded_batch(hf_model.config.vocab_size)
+    batches = [(ids.numpy(), mask.numpy())]
+    stats, grams = calibrate(path, batches), collect_grams(path, batches)
+    ranked = fluctuation_ranking(stats, grams, ModelMap.from_model(ir.load(path)), heads=True, ffn=True)
+    inputs = torch_projection_inputs(hf_model, ids, mask)
+    for index, layer in enumerate(hf_model.model.layers):
+        for proj, module, got in (("o", layer.self_attn.o_proj, ranked.heads[index]),
+                                  ("down", layer.mlp.down_proj, ranked.ffn[index])):
+            w = module.weight.detach().numpy().astype(np.float64)
+            expected = inputs[(proj, index)].var(axis=0) * (w * w).sum(axis=0)
+            if proj == "o":
+                expected = expected.reshape(-1, 16).sum(axis=1)
+            assert relative(got, expected) <= 1e-4  # float32 sums, then a variance by subtraction
+    np.testing.assert_array_equal(ranked.channel, stats.channel)
 
 
 def test_refit_refuses_bad_requests():
