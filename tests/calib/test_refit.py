@@ -51,21 +51,29 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("kv_cache", [False, True])
-def test_gram_equals_torch_activations(exported_graph, family, kv_cache):
-    if kv_cache and family not in ("llama", "gemma3"):
-        pytest.skip("decode graphs: one pre-norm and one sandwich family")
-    hf_model, path = exported_graph(family, kv_cache=kv_cache)
+def test_gram_equals_torch_activations(exported_graph, family):
+    assert_gram_equals_torch(*exported_graph(family))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_gram_of_a_decode_graph_equals_torch_activations(exported_graph, family):
+    assert_gram_equals_torch(*exported_graph(family, kv_cache=True))
+
+
+def assert_gram_equals_torch(hf_model, path):
     ids, mask = left_padded_batch(hf_model.config.vocab_size)
     grams = collect_grams(path, [(ids.numpy(), mask.numpy())] * 2)  # two batches: float64 accumulation
     assert grams.tokens == 2 * int(mask.sum())
     for (proj, index), x in torch_projection_inputs(hf_model, ids, mask).items():
         # float32 accumulation over n terms (|error| <= n u sum|x_i x_j|, Higham's gamma_n) plus the
-        # activations' own float32 difference a: |dX^T X + X^T dX| <= a (colsum|X|_i + colsum|X|_j).
+        # activations' own float32 difference a: |dX^T X + X^T dX| <= a (colsum|X|_i + colsum|X|_j),
+        # and for the sum n u colsum|X| + n a; doubled for the two batches. Measured on llama: the
+        # bounds are 3e-6 (down) and 3e-5 (o) at the median; one token's own |x_i x_j| is 4e-4
+        # (down) and 3e-2 (o), so a padded or missing token breaks them by 10 to 1000 times.
         n, magnitude, colsum = len(x), np.abs(x).T @ np.abs(x), np.abs(x).sum(axis=0)
         bound = 2 * (n * U32 * magnitude + ACTIVATION_ERROR * (colsum[:, None] + colsum[None, :]))
         assert np.all(np.abs(grams.gram[proj][index] - 2 * x.T @ x) <= bound), (proj, index)
-        assert np.all(np.abs(grams.sum[proj][index] - 2 * x.sum(0)) <= 2 * (n * U32 + ACTIVATION_ERROR) * colsum)
+        assert np.all(np.abs(grams.sum[proj][index] - 2 * x.sum(0)) <= 2 * (n * U32 * colsum + n * ACTIVATION_ERROR))
 
 
 @pytest.fixture(scope="module")
