@@ -1,0 +1,172 @@
+"""The projection file for a compiled graph: every pruned o_proj / down_proj refit from the
+ORIGINAL graph's Gram statistics (``calib.gram``) and weights, by the plan's kept indices.
+
+For compiled layer c (original layer l: recorded by drop-layers in ``LAYER_ORIGINS``, else the
+plan's c-th kept layer) and each projection whose inputs the plan pruned (o_proj: the kept query
+heads' rows, d per head; down_proj: the kept neurons), with H the plan's kept hidden channels::
+
+    W = original weight^T [in, out]       target   x W[:, H]  (+ b0[H] when it had a bias b0)
+    method "refit":  W', b' = calib.refit.refit_projection(G_l, s_l, N, K, W[:, H], ridge, intercept)
+    method "bias":   W', b' = calib.refit.bias_compensation(s_l, N, K, W[:, H])
+    file entry   weight = W'^T [|H|, |K|]  (the compiled initializer's layout, its name),
+                 bias   = b0[H] + b'  (None when neither exists)
+
+The compiled graph is read only for names and shapes, and to check that its projection still
+holds exactly W[K][:, H]^T, i.e. that only prune/slice passes touched it. A projection that
+another pass rewrote is left as it is and reported in ``skipped``: CLAP receivers (their o_proj
+reads merged heads of several layers, whose one-shot targets the original Gram cannot give) and
+post-norm absorption (sandwich families; it scales o_proj/down_proj rows by gamma * s_inv, so a
+refit would have to be done before it: refit the graph without absorption, or absorb after).
+Sandwich families without absorption (Gemma2/3, GLM4) refit as the others: the post-norm reads
+the projection's output, which the refit reproduces.
+
+``fluctuation_ranking`` feeds the planner FLAP's metric instead of S_head / S_ffn (per axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from pangu_light.calib.gram import GramStats
+from pangu_light.calib.refit import (
+    DEFAULT_RIDGE,
+    Refit,
+    bias_compensation,
+    fluctuation,
+    head_fluctuation,
+    refit_projection,
+)
+from pangu_light.calib.stats import CalibrationStats
+from pangu_light.core.errors import PanguLightError
+from pangu_light.core.records import layer_origins
+from pangu_light.passes.analysis.model_map import Linear, ModelMap
+from pangu_light.passes.infra.plan import PrunePlan
+from pangu_light.passes.rewrites.set_projection import Projection
+
+__all__ = ["METHODS", "ProjectionRefits", "fluctuation_ranking", "refit_for_plan"]
+
+METHODS = ("refit", "bias")
+
+
+@dataclasses.dataclass
+class ProjectionRefits:
+    projections: dict[str, Projection]  # compiled weight initializer name -> (weight [out, in], bias)
+    refit: list[str]  # "layer <compiled>: o" entries written
+    skipped: list[str]  # "<weight name>: why" for pruned projections left as they are
+
+    def meta(self) -> dict:
+        return {"refit": self.refit, "skipped": self.skipped}
+
+
+def refit_for_plan(
+    original: ir.Model,
+    compiled: ir.Model,
+    grams: GramStats,
+    plan: PrunePlan,
+    *,
+    method: str = "refit",
+    ridge: float = DEFAULT_RIDGE,
+    intercept: bool = False,
+) -> ProjectionRefits:
+    """New o_proj/down_proj weights (and biases) for ``compiled`` = ``original`` pruned by ``plan``.
+
+    No intercept by default: on SmolLM2-135M at the 0.62 shape it measured slightly better
+    (benchmarks/refit_quality.py: LAMBADA 848 vs 888, wiki 417 vs 423)."""
+    if method not in METHODS:
+        raise PanguLightError(f"unknown refit method {method!r}; use one of {', '.join(METHODS)}")
+    source, target = ModelMap.from_model(original), ModelMap.from_model(compiled)
+    if grams.num_layers != len(source.layers) or len(plan.shapes) != len(source.layers):
+        raise PanguLightError(
+            f"the Gram file has {grams.num_layers} layers, the plan {len(plan.shapes)}, the original graph "
+            f"{len(source.layers)}: they must describe the same model"
+        )
+    origins = _origins(compiled, plan, len(source.layers), len(target.layers))
+    if len(origins) != len(target.layers):
+        raise PanguLightError(f"the compiled graph has {len(target.layers)} layers but records {len(origins)} origins")
+    hidden = np.asarray(sorted(plan.hidden), dtype=np.int64)
+    result = ProjectionRefits({}, [], [])
+    for position, (layer, index) in enumerate(zip(target.layers, origins)):
+        head_dim = source.layers[index].attention.head_dim
+        heads = np.asarray(sorted(plan.layers[index].heads), dtype=np.int64)
+        kept = {
+            "o": (heads[:, None] * head_dim + np.arange(head_dim)).reshape(-1),
+            "down": np.asarray(sorted(plan.layers[index].ffn), dtype=np.int64),
+        }
+        pairs = {
+            "o": (source.layers[index].attention.o, layer.attention.o),
+            "down": (source.layers[index].ffn.down, layer.ffn.down),
+        }
+        for proj, (before, after) in pairs.items():
+            if len(kept[proj]) == before.in_features:
+                continue  # no input removed: nothing to refit
+            why = _rewritten(before, after, kept[proj], hidden)
+            if why:
+                result.skipped.append(f"{after.weight.name}: {why}")
+                continue
+            weight = before.weight.const_value.numpy().astype(np.float64).T[:, hidden]
+            if method == "refit":
+                fit = refit_projection(grams.gram[proj][index], grams.sum[proj][index], grams.tokens, kept[proj],
+                                       weight, ridge=ridge, intercept=intercept)
+            else:
+                fit = bias_compensation(grams.sum[proj][index], grams.tokens, kept[proj], weight)
+            result.projections[after.weight.name] = (fit.weight.T, _bias(before, fit, hidden))
+            result.refit.append(f"layer {position}: {proj}")
+    return result
+
+
+def fluctuation_ranking(
+    stats: CalibrationStats, grams: GramStats, model_map: ModelMap, *, heads: bool = True, ffn: bool = False
+) -> CalibrationStats:
+    """``stats`` with S_head (``heads``) and/or S_ffn (``ffn``) replaced by FLAP's fluctuation
+    metric of the original graph ``model_map`` (the planner ranks by whatever the fields hold)."""
+    if grams.num_layers != len(model_map.layers):
+        raise PanguLightError(f"the Gram file has {grams.num_layers} layers, the graph {len(model_map.layers)}")
+    replaced = {}
+    if heads:
+        replaced["heads"] = [
+            head_fluctuation(_fluctuation(grams, "o", index, layer.attention.o), layer.attention.head_dim)
+            for index, layer in enumerate(model_map.layers)
+        ]
+    if ffn:
+        replaced["ffn"] = [
+            _fluctuation(grams, "down", index, layer.ffn.down) for index, layer in enumerate(model_map.layers)
+        ]
+    return dataclasses.replace(stats, **replaced)
+
+
+def _fluctuation(grams: GramStats, proj: str, index: int, linear: Linear) -> np.ndarray:
+    weight = linear.weight.const_value.numpy().astype(np.float64).T
+    return fluctuation(grams.gram[proj][index], grams.sum[proj][index], grams.tokens, weight)
+
+
+def _origins(compiled: ir.Model, plan: PrunePlan, before: int, after: int) -> list[int]:
+    """The original index of each compiled layer: recorded by drop-layers, else by the plan."""
+    recorded = layer_origins(compiled.metadata_props)
+    if recorded is not None:
+        return recorded
+    if after == before:
+        return list(range(after))
+    return [i for i in range(before) if i not in set(plan.drop_layers)]
+
+
+def _rewritten(before: Linear, after: Linear, kept: np.ndarray, hidden: np.ndarray) -> str:
+    """Why ``after`` is not ``before`` with inputs ``kept`` and outputs ``hidden`` taken ('' if it is)."""
+    expected = before.weight.const_value.numpy()[np.ix_(hidden, kept)]
+    actual = after.weight.const_value.numpy()
+    if actual.shape != expected.shape:
+        return f"shape {list(actual.shape)} is not the plan's {list(expected.shape)} (a CLAP merge?)"
+    if not np.array_equal(actual, expected):
+        return "its values were changed by a pass other than pruning (CLAP merge or post-norm absorption)"
+    if (before.bias is None) != (after.bias is None):
+        return "its bias was added or removed by another pass"
+    return ""
+
+
+def _bias(before: Linear, fit: Refit, hidden: np.ndarray) -> np.ndarray | None:
+    original = before.bias.const_value.numpy().astype(np.float64)[hidden] if before.bias is not None else None
+    if fit.bias is None:
+        return original
+    return fit.bias if original is None else original + fit.bias
