@@ -33,11 +33,11 @@ from pangu_light.calib.gram import GramStats, collect_grams
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.refit_plan import fluctuation_ranking, refit_for_plan
 from pangu_light.calib.stats import CalibrationStats, batched, calibrate
+from pangu_light.calib.text import graph_tokenizer, sequences_for
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.rewrites.set_projection import SetProjectionPass, save_projections
-from pangu_light.tools.text_data import graph_tokenizer, sequences_for
 
 ALIAS = "smollm2-135m"
 PLANS = {"params-0.8": Targets(params=0.8), "shape-0.62": Targets(hidden=448, heads_per_group=2, ffn=1152)}

@@ -138,13 +138,14 @@ def collect_grams(
 ) -> GramStats:
     """Run a Gram-tapped copy of the graph at ``graph_path`` over (input_ids, attention_mask)
     batches (the graph itself is not modified; a decode graph runs with an empty past)."""
+    from pangu_light.runtime.layout import DecodeLayout
     from pangu_light.runtime.session import create_session
 
     model = ir.load(graph_path)
     model_map = ModelMap.from_model(model)
     layout = add_gram_taps(model, model_map)
     common_passes.RemoveUnusedNodesPass()(model)
-    past_inputs = [v for v in model.graph.inputs if contract.is_past_input(v.name)]
+    decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
     layers = len(model_map.layers)
     del model_map
     gram = {p: [0.0] * layers for p in PROJECTIONS}
@@ -156,10 +157,11 @@ def collect_grams(
         del model
         info = create_session(tapped, provider=provider, threads=threads)
         names = list(layout.outputs.values())
+        cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
         for input_ids, mask in batches:
             feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), contract.ATTENTION_MASK: mask.astype(np.int64)}
-            for past in past_inputs:
-                feeds[past.name] = np.zeros((input_ids.shape[0], past.shape[1], 0, past.shape[3]), np.float32)
+            if cache is not None:
+                feeds.update(cache.empty_past(input_ids.shape[0]))
             results = dict(zip(layout.outputs, info.session.run(names, feeds)))
             for (kind, proj, index), value in results.items():
                 target = gram if kind == "gram" else sums

@@ -27,6 +27,7 @@ PASSES: dict[str, str | type[PanguPass]] = {
     "slnp": "pangu_light.passes.rewrites.slnp:SLNPPass",
     "absorb-post-norm": "pangu_light.passes.rewrites.absorb_post_norm:AbsorbPostNormPass",
     "drop-post-norm": "pangu_light.passes.rewrites.drop_post_norm:DropPostNormPass",
+    "set-projection": "pangu_light.passes.rewrites.set_projection:SetProjectionPass",
 }
 
 
