@@ -1,7 +1,9 @@
 """The calibrate stage: a graph and a text source in, ``CalibrationStats`` out.
 
 Encodes the calibration split of the text with the graph's own tokenizer (``calib.text``) and
-runs ``calib.stats.calibrate`` over it batch by batch, with a progress bar on stderr.
+runs ``calib.stats.calibrate`` over it batch by batch, with a progress bar on stderr;
+``collect_graph_grams`` does the same for the projection-input Gram matrices the output refit
+needs (``calib.gram``), on the very same sequences when given the same text arguments.
 """
 
 from __future__ import annotations
@@ -9,11 +11,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pangu_light.calib.gram import GramStats, collect_grams
 from pangu_light.calib.stats import CalibrationStats, batched, calibrate
 from pangu_light.calib.text import graph_tokenizer, sequences_for
 from pangu_light.passes.infra.graph_io import load_model_metadata
 
-__all__ = ["calibrate_graph"]
+__all__ = ["calibrate_graph", "collect_graph_grams"]
+
+
+def _calibration_sequences(model_path: Path, data: str, samples: int | None, seq_len: int, seed: int,
+                            tokenizer: Path | None):
+    metadata = load_model_metadata(model_path)
+    encode, bos_id = graph_tokenizer(model_path, metadata, tokenizer)
+    sequences = sequences_for(data, encode, bos_id, samples=samples, seq_len=seq_len, seed=seed, split="calib")
+    meta = {"data": data, "split": "calib", "samples": int(len(sequences)), "seq_len": seq_len, "seed": seed}
+    return sequences, meta
 
 
 def calibrate_graph(
@@ -24,12 +36,24 @@ def calibrate_graph(
     """Tokenize the calibration text for ``model_path`` and run ``calib.stats.calibrate``."""
     from tqdm import tqdm
 
-    metadata = load_model_metadata(model_path)
-    encode, bos_id = graph_tokenizer(model_path, metadata, tokenizer)
-    sequences = sequences_for(data, encode, bos_id, samples=samples, seq_len=seq_len, seed=seed, split="calib")
-    meta = {"data": data, "split": "calib", "samples": int(len(sequences)), "seq_len": seq_len, "seed": seed}
+    sequences, meta = _calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
     with tqdm(total=int(sequences.size), unit="tok", desc="calibrate", disable=quiet, file=sys.stderr) as bar:
         return calibrate(
             model_path, batched(sequences, batch_size), aggregation=aggregation, provider=provider,
             threads=threads, meta=meta, on_batch=bar.update,
+        )
+
+
+def collect_graph_grams(
+    model_path: Path, *, data: str, samples: int | None, seq_len: int, seed: int, batch_size: int,
+    provider: str = "cpu", threads: int | None = None, tokenizer: Path | None = None, quiet: bool = False,
+) -> GramStats:
+    """The o_proj/down_proj input Gram matrices of ``model_path`` over the calibration text."""
+    from tqdm import tqdm
+
+    sequences, meta = _calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
+    with tqdm(total=int(sequences.size), unit="tok", desc="gram", disable=quiet, file=sys.stderr) as bar:
+        return collect_grams(
+            model_path, batched(sequences, batch_size), provider=provider, threads=threads, meta=meta,
+            on_batch=bar.update,
         )

@@ -8,7 +8,8 @@ Writes every intermediate into OUTDIR, so each stage can be inspected or re-run 
     original.onnx      the exported graph (no KV cache); reused when it exists for the same MODEL
     stats.npz          calibration statistics (`pangu-light calibrate`)
     plan.json          the prune plan (`pangu-light plan`)
-    pruned.onnx        the rewritten graph (`pangu-light compile --plan`)
+    pruned.onnx        the rewritten graph (`pangu-light compile --plan`, then `set-projection`)
+    refit.npz          the refit o_proj/down_proj weights set-projection applied (unless --refit none)
     original-kv.onnx, pruned-kv.onnx   the decode graphs (KV cache), unless --no-kv-cache
     summary.json       the table printed at the end
 
@@ -18,6 +19,7 @@ and prints parameters, FLOPs per token and held-out perplexity before and after.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluation = parser.add_argument_group("evaluation")
     add_text_arguments(evaluation, role="eval", samples=32, seq_len=256)
     evaluation.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
+    parser.add_argument(
+        "--refit", choices=("refit", "bias", "none"), default="refit",
+        help="after pruning, refit each o_proj/down_proj that lost inputs to reproduce the unpruned "
+        "layer's output on the calibration tokens (ridge least squares, default), add the removed "
+        "inputs' mean contribution as a bias (bias: FLAP's compensation), or leave the weights (none)",
+    )
     parser.add_argument("--no-kv-cache", action="store_true", help="do not export and prune the decode graph")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per ONNX Runtime call (default 4)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
@@ -55,15 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pangu_light.calib.calibrate import calibrate_graph
+    from pangu_light.calib.calibrate import calibrate_graph, collect_graph_grams
     from pangu_light.calib.evaluate import evaluate_graphs
     from pangu_light.calib.planner import make_plan
+    from pangu_light.calib.refit_plan import refit_for_plan
     from pangu_light.core.paths import record_path
     from pangu_light.frontend.export import export_to_file
     from pangu_light.passes.analysis.graph_stats import GraphStats
     from pangu_light.passes.analysis.model_map import ModelMap
     from pangu_light.passes.infra.graph_io import load_model, load_model_metadata, save_model_atomic
     from pangu_light.passes.infra.manager import run_pipeline
+    from pangu_light.passes.rewrites.set_projection import save_projections
 
     targets = targets_from_args(args)
     if targets == type(targets)() or targets == type(targets)(align=args.align):
@@ -108,26 +118,48 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(original)
     plan = make_plan(ModelMap.from_model(model), stats, targets)
+    plan.targets["refit"] = args.refit
     plan.source["graph"] = record_path(original, out / "plan.json")
     plan.save(out / "plan.json")
     if not args.quiet:
         print(describe_plan(plan), file=sys.stderr)
+
+    refit_file = out / "refit.npz"
 
     def compile_with_plan(graph, source: Path, target: Path):
         plan.attach(graph)
         pipeline = plan.pipeline()
         note(f"compiling {source.name} -> {target.name}: {pipeline}")
         run_pipeline(graph, pipeline)
-        save_model_atomic(graph, target)
         return graph
+
+    def refit_and_save(graph, target: Path) -> None:
+        if refit:
+            run_pipeline(graph, f"set-projection{{file={json.dumps(str(refit_file))}}}")
+        save_model_atomic(graph, target)
 
     original_stats = GraphStats.from_model(model)  # before the passes rewrite it in place
     pruned_model = compile_with_plan(model, original, out / "pruned.onnx")
+    refit = args.refit != "none"
+    if refit:
+        note("collecting the projection inputs' Gram matrices for the refit")
+        grams = collect_graph_grams(
+            original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+            batch_size=args.batch_size, threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
+        )
+        refits = refit_for_plan(load_model(original), pruned_model, grams, plan, method=args.refit)
+        del grams
+        if refits.skipped:
+            note(f"left as they are (not refit): {'; '.join(refits.skipped)}")
+        save_projections(refit_file, refits.projections, refits.meta())
+        refit = bool(refits.projections)
+    refit_and_save(pruned_model, out / "pruned.onnx")
     rows = {"original": original_stats, "pruned": GraphStats.from_model(pruned_model)}
     del model, pruned_model
     if not args.no_kv_cache:
         original_kv = exported("original-kv.onnx", kv_cache=True)
-        compile_with_plan(load_model(original_kv), original_kv, out / "pruned-kv.onnx")
+        refit_and_save(compile_with_plan(load_model(original_kv), original_kv, out / "pruned-kv.onnx"),
+                       out / "pruned-kv.onnx")
 
     perplexities = {}
     if not args.no_eval:
@@ -149,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "plan": describe_plan(plan).splitlines(),
         "calibration": {"data": args.data, "tokens": stats.tokens, "samples": args.samples, "seq_len": args.seq_len},
+        "refit": args.refit,
         "evaluation": None
         if args.no_eval
         else {"data": args.eval_data, "samples": args.eval_samples, "seq_len": args.eval_seq_len},

@@ -127,6 +127,30 @@ def test_prune_writes_every_intermediate(tiny_dir, tmp_path, capsys):
     assert ((out / "original.onnx").stat().st_mtime_ns, (out / "original-kv.onnx").stat().st_mtime_ns) == exported
 
 
+def test_prune_refits_the_projections_that_lost_inputs(tiny_dir, tmp_path):
+    """The default --refit writes refit.npz and both pruned graphs carry exactly its weights
+    (the refit itself is checked against numpy least squares in tests/calib/test_refit.py);
+    --refit none leaves the plainly sliced weights, so the two differ only there."""
+    from pangu_light.passes.rewrites.set_projection import load_projections
+
+    common = [str(tiny_dir[0]), "--heads-per-group", "1", "--ffn", "40", *CALIB, "--no-eval"]
+    assert main(["prune", *common, "-o", str(tmp_path / "refit")]) == 0
+    assert main(["prune", *common, "--refit", "none", "-o", str(tmp_path / "plain")]) == 0
+    projections = load_projections(tmp_path / "refit" / "refit.npz")
+    assert len(projections) == 2 * 4  # o_proj and down_proj of each of the 4 layers lost inputs
+    for name in ("pruned.onnx", "pruned-kv.onnx"):
+        refit = ir.load(tmp_path / "refit" / name).graph.initializers
+        plain = ir.load(tmp_path / "plain" / name).graph.initializers
+        assert set(refit) == set(plain)
+        for weight, (values, bias) in projections.items():
+            assert bias is None
+            np.testing.assert_array_equal(refit[weight].const_value.numpy(), values.astype(np.float32))
+            assert not np.array_equal(refit[weight].const_value.numpy(), plain[weight].const_value.numpy())
+        for other in set(refit) - set(projections):
+            np.testing.assert_array_equal(refit[other].const_value.numpy(), plain[other].const_value.numpy())
+    assert json.loads((tmp_path / "refit" / "summary.json").read_text())["refit"] == "refit"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
