@@ -28,12 +28,13 @@ items for every graph, lm-eval-harness scoring, calib/scoring.py). Writes to ``-
 Not yet: recovery (the same distillation budget after pruning, ``benchmarks/distill.py``) and a
 row for the project's best re-initialisation; Table 4 and Figures 2 and 3.
 
-The real run (SmolLM2-135M, 30 layers): the command above with its defaults. Estimated on this
-project's shared 2-core CPU from the parts' measured speeds: export ~1 min, calibration of
-64 x 256 tokens ~1-2 min, three plans and compiles ~1 min, perplexity of 32 x 256 tokens per
-graph ~20 s, and the tasks at --limit 500 (about 10,000 scored requests of ~60-250 tokens per
-graph) ~10-15 min per graph: about an hour for the four graphs; with every item (no --limit,
-about 70,000 requests per graph) several hours.
+The real run (SmolLM2-135M, 30 layers): the command above with its defaults. Not run yet. Time,
+from a measurement of the task scoring: the unpruned graph scored the first 20 items of every
+task (340 requests) in under 4 minutes of wall time on the shared 2-core machine at load 6-8
+(`pangu-light eval ... --limit 20`, about half a core for the job). At --limit 500 that is about
+8,500 requests per graph, so roughly 35 minutes per graph on a quiet 2-core machine and over an
+hour at that load: 2.5 to 5 hours for the four graphs, plus a few minutes for export,
+calibration and compiling. Use --limit 100 for a first look (about 30 minutes in all).
 """
 
 from __future__ import annotations
