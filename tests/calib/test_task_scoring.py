@@ -19,7 +19,7 @@ from pangu_light.calib.scoring import (
     task_metrics,
     tokenize_request,
 )
-from pangu_light.calib.tasks import METRICS, TASKS, TaskItem, load_task
+from pangu_light.calib.tasks import METRICS, TASKS, TaskItem, load_task, parse_tasks
 from pangu_light.core.errors import PanguLightError
 from pangu_light.frontend.task_scoring import score_model_tasks, torch_logits
 
@@ -153,14 +153,44 @@ def test_task_readers_use_lm_eval_templates():
 def test_results_layout_and_table(exported_graph):
     _, graph = exported_graph("llama")
     results = score_tasks(("winogrande", "lambada"), ort_logits(graph), char_encode, limit=3, progress=False)
-    assert set(results["winogrande"]) == {"alias", "acc,none", "acc_stderr,none", "samples"}
-    assert set(results["lambada"]) == {"alias", "acc,none", "acc_stderr,none", "perplexity,none", "samples"}
-    assert results["lambada"]["samples"] == 3
+    assert set(results["winogrande"]) == {"alias", "acc,none", "acc_stderr,none"}
+    assert set(results["lambada"]) == {"alias", "acc,none", "acc_stderr,none", "perplexity,none"}
     table = markdown_table({"a.onnx": results, "b.onnx": results})
     lines = table.splitlines()
     assert lines[0] == "| model | winogrande acc | lambada perplexity | lambada acc |"
     assert len(lines) == 4 and lines[2].startswith("| a.onnx | ") and lines[3].startswith("| b.onnx | ")
     assert METRICS["hellaswag"] == ("acc", "acc_norm")
+
+
+def test_long_requests_are_cut_from_the_left_as_lm_eval_does():
+    """With max_length M the model reads at most M positions: the request keeps its last M + 1
+    tokens (the last one is never read), which is the same as scoring the cut request unlimited."""
+    widths = []
+
+    def prefix_logits(ids, mask):  # every position's logits depend on the whole prefix
+        widths.append(ids.shape[1])
+        running = np.cumsum(ids * mask, axis=1)[..., None]
+        return np.sin(running * np.arange(1, 8)) * 3
+
+    long, short = ([1, 2, 3, 4, 5, 6], [2, 3]), ([4], [5, 6])
+    got = loglikelihoods(prefix_logits, [long, short], max_length=5)
+    assert max(widths) <= 5
+    assert got == loglikelihoods(prefix_logits, [([3, 4, 5, 6], [2, 3]), short])
+    assert got != loglikelihoods(prefix_logits, [long, short])  # the cut matters here
+    with pytest.raises(PanguLightError, match="continuation of 7 tokens does not fit the model's 5 positions"):
+        loglikelihoods(prefix_logits, [([1], [1] * 7)], max_length=5)
+
+
+def test_task_names():
+    assert parse_tasks("lambada_ppl,piqa") == {"lambada": ("perplexity",), "piqa": ("acc", "acc_norm")}
+    assert parse_tasks("lambada_acc, lambada_ppl,winogrande") == {"lambada": ("perplexity", "acc"),
+                                                                  "winogrande": ("acc",)}
+    assert parse_tasks("lambada") == {"lambada": ("perplexity", "acc")}
+    with pytest.raises(PanguLightError, match="unknown task 'arc_challenge' in --tasks"):
+        parse_tasks("arc_challenge")
+    with pytest.raises(PanguLightError, match="is more than the 1,000 items of sciq"):
+        load_task("sciq", 1001)
+    assert len(load_task("sciq", 1000)) == 1000
 
 
 def test_clear_errors(monkeypatch, tmp_path):
