@@ -28,7 +28,8 @@ from pangu_light.calib.scoring import markdown_table, ort_logits, score_tasks
 from pangu_light.calib.tasks import TASKS
 from pangu_light.core.files import write_json
 from pangu_light.frontend.loading import load_tokenizer, resolve_model
-from pangu_light.runtime.machine import describe_machine, format_machine
+from pangu_light.reports.machine import format_machine
+from pangu_light.runtime.machine import describe_machine
 
 ALIAS = "smollm2-135m"
 

@@ -8,7 +8,7 @@ Every stage reads and writes files, so each can be run, inspected and cached alo
     calibrate  graph + text -> importance statistics (stats.npz)
     plan       statistics + targets -> prune plan (plan.json)
     compile    run a pipeline of rewrite passes (or a plan) over a graph
-    eval       perplexity of graphs on held-out text
+    eval       perplexity on held-out text, or zero-shot task accuracy (--tasks)
     diff       compare two graphs: parameters, FLOPs, per-layer shapes, tagged nodes
     run        greedy generation with a decode graph under ONNX Runtime
     bench      measure graphs side by side: prefill, decode tokens/s, throughput vs ideal
