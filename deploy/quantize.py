@@ -8,8 +8,10 @@ s[n, j] (and a zero point z[n, j] when asymmetric) and its elements are stored a
     q = clamp(round(B / s) + z, 0, 2**bits - 1)        B_deq = (q - z) * s
     symmetric: z = 2**(bits - 1) (8 for int4, 128 for int8), s = (signed max-|.| element) / -z
 
-so |B - B_deq| <= |s| / 2 per element. K that is not a multiple of ``block_size`` (a pruned hidden
-size of 500) is padded with zeros inside the last block; the ``K`` attribute keeps the real size.
+so |B - B_deq| <= |s| / 2 per element, except (symmetric) an element of the other sign than the
+block's largest beyond (z - 1/2)|s|, clamped to z - 1 above z: its error is |B| - (z - 1)|s|,
+at most |s|. K that is not a multiple of ``block_size`` (a pruned hidden size of 500) is padded
+with zeros inside the last block; the ``K`` attribute keeps the real size.
 Each quantized ``MatMul(x, B)`` becomes ``com.microsoft.MatMulNBits(x, q, s[, z])`` with
 ``accuracy_level`` choosing the compute type on CPU (0: float32 on the dequantized weights;
 4: activations quantized per block to int8 as well, the fast path).
