@@ -54,7 +54,8 @@ class DeployOptions:
 
 
 def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dict[str, Any]]:
-    """The deployment graph of ``model`` (a decode or no-cache graph of ours) and the record."""
+    """The deployment graph of ``model`` (a decode or no-cache graph of ours) and the record.
+    ``model`` itself is folded in place (the fold pass is an in-place pass); pass a copy to keep it."""
     options.check()
     metadata = {p: v for p, v in model.metadata_props.items()}
     before = _op_counts(model)
