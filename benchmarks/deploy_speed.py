@@ -1,0 +1,122 @@
+"""Deployment graphs side by side: decode tokens/s, prefill ms, node counts, greedy agreement and
+held-out perplexity of a decode graph and its fp32 / int8 / int4 deployments.
+
+    python benchmarks/deploy_speed.py out/prune/original-kv.onnx [out/prune/pruned-kv.onnx]
+        -o out/deploy-bench [--threads 1,2] [--rounds 3] [--prompt 32] [--new-tokens 128]
+        [--ppl-samples 16] [--tokenizer DIR] [--json PATH]
+
+For each source graph, `pangu-light deploy` builds fp32, int8 and int4 (block 32, symmetric,
+accuracy level 4, lm_head quantized). Then, per thread count, one session per graph; rounds
+alternate between the graphs (one warm-up round thrown away), each round a greedy generation of
+--new-tokens after the same random --prompt-token prompt (batch 1). Reported: medians of decode
+tokens/s and prefill ms, the decode ratio to the source graph (median of per-round ratios), the
+node count in the file and after ONNX Runtime's optimiser, how many greedy tokens equal the
+source's, and perplexity on the held-out LAMBADA split (same sequences for every graph). Machine
+load (1-minute average) before and after is printed: timings on a shared machine move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from pangu_light.calib.evaluate import evaluate_graphs
+from pangu_light.deploy.build import DeployOptions, build_deployment
+from pangu_light.runtime.generate import generate
+from pangu_light.runtime.session import create_session
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sources", nargs="+", type=Path)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--ppl-samples", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--tokenizer", type=Path, help="HF model directory (default: the graph's metadata)")
+    args = parser.parse_args()
+
+    graphs: list[tuple[str, Path, Path]] = []  # (label, path, its source)
+    for source in args.sources:
+        graphs.append((source.stem, source, source))
+        for weights in ("fp32", "int8", "int4"):
+            out = args.output / f"{source.stem}-{weights}"
+            build_deployment(source, out, DeployOptions(weights=weights))
+            graphs.append((f"{source.stem} {weights}", out / "model.onnx", source))
+    load_start = os.getloadavg()
+    rows = {label: {"path": str(path), "nodes_file": len(onnx.load(str(path), load_external_data=False).graph.node),
+                    "nodes_ort": _ort_nodes(path)} for label, path, _ in graphs}
+    prompt = [np.random.default_rng(0).integers(100, 10000, args.prompt).tolist()]
+    for threads in [int(t) for t in args.threads.split(",")]:
+        sessions = {label: create_session(path, provider="cpu", threads=threads) for label, path, _ in graphs}
+        decode = {label: [] for label, _, _ in graphs}
+        prefill = {label: [] for label, _, _ in graphs}
+        tokens = {}
+        for round_index in range(args.rounds + 1):
+            for label, _, _ in graphs:
+                result = generate(sessions[label], prompt, args.new_tokens)
+                tokens[label] = result.tokens[0]
+                if round_index:
+                    decode[label].append(result.decode_tokens_per_second)
+                    prefill[label].append(result.prefill_seconds * 1000)
+        for label, _, source in graphs:
+            base = source.stem
+            ratios = [a / b for a, b in zip(decode[label], decode[base])]
+            rows[label][f"t{threads}"] = {
+                "decode_tokens_per_second": statistics.median(decode[label]),
+                "prefill_ms": statistics.median(prefill[label]),
+                "decode_ratio": statistics.median(ratios),
+                "same_greedy_tokens": sum(a == b for a, b in zip(tokens[label], tokens[base])),
+            }
+    load_end = os.getloadavg()
+    _print(rows, args, load_start, load_end)  # timings first: the perplexity pass takes a while
+    if args.ppl_samples:
+        ppl = evaluate_graphs([str(p) for _, p, _ in graphs], data="lambada", samples=args.ppl_samples, seq_len=256,
+                              tokenizer=args.tokenizer, quiet=True)
+        for label, path, _ in graphs:
+            rows[label]["perplexity"] = ppl[str(path)].perplexity
+            print(f"{label:34s} perplexity {rows[label]['perplexity']:.3f} (LAMBADA eval, {args.ppl_samples} x 256)")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "load": [load_start, load_end]}, indent=2) + "\n")
+    return 0
+
+
+def _ort_nodes(path: Path) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return len(onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+
+
+def _print(rows, args, load_start, load_end) -> None:
+    threads = [int(t) for t in args.threads.split(",")]
+    head = f"{'graph':34s} {'nodes':>11s}"
+    for t in threads:
+        head += f" | t={t}: {'tok/s':>6s} {'ratio':>5s} {'prefill':>8s} {'same':>5s}"
+    print(head)
+    for label, row in rows.items():
+        line = f"{label:34s} {row['nodes_file']:5d}/{row['nodes_ort']:5d}"
+        for t in threads:
+            r = row[f"t{t}"]
+            line += (f" | {'':5s}{r['decode_tokens_per_second']:6.1f} {r['decode_ratio']:5.2f} "
+                     f"{r['prefill_ms']:6.1f}ms {r['same_greedy_tokens']:3d}/{args.new_tokens}")
+        print(line)
+    print(f"nodes: in the file / after ONNX Runtime's optimiser; prompt {args.prompt} tokens, "
+          f"{args.new_tokens} new, batch 1, greedy; medians of {args.rounds} alternating rounds; "
+          f"load average {load_start[0]:.2f} -> {load_end[0]:.2f} on {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

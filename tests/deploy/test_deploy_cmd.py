@@ -1,0 +1,71 @@
+"""`pangu-light deploy`: the files it writes, the fp32 deployment graph equal to the original on
+every family (4 decode steps, batch 3 left-padded), the runtime's generation loop (what `run`
+uses) on the int4 graph, errors, and the deploy package's import rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_architecture import imported_modules
+
+from pangu_light.deploy.build import DeployOptions, build_deployment
+from pangu_light.runtime.generate import generate
+from pangu_light.runtime.session import create_session
+from pangu_light.tools.cli import main
+
+from families import FAMILIES
+from reference import left_padded_batch, max_diff_on_tokens, ort_decode_logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp32_deployment_equals_original(family, exported_graph, tmp_path):
+    hf_model, path = exported_graph(family, kv_cache=True)
+    record = build_deployment(path, tmp_path / "d", DeployOptions(weights="fp32"))
+    assert record["matmul_nbits"] == 0 and record["fold_weight_transpose"]["transposes_removed"] > 0
+    ids, mask = left_padded_batch(hf_model.config.vocab_size)
+    want, want_ids, _ = ort_decode_logits(path, ids, mask, steps=4)
+    got, got_ids, all_mask = ort_decode_logits(tmp_path / "d" / "model.onnx", ids, mask, steps=4)
+    assert np.array_equal(got_ids.numpy(), want_ids.numpy())
+    assert max_diff_on_tokens(got, want, all_mask) <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+def test_command_writes_graph_and_record(exported_graph, tmp_path, capsys):
+    _, path = exported_graph("qwen3", kv_cache=True)
+    out = tmp_path / "deploy"
+    assert main(["deploy", str(path), "-o", str(out), "--weights", "int4", "--block-size", "32"]) == 0
+    record = json.loads((out / "deploy.json").read_text())
+    assert record["options"]["weights"] == "int4" and record["matmul_nbits"] == record["eligible_matmuls"] > 0
+    assert record["source"] == str(Path(path).resolve())
+    assert "MatMulNBits" in capsys.readouterr().out
+    # the runtime's generation loop (what `pangu-light run` calls) runs the int4 graph, batch 3
+    info = create_session(out / "model.onnx", provider="cpu")
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    bound = generate(info, prompts, 6)
+    plain = generate(info, prompts, 6, io_binding=False)
+    assert [len(t) for t in bound.tokens] == [6, 6, 6] and bound.tokens == plain.tokens
+
+
+def test_command_refuses_bad_requests(exported_graph, tmp_path, capsys):
+    _, path = exported_graph("llama", kv_cache=True)
+    assert main(["deploy", str(path), "-o", str(tmp_path / "a"), "--weights", "fp32", "--asymmetric"]) == 2
+    assert "int8/int4 only" in capsys.readouterr().err
+    assert main(["deploy", str(path), "-o", str(tmp_path / "b"), "--block-size", "24"]) == 2
+    assert "power of two" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "model.onnx").exists()
+    with pytest.raises(SystemExit):
+        main(["deploy", str(path), "-o", str(tmp_path / "c"), "--provider", "cuda"])
+
+
+def test_deploy_package_imports_neither_tools_nor_frontend():
+    """pangu_light.deploy follows calib's rule (tests/test_architecture.py does not list it yet)."""
+    root = Path(__file__).resolve().parents[2] / "deploy"
+    problems = []
+    for source in sorted(root.glob("*.py")):
+        module = f"pangu_light.deploy.{source.stem}"
+        for line, name in imported_modules(source.read_text(), module):
+            if name.split(".")[:2] in (["pangu_light", "tools"], ["pangu_light", "frontend"]):
+                problems.append(f"{module}:{line} imports {name}")
+    assert not problems

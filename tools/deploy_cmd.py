@@ -1,0 +1,85 @@
+"""A deployment graph from a decode graph: weights laid out for MatMul, int8/int4 weight-only.
+
+    pangu-light deploy out/prune/pruned-kv.onnx -o out/deploy-int4
+    pangu-light deploy out/prune/original-kv.onnx -o out/deploy-fp32 --weights fp32
+    pangu-light run out/deploy-int4/model.onnx --prompt "The capital of France is"
+
+Writes OUTDIR/model.onnx (with model.onnx.data beside it when the weights pass 1.8 GB) and
+OUTDIR/deploy.json, the record of what was done (options, counts, node totals, versions; the
+same record is in the graph's pangu_light.deploy metadata).
+
+Steps: (1) fold-weight-transpose: every weight our exporter reads as Transpose(W) is stored as
+W^T, the layout MatMul reads (the function is unchanged; fp32 stops here). (2) --weights
+int8/int4: ONNX Runtime's own MatMulNBitsQuantizer (round to nearest, one scale per block of
+--block-size weights along the input dimension, symmetric unless --asymmetric) turns every
+MatMul with a constant weight into com.microsoft.MatMulNBits: all projections of every layer
+and the lm_head (--no-quantize-lm-head keeps it float32); the embedding stays float32. Input
+widths that are not a multiple of the block size (pruned hidden sizes) are padded inside the
+last block. --accuracy-level 4 (default) lets the CPU kernel quantize activations to int8 too
+(fastest); 0 computes in float32 on the dequantized weights.
+
+The result runs with `pangu-light run` and in ONNX Runtime directly (com.microsoft ops are in
+every onnxruntime build). `inspect`, `diff` and `bench`'s cost model read graphs through the
+model map, which does not know MatMulNBits: bench the fp32 deployment graph, or the int graph
+with its timing only (see the deploy.json for its weight bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pangu_light.core.errors import PanguLightError
+from pangu_light.deploy.build import WEIGHTS, DeployOptions, build_deployment
+
+__all__ = ["HELP", "add_arguments", "run"]
+
+HELP = "deployment graph: weights folded for MatMul, int8/int4 weight-only quantisation (ORT)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="decode graph (.onnx, from export --kv-cache or prune)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output directory (model.onnx, deploy.json)")
+    parser.add_argument(
+        "--weights", choices=WEIGHTS, default="int4", help="weight type of the projections (default int4)"
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="weights per quantisation block along the input width (default 32)"
+    )
+    parser.add_argument(
+        "--no-quantize-lm-head", action="store_true", help="keep the lm_head in float32 (int8/int4 only)"
+    )
+    parser.add_argument("--asymmetric", action="store_true", help="a zero point per block (default symmetric)")
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=4,
+        choices=range(5),
+        metavar="{0..4}",
+        help="MatMulNBits compute type: 4 int8 activations (default, fastest on CPU), 0 float32",
+    )
+    parser.add_argument("--provider", choices=("cpu",), default="cpu", help="target provider (cpu so far)")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = DeployOptions(
+        weights=args.weights,
+        block_size=args.block_size,
+        quantize_lm_head=not args.no_quantize_lm_head,
+        symmetric=not args.asymmetric,
+        accuracy_level=args.accuracy_level,
+        provider=args.provider,
+    )
+    if args.weights == "fp32" and (args.no_quantize_lm_head or args.asymmetric):
+        raise PanguLightError("--no-quantize-lm-head and --asymmetric apply to --weights int8/int4 only")
+    record = build_deployment(args.model, args.output, options)
+    fold = record["fold_weight_transpose"]
+    print(
+        f"{record['model']}: {args.weights}, {fold.get('transposes_removed', 0)} weight transposes folded, "
+        f"{record['matmul_nbits']} of {record['eligible_matmuls']} eligible MatMuls -> MatMulNBits "
+        f"(lm_head {'quantized' if record['lm_head_quantized'] else 'float32'}), "
+        f"nodes {record['nodes_before']} -> {record['nodes_after']}, "
+        f"weights {record['weight_bytes'] / 1e6:.1f} MB"
+    )
+    print(f"record: {Path(args.output) / 'deploy.json'}")
+    return 0
