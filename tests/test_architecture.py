@@ -5,6 +5,7 @@
     reports     of ours, only core                 (tables, cost model, charts)
     passes      of ours, only core; never torch or onnxruntime (a pass is a pure graph rewrite)
     calib       never tools or frontend
+    deploy      never tools or frontend          (building deployment graphs: ORT's quantizer)
     frontend    never tools
     tools       a command module (*_cmd.py) never imports another command module
     benchmarks  never a command module
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("core", "runtime", "reports", "passes", "calib", "frontend", "tools")
+PACKAGES = ("core", "runtime", "reports", "passes", "calib", "deploy", "frontend", "tools")
 
 
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
@@ -64,8 +65,8 @@ def violations(package: str, module: str, source: str) -> list[str]:
             rule = f"{package} imports nothing of ours but core"
         elif package == "passes" and (top in ("torch", "onnxruntime") or ours not in (None, "core", "passes")):
             rule = "passes import neither torch, onnxruntime nor any package of ours but core"
-        elif package == "calib" and ours in ("tools", "frontend"):
-            rule = "calib never imports tools or frontend"
+        elif package in ("calib", "deploy") and ours in ("tools", "frontend"):
+            rule = f"{package} never imports tools or frontend"
         elif package == "frontend" and ours == "tools":
             rule = "frontend never imports tools"
         elif package == "tools" and _is_command(module) and _is_command(name) and name != module:

@@ -9,6 +9,7 @@ Every stage reads and writes files, so each can be run, inspected and cached alo
     plan       statistics + targets -> prune plan (plan.json)
     compile    run a pipeline of rewrite passes (or a plan) over a graph
     eval       perplexity on held-out text, or zero-shot task accuracy (--tasks)
+    deploy     a deployment graph: weights folded for MatMul, int8/int4 weight-only quantisation
     diff       compare two graphs: parameters, FLOPs, per-layer shapes, tagged nodes
     run        greedy generation with a decode graph under ONNX Runtime
     bench      measure graphs side by side: prefill, decode tokens/s, throughput vs ideal

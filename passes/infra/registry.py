@@ -28,6 +28,7 @@ PASSES: dict[str, str | type[PanguPass]] = {
     "absorb-post-norm": "pangu_light.passes.rewrites.absorb_post_norm:AbsorbPostNormPass",
     "drop-post-norm": "pangu_light.passes.rewrites.drop_post_norm:DropPostNormPass",
     "set-projection": "pangu_light.passes.rewrites.set_projection:SetProjectionPass",
+    "fold-weight-transpose": "pangu_light.passes.deploy.fold_weight_transpose:FoldWeightTransposePass",
 }
 
 
