@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_distill import distill, history, setup  # noqa: F401  (setup is the module fixture)
 
 from pangu_light.frontend.kd_loss import KDLossOptions, fused_kd_loss
 from pangu_light.frontend.kd_topk import (
@@ -129,3 +130,23 @@ def test_topk_cache_holds_the_teachers_top_k(tmp_path):
     other = TopKCache.open_or_build(tmp_path, teacher=teacher, identity="t", windows=ids.numpy(), k=8,
                                     temperature=1.0, quiet=True)
     assert other.path != cache.path
+
+
+@pytest.mark.slow
+def test_topk_distillation_run(setup, tmp_path):  # noqa: F811
+    """--kd topk trains (the held-out KL, always the full one, falls), and the online teacher gives
+    the cached top-k's losses."""
+    common = ["--kd", "topk", "--top-k", "8", "--steps", "6", "--lr", "1e-3", "--eval-every", "3",
+              "--train-samples", "24", "--no-export"]
+    assert distill(setup, "uniform.onnx", tmp_path / "cached", *common) == 0
+    assert distill(setup, "uniform.onnx", tmp_path / "online", *common, "--online-teacher") == 0
+    cached, online = history(tmp_path / "cached"), history(tmp_path / "online")
+    evals = [h["eval_kl"] for h in cached if "eval_kl" in h]
+    assert evals[-1] < 0.8 * evals[0]
+    train = [h for h in cached if "loss" in h]
+    assert all(h["loss"] > 0 for h in train)
+    for a, b in zip(cached, online):
+        for key in ("loss", "eval_kl"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key])
+    assert list((tmp_path / "cached" / "teacher_cache").glob("teacher-topk-*.tail.npy"))
