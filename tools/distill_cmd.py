@@ -12,8 +12,14 @@ matmul away), unless --online-teacher. Training text is the calibration split of
 into --seq-len windows and shuffled by --seed; held-out perplexity and KL are measured on the
 evaluation split of --eval-data (default: the same source) every --eval-every steps.
 
+--time-budget 30m stops training at a wall-clock budget (counted after the set-up, reported apart
+in summary.json with the steps taken and why the run stopped); --kd topk --top-k 64 distils from
+the teacher's top-k tokens plus one tail bucket instead of the full vocabulary (see
+pangu_light.frontend.kd_topk for the error bound; held-out KL is always the full one).
+
 OUTDIR receives: checkpoints/step-N.pt (every --save-every steps; --resume continues the same
-curve exactly), metrics.jsonl, loss.png (loss and held-out perplexity against tokens),
+curve exactly), metrics.jsonl (with tokens and elapsed_s), loss.png (loss and held-out perplexity against tokens,
+or seconds with --plot-axis seconds),
 model/ (a standard Hugging Face directory when every layer has one shape, else per-layer shapes
 that pangu_light.frontend.student.load_student reads), distilled.onnx (re-exported with the
 same clean exporter and checked against PyTorch under ONNX Runtime), and summary.json.
