@@ -75,15 +75,15 @@ def speed(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    student = reimport(args.graph, attn_implementation="sdpa").model.train()
     teacher_dir = resolve_model(args.teacher)
+    student = reimport(args.graph, attn_implementation="sdpa").model.train()
     teacher = load_hf_model(teacher_dir)
     vocab = student.lm_head.weight.shape[0]
     if args.data:
         from pangu_light.calib.text import graph_tokenizer, sequences_for
         from pangu_light.passes.infra.graph_io import load_model_metadata
 
-        encode, eos_id = graph_tokenizer(args.graph, load_model_metadata(args.graph), None)
+        encode, eos_id = graph_tokenizer(args.graph, load_model_metadata(args.graph), teacher_dir)
         ids = torch.from_numpy(np.ascontiguousarray(sequences_for(
             args.data, encode, eos_id, samples=args.batch, seq_len=args.seq, seed=0, split="eval"), dtype=np.int64))
     else:
