@@ -1,7 +1,7 @@
 """Distillation speed and quality on SmolLM2-135M (numbers for reports, never a timed test).
 
     python benchmarks/distill.py speed PRUNED.onnx [--teacher smollm2-135m] [--batch 4] [--seq 256]
-        [--repeats 8] [--warmup 2] [--no-bf16] [--naive]
+        [--repeats 8] [--warmup 2] [--no-bf16] [--naive] [--topk K] [--data wiki]
     python benchmarks/distill.py quality --workdir DIR [--tokens 100000] [--eval-samples 16]
 
 ``speed`` times, alternately in one process on the same batch (medians over the repeats):
@@ -12,7 +12,13 @@
 - the same without the optimizer (forward + backward of the KD loss);
 - the student's own forward + backward alone: the Hugging Face forward to logits with its
   next-token cross-entropy, backward (what training the student without a teacher costs);
-- with ``--naive``: the KD loss written plainly (both [B, L, V] logits materialised, autograd).
+- with ``--naive``: the KD loss written plainly (both [B, L, V] logits materialised, autograd);
+- with ``--topk K``: the KD step with the top-k loss (``--kd topk``) from a top-k cache, and, on
+  the same windows, how far its KL is from the full one: mean KL, mean KL_k, their relative
+  difference, and the mean of the bound P range(z_t - z_s) / T (``frontend.kd_topk``).
+
+``--data`` takes the windows from that source's evaluation split (held-out text) instead of
+random token ids.
 
 ``quality`` expects DIR/orig.onnx, DIR/slnp.onnx and DIR/noslnp.onnx made with the CLI::
 
@@ -69,11 +75,19 @@ def speed(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    student = reimport(args.graph, attn_implementation="sdpa").model.train()
     teacher_dir = resolve_model(args.teacher)
+    student = reimport(args.graph, attn_implementation="sdpa").model.train()
     teacher = load_hf_model(teacher_dir)
     vocab = student.lm_head.weight.shape[0]
-    ids = torch.randint(3, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    if args.data:
+        from pangu_light.calib.text import graph_tokenizer, sequences_for
+        from pangu_light.passes.infra.graph_io import load_model_metadata
+
+        encode, eos_id = graph_tokenizer(args.graph, load_model_metadata(args.graph), teacher_dir)
+        ids = torch.from_numpy(np.ascontiguousarray(sequences_for(
+            args.data, encode, eos_id, samples=args.batch, seq_len=args.seq, seed=0, split="eval"), dtype=np.int64))
+    else:
+        ids = torch.randint(3, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     targets = next_token_targets(ids)
     with tempfile.TemporaryDirectory() as tmp:
         cache = TeacherCache.open_or_build(tmp, teacher=teacher, identity=teacher_identity(teacher_dir),
@@ -92,6 +106,24 @@ def speed(args: argparse.Namespace) -> None:
             if update:
                 torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
                 optimizer.step()
+            return time.perf_counter() - start
+
+        if args.topk:
+            from pangu_light.frontend.teacher_cache import TopKCache
+
+            topk_cache = TopKCache.open_or_build(tmp, teacher=teacher, identity=teacher_identity(teacher_dir),
+                                                 windows=ids.numpy(), k=args.topk, temperature=1.0,
+                                                 batch_size=args.batch, quiet=True)
+            top = topk_cache[rows]
+            topk_tensors = (top.log_p, top.index, top.tail)
+
+        def topk_step() -> float:
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss, _, _ = objective(ids, None, teacher_head, targets, options, topk_tensors)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+            optimizer.step()
             return time.perf_counter() - start
 
         def student_alone() -> float:
@@ -121,6 +153,9 @@ def speed(args: argparse.Namespace) -> None:
         }
         if args.naive:
             tasks["naive_kd_fwd_bwd"] = naive_kd
+        if args.topk:
+            tasks[f"top{args.topk}_kd_step"] = topk_step
+            error = _topk_error(student, ids, cache[rows], teacher_head, top)
         times: dict[str, list[float]] = {name: [] for name in tasks}
         load_start = os.getloadavg()
         for round_index in range(args.warmup + args.repeats):
@@ -156,7 +191,30 @@ def speed(args: argparse.Namespace) -> None:
     result["kd_fwd_bwd_over_student_fwd_bwd"] = (
         result["median_seconds"]["kd_fwd_bwd"] / result["median_seconds"]["student_fwd_bwd"]
     )
+    if args.topk:
+        result["topk"] = {"k": args.topk, "windows": "eval split of " + args.data if args.data else "random ids",
+                          **error}
+        result["topk_kd_step_over_kd_step"] = (
+            result["median_seconds"][f"top{args.topk}_kd_step"] / result["median_seconds"]["kd_step"]
+        )
     print(json.dumps(result, indent=2) if args.json else _speed_table(result))
+
+
+@torch.no_grad()
+def _topk_error(student, ids, teacher_hidden, teacher_head, top) -> dict[str, float]:
+    """Full KL, top-k KL and the bound, per position, averaged (float32, T = 1, the initial student)."""
+    from pangu_light.frontend.kd_topk import TopKTeacher, topk_error_bound
+
+    z_s = student(input_ids=ids, use_cache=False).logits.float().reshape(-1, teacher_head.shape[0])
+    z_t = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) @ teacher_head.T).float()
+    k = top.log_p.shape[-1]
+    flat = TopKTeacher(top.log_p.reshape(-1, k), top.index.reshape(-1, k), top.tail.reshape(-1))
+    log_p, log_q = torch.log_softmax(z_t, -1), torch.log_softmax(z_s, -1)
+    full = (log_p.exp() * (log_p - log_q)).sum(-1)
+    kl_k, _ = flat.kl_and_target(slice(None), log_q)
+    full_mean, topk_mean = float(full.mean()), float(kl_k) / len(full)
+    return {"kl_full": full_mean, "kl_topk": topk_mean, "relative_error": (full_mean - topk_mean) / full_mean,
+            "bound_mean": float(topk_error_bound(z_s, z_t, flat).mean()), "tail_mass_mean": float(flat.tail.mean())}
 
 
 def _speed_table(r: dict) -> str:
@@ -291,6 +349,8 @@ def main() -> None:
     s.add_argument("--threads", type=int)
     s.add_argument("--no-bf16", dest="bf16", action="store_false")
     s.add_argument("--naive", action="store_true", help="also time the plain (unfused) KD loss")
+    s.add_argument("--topk", type=int, help="also time top-k KD with this k, and measure its KL error")
+    s.add_argument("--data", help="windows from this source's evaluation split (default: random ids)")
     s.add_argument("--json", action="store_true")
     q = sub.add_parser("quality")
     q.add_argument("--workdir", required=True)

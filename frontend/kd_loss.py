@@ -30,7 +30,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["KDLossOptions", "fused_kd_loss", "reference_kd_loss"]
+__all__ = ["FullTeacher", "KDLossOptions", "fused_kd_loss", "reference_kd_loss"]
 
 GRAD_BLOCK_ROWS = 1024  # rows of dL/dz kept for one dL/dW_s matmul (1024 x 49152 bf16: 100 MB)
 
@@ -53,17 +53,38 @@ def _cap(x: torch.Tensor, c: float | None) -> tuple[torch.Tensor, torch.Tensor |
     return t * c, t
 
 
+class FullTeacher:
+    """The teacher's distribution over the whole vocabulary, row chunks of ``cap(h_t W_t^T) / T``."""
+
+    def __init__(self, h_t: torch.Tensor, w_t: torch.Tensor, opts: KDLossOptions):
+        self.ht, self.wt_t = h_t.to(opts.matmul_dtype), w_t.detach().to(opts.matmul_dtype).t()  # cast once per call
+        self.opts = opts
+
+    def kl_and_target(self, rows: slice, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over the rows of KL(p || q), p) for the student's log-probabilities ``log_q`` at T."""
+        z_t, _ = _cap(torch.mm(self.ht[rows], self.wt_t).float(), self.opts.teacher_softcap)
+        if self.opts.temperature != 1.0:
+            z_t.mul_(1.0 / self.opts.temperature)
+        log_p = torch.log_softmax(z_t, dim=-1)
+        del z_t
+        p = log_p.exp()
+        kl = torch.dot(p.view(-1), log_p.sub_(log_q).view(-1)).double()  # sum p (log p - log q)
+        return kl, p
+
+
 class _FusedKD(torch.autograd.Function):
+    """The chunked loss and its closed-form gradient for any teacher that gives, per row chunk, the
+    KL sum and the target distribution t with dKL/d(z_s / T) = q - t (``FullTeacher``, and the
+    top-k teacher of ``frontend.kd_topk``)."""
+
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, opts: KDLossOptions):
+    def forward(ctx, h_s, w_s, teacher, targets, opts: KDLossOptions):
         n = h_s.shape[0]
         m = max(int((targets >= 0).sum()), 1)
         T, a = opts.temperature, opts.ce_weight
         dtype = opts.matmul_dtype
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        # Cast once per call, not per chunk.
-        hs, ht = h_s.detach().to(dtype), h_t.to(dtype)
-        ws, wt_t = w_s.detach().to(dtype), w_t.detach().to(dtype).t()
+        hs, ws = h_s.detach().to(dtype), w_s.detach().to(dtype)  # cast once per call, not per chunk
         ws_t = ws.t()
         device = h_s.device
         grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=device) if want else None
@@ -81,25 +102,21 @@ class _FusedKD(torch.autograd.Function):
             valid = y >= 0
             hit = valid.nonzero().squeeze(1)
             z_s, tanh_s = _cap(torch.mm(hs[rows], ws_t).float(), opts.student_softcap)
-            z_t, _ = _cap(torch.mm(ht[rows], wt_t).float(), opts.teacher_softcap)
             if a or not want:  # CE at T = 1 (log softmax of the raw student logits)
                 log_s = torch.log_softmax(z_s, dim=-1)
                 ce_sum += -log_s[hit, y[hit]].double().sum()
             if T != 1.0:
                 z_s.mul_(1.0 / T)
-                z_t.mul_(1.0 / T)
-            log_p = torch.log_softmax(z_t, dim=-1)
-            del z_t
             log_q = torch.log_softmax(z_s, dim=-1)
+            del z_s
             if not a and T == 1.0 and want:  # CE (reported) from the same log-probabilities
                 ce_sum += -log_q[hit, y[hit]].double().sum()
-            p = log_p.exp()
-            kl_sum += torch.dot(p.view(-1), log_p.sub_(log_q).view(-1)).double()  # sum p (log p - log q)
-            del log_p
+            kl, target = teacher.kl_and_target(rows, log_q)
+            kl_sum += kl
             if not want:
                 continue
-            g = log_q.exp_().sub_(p)  # q - p, in place
-            del p
+            g = log_q.exp_().sub_(target)  # q - t, in place
+            del target
             g.mul_((1.0 - a) * T / n)
             if a:
                 soft = log_s.exp_()
@@ -131,7 +148,7 @@ class _FusedKD(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = None if grad_h is None else (grad_h * grad_loss).to(h_dtype)
         gw = None if grad_w is None else (grad_w * grad_loss).to(w_dtype)
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None
 
 
 def fused_kd_loss(
@@ -150,7 +167,8 @@ def fused_kd_loss(
         raise ValueError(
             f"student vocabulary {student_head.shape[0]} != teacher vocabulary {teacher_head.shape[0]}"
         )
-    return _FusedKD.apply(student_hidden, student_head, teacher_hidden.float(), teacher_head, targets, options)
+    teacher = FullTeacher(teacher_hidden.float(), teacher_head, options)
+    return _FusedKD.apply(student_hidden, student_head, teacher, targets, options)
 
 
 def reference_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, targets, options=KDLossOptions()):

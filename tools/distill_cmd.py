@@ -12,8 +12,14 @@ matmul away), unless --online-teacher. Training text is the calibration split of
 into --seq-len windows and shuffled by --seed; held-out perplexity and KL are measured on the
 evaluation split of --eval-data (default: the same source) every --eval-every steps.
 
+--time-budget 30m stops training at a wall-clock budget (counted after the set-up, reported apart
+in summary.json with the steps taken and why the run stopped); --kd topk --top-k 64 distils from
+the teacher's top-k tokens plus one tail bucket instead of the full vocabulary (see
+pangu_light.frontend.kd_topk for the error bound; held-out KL is always the full one).
+
 OUTDIR receives: checkpoints/step-N.pt (every --save-every steps; --resume continues the same
-curve exactly), metrics.jsonl, loss.png (loss and held-out perplexity against tokens),
+curve exactly), metrics.jsonl (with tokens and elapsed_s), loss.png (loss and held-out perplexity against tokens,
+or seconds with --plot-axis seconds),
 model/ (a standard Hugging Face directory when every layer has one shape, else per-layer shapes
 that pangu_light.frontend.student.load_student reads), distilled.onnx (re-exported with the
 same clean exporter and checked against PyTorch under ONNX Runtime), and summary.json.
@@ -60,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     length = train.add_mutually_exclusive_group()
     length.add_argument("--tokens", type=int, help="training tokens (default 100000; rounded up to whole steps)")
     length.add_argument("--steps", type=int, help="optimizer steps (instead of --tokens)")
+    train.add_argument(
+        "--time-budget", metavar="DURATION",
+        help="stop training after this wall-clock time (90s, 30m, 1.5h), counted from the end of the set-up; "
+        "--steps/--tokens are then a cap (default: one pass over the training windows, whose teacher cache "
+        "the set-up builds: bound it with --tokens or --train-samples) and the learning-rate cosine follows the clock",
+    )
     train.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch and process (default 4)")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
@@ -76,6 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--no-bf16", dest="bf16", action="store_false", help="float32 matmuls (default: bfloat16 autocast)"
+    )
+    train.add_argument(
+        "--kd", choices=("full", "topk"), default="full",
+        help="full: KL over the whole vocabulary (default, exact); topk: KL over the teacher's --top-k tokens plus "
+        "one tail bucket, from a cache of the teacher's top-k log-probabilities (held-out KL stays full)",
+    )
+    train.add_argument(
+        "--top-k", type=int, default=64, help="teacher tokens kept per position with --kd topk (default 64)"
     )
     train.add_argument("--chunk", type=int, default=256, help="token rows per chunk of the fused loss (default 256)")
     train.add_argument("--attn", choices=("eager", "sdpa"), help="student attention (default sdpa; eager for Gemma2)")
@@ -110,6 +130,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument(
         "--fsdp", action="store_true", help="under torchrun: shard the student (FSDP2) instead of DDP"
     )
+    run_group.add_argument(
+        "--plot-axis", choices=("tokens", "seconds"), default="tokens",
+        help="x axis of loss.png: tokens seen (default) or elapsed training seconds",
+    )
     run_group.add_argument("--no-export", dest="export", action="store_false", help="skip the ONNX re-export")
     run_group.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -118,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pangu_light.frontend.distill import DistillConfig, distill
+    from pangu_light.frontend.distill.budget import parse_duration
     from pangu_light.frontend.loading import resolve_model
     from pangu_light.passes.infra.graph_io import load_model_metadata
     from pangu_light.runtime.tokenizer import find_tokenizer_dir
@@ -144,8 +169,11 @@ def run(args: argparse.Namespace) -> int:
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = args.batch_size * args.grad_accum * world
+    budget = None if args.time_budget is None else parse_duration(args.time_budget)
     if args.steps is not None:
         steps = args.steps
+    elif budget is not None and args.tokens is None:  # the cap: one pass over the training windows
+        steps = math.ceil(len(train) / global_batch)
     else:
         tokens = 100_000 if args.tokens is None else args.tokens
         if tokens < 1:
@@ -184,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
         attn_implementation=args.attn,
         export=args.export,
         quiet=args.quiet,
+        time_budget=budget,
+        kd=args.kd,
+        top_k=args.top_k,
+        plot_axis=args.plot_axis,
     )
     result = distill(config)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -192,8 +224,10 @@ def run(args: argparse.Namespace) -> int:
     first, last = evals[0], evals[-1]
     trained = [h for h in result.history if "tokens_per_s" in h]
     speed = sorted(h["tokens_per_s"] for h in trained)
+    stop = " (stopped on the time budget)" if result.stopped == "time_budget" else ""
     print(
-        f"distilled {result.steps} steps ({last['tokens']:,} tokens, global batch {global_batch} x {args.seq_len}); "
+        f"distilled {result.steps} steps{stop} ({last['tokens']:,} tokens, "
+        f"global batch {global_batch} x {args.seq_len}); "
         f"held-out perplexity {first['eval_perplexity']:.3f} -> {last['eval_perplexity']:.3f}, "
         f"KL to the teacher {first['eval_kl']:.4f} -> {last['eval_kl']:.4f}"
         + (f"; median {speed[len(speed) // 2]:.0f} tokens/s" if speed else "")

@@ -11,7 +11,14 @@ grad_accum x world_size windows of L tokens::
              lr * (r + (1 - r) (1 + cos(pi (t - warmup) / (S - warmup))) / 2)   after (r = min_lr_ratio)
 
 The teacher runs online, or (default) is replaced by its cached final hidden states, from which
-``kd_loss`` recomputes its logits with one matmul (``frontend.teacher_cache``).
+``kd_loss`` recomputes its logits with one matmul (``frontend.teacher_cache``). With ``kd = "topk"``
+the KL is taken over the teacher's top-k tokens plus one tail bucket, from a cache of its top-k
+(``frontend.kd_topk``: the bound on the error, and k = V is the full loss); held-out evaluation is
+always the full-vocabulary KL and perplexity, so runs of either loss are compared on one scale.
+
+With a time budget (``time_budget``, ``budget``) the run stops after the last step that fits,
+with complete outputs, and the cosine's progress is max(t / S, elapsed / budget); every
+``metrics.jsonl`` entry carries ``elapsed_s`` (training seconds) beside ``tokens``.
 
 Micro-batch k of a step goes to rank k mod world, so 1 process with grad_accum = 2 and 2
 processes with grad_accum = 1 see the same global batch and, since each micro-batch loss is a
@@ -26,6 +33,7 @@ the exporter and ``runtime``'s session and decode layout for the parity check):
 - ``config``: ``DistillConfig``, ``DistillResult``, the checks on the numbers, the fingerprint.
 - ``data``: the seeded window order (``schedule_windows``), ``lr_factor``, the teacher's states.
 - ``distributed``: the ``torchrun`` process group; DDP or FSDP2 around the student.
+- ``budget``: the wall-clock budget, the clock (rank 0's, broadcast), ``parse_duration``.
 - ``objective``: ``DistillObjective`` (student forward + fused loss), ``next_token_targets``.
 - ``checkpoint``: the checkpoint format, writing (rank 0, atomic, the last few kept), resuming.
 - ``loop``: ``distill(config)``: set-up, training steps, evaluation, metrics.

@@ -48,6 +48,10 @@ class DistillConfig:
     attn_implementation: str | None = None  # default: sdpa (eager for Gemma2's soft-capping)
     export: bool = True
     quiet: bool = False
+    time_budget: float | None = None  # seconds of training (after the set-up); steps is then a cap
+    kd: str = "full"  # "full": KL over the whole vocabulary; "topk": the teacher's top-k plus a tail bucket
+    top_k: int = 64
+    plot_axis: str = "tokens"  # x axis of loss.png: "tokens" or "seconds"
 
     def fingerprint(self, graph_digest: str, teacher_id: str) -> dict[str, Any]:
         """What fixes the training curve: a resumed run must agree on all of it."""
@@ -58,18 +62,20 @@ class DistillConfig:
             "min_lr_ratio": self.min_lr_ratio, "warmup_steps": self.warmup_steps,
             "weight_decay": self.weight_decay, "betas": list(self.betas), "clip": self.clip,
             "temperature": self.temperature, "ce_weight": self.ce_weight, "bf16": self.bf16, "seed": self.seed,
+            "time_budget": self.time_budget, "top_k": self.top_k if self.kd == "topk" else None,
         }
 
 
 @dataclasses.dataclass
 class DistillResult:
     output: Path
-    steps: int
+    steps: int  # steps taken (fewer than config.steps when the time budget ran out)
     history: list[dict[str, Any]]
     model_dir: Path | None
     model_format: str | None
     graph: Path | None
     export_max_abs_diff: float | None
+    stopped: str = "steps"  # "steps" or "time_budget"
 
 
 def check_config(config: DistillConfig) -> None:
@@ -82,6 +88,14 @@ def check_config(config: DistillConfig) -> None:
         raise PanguLightError(f"--ce-weight {config.ce_weight} must be between 0 (pure KL) and 1 (pure CE)")
     if config.temperature <= 0:
         raise PanguLightError(f"--temperature {config.temperature} must be positive")
+    if config.time_budget is not None and config.time_budget <= 0:
+        raise PanguLightError(f"--time-budget {config.time_budget} s must be positive")
+    if config.kd not in ("full", "topk"):
+        raise PanguLightError(f"--kd {config.kd!r}: use full (the exact reference) or topk")
+    if config.kd == "topk" and config.top_k < 1:
+        raise PanguLightError(f"--top-k must be at least 1 (got {config.top_k})")
+    if config.plot_axis not in ("tokens", "seconds"):
+        raise PanguLightError(f"plot axis {config.plot_axis!r}: use tokens or seconds")
     if config.lr <= 0:
         raise PanguLightError(f"--lr {config.lr} must be positive")
     if config.train_windows.ndim != 2 or len(config.train_windows) < 1:

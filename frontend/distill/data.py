@@ -19,7 +19,8 @@ import torch
 
 from pangu_light.frontend.distill.config import DistillConfig
 from pangu_light.frontend.distill.distributed import Dist
-from pangu_light.frontend.teacher_cache import TeacherCache, teacher_hidden
+from pangu_light.frontend.kd_topk import TopKTeacher, teacher_topk
+from pangu_light.frontend.teacher_cache import TeacherCache, TopKCache, teacher_hidden
 
 __all__ = ["TrainingData", "lr_factor", "schedule_windows"]
 
@@ -39,25 +40,33 @@ def schedule_windows(num_windows: int, seed: int, start: int, count: int) -> np.
     return out
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float, spent: float | None = None) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
+
+    ``spent`` (the fraction of a time budget used, in [0, 1]) moves the cosine along with the
+    clock: its progress is then the larger of the step fraction and ``spent``, so a run that
+    stops on its budget has decayed to ``min_ratio`` just as one that runs all its steps."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     span = max(total - warmup, 1)
     progress = min(max(step - warmup, 0) / span, 1.0)
+    if spent is not None:
+        progress = max(progress, min(max(spent, 0.0), 1.0))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclasses.dataclass
 class TrainingData:
     """The windows of a run with the teacher's states for them; ``batch`` and ``eval_batches``
-    hand out token ids [B, L] with the teacher's final hidden states [B, L, H] (float32, CPU)."""
+    hand out token ids [B, L] with the teacher's final hidden states [B, L, H] (float32, CPU), or
+    for training under ``kd = "topk"`` its top-k (``TopKTeacher``, [B, L, k]); evaluation always
+    gets the hidden states, so held-out KL is the full-vocabulary KL whatever the training loss."""
 
     config: DistillConfig
     dist: Dist
     teacher: torch.nn.Module
     global_batch: int
-    cache: TeacherCache | None  # None: the teacher runs online
+    cache: TeacherCache | TopKCache | None  # None: the teacher runs online
     cache_rows: np.ndarray  # training window -> row of the cache (-1: never used)
     eval_teacher: list[torch.Tensor]  # one per evaluation micro-batch, kept in memory
 
@@ -66,7 +75,8 @@ class TrainingData:
                 global_batch: int, say: Callable[[str], None]) -> TrainingData:
         """Build (rank 0) or open (the other ranks, after it) the teacher cache of the windows the
         run will use, and compute the teacher's states on the evaluation windows."""
-        total_positions = config.steps * global_batch
+        # Past one epoch every window is used (and the step count may be a large cap under a budget).
+        total_positions = min(config.steps * global_batch, len(config.train_windows))
         used = np.unique(schedule_windows(len(config.train_windows), config.seed, 0, total_positions))
         cache_rows = np.full(len(config.train_windows), -1, dtype=np.int64)
         cache_rows[used] = np.arange(len(used))
@@ -74,23 +84,28 @@ class TrainingData:
         if not config.online_teacher:
             cache_dir = Path(config.teacher_cache_dir or Path(config.output) / "teacher_cache")
             windows = config.train_windows[used]
+            if config.kd == "topk":
+                kind = TopKCache
+                extra = {"k": config.top_k, "temperature": config.temperature}
+            else:
+                kind, extra = TeacherCache, {}
             if dist.main:
                 say(f"... teacher cache: {len(used)} windows x {windows.shape[1]} tokens in {cache_dir}")
-                cache = TeacherCache.open_or_build(
+                cache = kind.open_or_build(
                     cache_dir, teacher=teacher, identity=teacher_id, windows=windows,
-                    dtype=config.teacher_cache_dtype, batch_size=config.micro_batch, quiet=config.quiet,
+                    dtype=config.teacher_cache_dtype, batch_size=config.micro_batch, quiet=config.quiet, **extra,
                 )
             dist.barrier()
             if not dist.main:
-                cache = TeacherCache.open_or_build(
+                cache = kind.open_or_build(
                     cache_dir, teacher=None, identity=teacher_id, windows=windows,
-                    dtype=config.teacher_cache_dtype, build=False,
+                    dtype=config.teacher_cache_dtype, build=False, **extra,
                 )
         eval_teacher = [teacher_hidden(teacher, ids) for ids in _chunks(config.eval_windows, config.micro_batch)]
         return cls(config, dist, teacher, global_batch, cache, cache_rows, eval_teacher)
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``micro``-th micro-batch of ``step``: ids and the teacher's hidden states."""
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor | TopKTeacher]:
+        """This rank's ``micro``-th micro-batch of ``step``: ids and the teacher's hidden states (or top-k)."""
         c = self.config
         k = micro * self.dist.world + self.dist.rank
         start = step * self.global_batch + k * c.micro_batch
@@ -98,6 +113,11 @@ class TrainingData:
         ids = torch.from_numpy(np.ascontiguousarray(c.train_windows[windows], dtype=np.int64))
         if self.cache is not None:
             return ids, self.cache[self.cache_rows[windows]]
+        if c.kd == "topk":
+            with torch.no_grad():
+                logits = self.teacher(input_ids=ids.to(self.dist.device), use_cache=False).logits
+            top = teacher_topk(logits.reshape(-1, logits.shape[-1]), c.top_k, c.temperature)
+            return ids, TopKTeacher(top.log_p.cpu(), top.index.cpu(), top.tail.cpu())
         return ids, teacher_hidden(self.teacher, ids)
 
     def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import torch
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_text
+from pangu_light.frontend.distill import budget as budget_clock
+from pangu_light.frontend.distill.budget import Budget
 from pangu_light.frontend.distill.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_to_resume,
@@ -31,6 +32,7 @@ from pangu_light.frontend.distill.distributed import Dist, init_distributed, wra
 from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
 from pangu_light.frontend.distill.outputs import write_outputs
 from pangu_light.frontend.kd_loss import KDLossOptions
+from pangu_light.frontend.kd_topk import TopKTeacher
 from pangu_light.frontend.reimport import reimport
 from pangu_light.frontend.teacher_cache import teacher_identity
 from pangu_light.reports.loss_plot import plot_history
@@ -105,8 +107,10 @@ class _Run:
             [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=c.lr, betas=tuple(c.betas), eps=1e-8, **fused,
         )
+        self.budget: Budget | None = None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, c.steps, c.warmup_steps, c.min_lr_ratio)
+            self.optimizer, lambda step: lr_factor(step, c.steps, c.warmup_steps, c.min_lr_ratio,
+                                                   self.budget.progress() if self.budget else None)
         )
         self.history: list[dict[str, Any]] = []
         self.start_step = 0
@@ -138,7 +142,7 @@ class _Run:
             keep=self.c.keep_checkpoints,
         )
         self.write_metrics()
-        plot_history(self.history, self.out / PLOT_FILE)
+        plot_history(self.history, self.out / PLOT_FILE, x=self.c.plot_axis)
 
     def resume(self) -> None:
         self.history, self.start_step, self.tokens_seen = resume_from(
@@ -173,16 +177,20 @@ class _Run:
         """One optimizer step over ``grad_accum`` micro-batches per rank; the losses averaged over ranks."""
         c = self.c
         device = self.dist.device
-        start = time.perf_counter()
+        start = budget_clock.clock()
         self.optimizer.zero_grad(set_to_none=True)
         totals = torch.zeros(3)
         for micro in range(c.grad_accum):
-            ids, teacher_h = self.data.batch(step, micro)
+            ids, teacher = self.data.batch(step, micro)
             sync = micro == c.grad_accum - 1
             context = self.model.no_sync() if (hasattr(self.model, "no_sync") and not sync) else nullcontext()
+            if isinstance(teacher, TopKTeacher):
+                teacher_h, topk = None, tuple(t.to(device) for t in (teacher.log_p, teacher.index, teacher.tail))
+            else:
+                teacher_h, topk = teacher.to(device), None
             with context:
-                loss, kl, ce = self.model(ids.to(device), teacher_h.to(device), self.teacher_head,
-                                          next_token_targets(ids).to(device), self.loss_options)
+                loss, kl, ce = self.model(ids.to(device), teacher_h, self.teacher_head,
+                                          next_token_targets(ids).to(device), self.loss_options, topk)
                 (loss / c.grad_accum).backward()
             totals += torch.stack([loss.detach().cpu(), kl.cpu(), ce.cpu()]) / c.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip)
@@ -190,11 +198,10 @@ class _Run:
             grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        self.scheduler.step()
         if self.dist.world > 1:
             torch.distributed.all_reduce(totals)
             totals /= self.dist.world
-        seconds = time.perf_counter() - start
+        seconds = max(budget_clock.clock() - start, 1e-9)  # a coarse (or a test's) clock may not move
         tokens = self.global_batch * self.seq_len
         self.tokens_seen += tokens
         loss, kl, ce = (float(v) for v in totals)
@@ -202,46 +209,86 @@ class _Run:
                 "grad_norm": float(grad_norm), "seconds": seconds, "tokens_per_s": tokens / seconds}
 
     def run(self) -> DistillResult:
-        from tqdm import tqdm
-
         c = self.c
+        setup_started = budget_clock.clock()
         self.setup()
         if self.checkpoint is not None:
             self.resume()
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
+        setup_s = budget_clock.clock() - setup_started
+        before = next((h["elapsed_s"] for h in reversed(self.history) if "elapsed_s" in h), 0.0)
+        self.budget = Budget(self.dist, c.time_budget, already=before)
+        if c.time_budget is not None:
+            self.say(f"... set-up took {setup_s:.1f} s; training for at most {c.time_budget:.0f} s "
+                     f"(and at most {c.steps} steps)")
         if self.start_step == 0 and not self.history:
-            entry = self.evaluate(0)
-            self.history.append(entry)
+            self.history.append(self.evaluate_at(0))
+            entry = self.history[-1]
             self.say(f"step 0: held-out perplexity {entry['eval_perplexity']:.3f}, "
                      f"KL to the teacher {entry['eval_kl']:.4f}")
+        done, stopped = self.train(), "steps"
+        if done < c.steps:
+            stopped = "time_budget"
+            self.say(f"... stopped on the time budget after {done} steps ({self.budget.elapsed:.1f} s)")
+        if self.sharded:
+            model_state = full_state(self.model, self.objective, self.optimizer, sharded=True)[0]
+        else:
+            model_state = self.objective.student.state_dict()
+        result = DistillResult(self.out, done, self.history, None, None, None, None, stopped)
+        if self.dist.main:
+            self.write_metrics()
+            plot_history(self.history, self.out / PLOT_FILE, x=self.c.plot_axis)
+            run_info = {"steps": done, "max_steps": c.steps, "stopped": stopped, "time_budget_s": c.time_budget,
+                        "setup_s": setup_s, "train_s": self.budget.elapsed}
+            result = write_outputs(c, self.student, model_state, history=self.history, fingerprint=self.fingerprint,
+                                   tokens=self.tokens_seen, global_batch=self.global_batch, world=self.dist.world,
+                                   run_info=run_info, say=self.say)
+        self.dist.barrier()
+        return result
+
+    def evaluate_at(self, step: int) -> dict[str, Any]:
+        """``evaluate``, stamped with the elapsed training time at which the model was in that state."""
+        elapsed = self.budget.tick()
+        return {**self.evaluate(step), "elapsed_s": elapsed}
+
+    def train(self) -> int:
+        """Steps until ``c.steps`` or the time budget; evaluates and checkpoints along the way and at
+        the last step taken. Returns the number of steps done."""
+        from tqdm import tqdm
+
+        c = self.c
         bar = tqdm(total=c.steps, initial=self.start_step, unit="step", desc="distill", file=sys.stderr,
                    disable=c.quiet or not self.dist.main)
+        done = evaluated = saved = self.start_step
         for step in range(self.start_step, c.steps):
+            before = self.budget.tick()
+            if self.budget.exhausted():
+                break
             entry = self.train_step(step)
+            entry["elapsed_s"] = self.budget.step_done(before)
+            self.scheduler.step()  # after the tick: a budgeted schedule reads the same time on every rank
             self.history.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}", lr=f"{entry['lr']:.2e}")
             bar.update(1)
             done = step + 1
             if done % c.eval_every == 0 or done == c.steps:
-                evaluation = self.evaluate(done)
-                self.history.append(evaluation)
-                if self.dist.main and not c.quiet:
-                    bar.write(f"step {done}: held-out perplexity {evaluation['eval_perplexity']:.3f}, "
-                              f"KL {evaluation['eval_kl']:.4f}, train loss {entry['loss']:.4f}", file=sys.stderr)
+                evaluated = self._evaluate_and_report(done, entry, bar)
             if done % c.save_every == 0 or done == c.steps:
                 self.save_checkpoint(done)
+                saved = done
         bar.close()
-        if self.sharded:
-            model_state = full_state(self.model, self.objective, self.optimizer, sharded=True)[0]
-        else:
-            model_state = self.objective.student.state_dict()
-        result = DistillResult(self.out, c.steps, self.history, None, None, None, None)
-        if self.dist.main:
-            self.write_metrics()
-            plot_history(self.history, self.out / PLOT_FILE)
-            result = write_outputs(c, self.student, model_state, history=self.history, fingerprint=self.fingerprint,
-                                   tokens=self.tokens_seen, global_batch=self.global_batch, world=self.dist.world,
-                                   say=self.say)
-        self.dist.barrier()
-        return result
+        if evaluated != done:
+            self._evaluate_and_report(done, self.history[-1], None)
+        if saved != done:
+            self.save_checkpoint(done)
+        return done
+
+    def _evaluate_and_report(self, done: int, entry: dict[str, Any], bar) -> int:
+        evaluation = self.evaluate_at(done)
+        self.history.append(evaluation)
+        if self.dist.main and not self.c.quiet:
+            message = (f"step {done}: held-out perplexity {evaluation['eval_perplexity']:.3f}, "
+                       f"KL {evaluation['eval_kl']:.4f}, train loss {entry['loss']:.4f}")
+            (bar.write if bar is not None else print)(message, file=sys.stderr)
+        return done

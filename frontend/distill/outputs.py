@@ -28,9 +28,10 @@ SUMMARY_FILE = "summary.json"
 
 def write_outputs(config: DistillConfig, student: Reimported, model_state: dict[str, torch.Tensor], *,
                   history: list[dict[str, Any]], fingerprint: dict[str, Any], tokens: int, global_batch: int,
-                  world: int, say: Callable[[str], None]) -> DistillResult:
+                  world: int, run_info: dict[str, Any], say: Callable[[str], None]) -> DistillResult:
     """The distilled weights as a model directory, re-exported as ONNX (unless ``config.export``
-    is off), and the summary naming them."""
+    is off), and the summary naming them (with ``run_info``: steps taken, why the run stopped, the
+    time budget, set-up and training seconds)."""
     out = Path(config.output)
     spec = student.spec
     final = reimport(config.graph, attn_implementation="eager").model
@@ -62,7 +63,7 @@ def write_outputs(config: DistillConfig, student: Reimported, model_state: dict[
     summary_path = out / SUMMARY_FILE
     write_json(summary_path, {  # paths relative to the summary's folder, absolute beside them
         "graph": record_path(config.graph, summary_path), "teacher": record_path(config.teacher_dir, summary_path),
-        "steps": config.steps, "tokens": tokens, "global_batch": global_batch,
+        **run_info, "tokens": tokens, "global_batch": global_batch,
         "seq_len": int(config.train_windows.shape[1]), "world_size": world,
         "model_dir": record_path(model_dir, summary_path), "model_format": kind,
         "distilled_graph": record_path(graph_path, summary_path) if graph_path else None,
@@ -71,7 +72,7 @@ def write_outputs(config: DistillConfig, student: Reimported, model_state: dict[
         "last_eval": next((h for h in reversed(history) if "eval_kl" in h), None),
         "fingerprint": fingerprint,
     })
-    return DistillResult(out, config.steps, history, model_dir, kind, graph_path, diff)
+    return DistillResult(out, run_info["steps"], history, model_dir, kind, graph_path, diff, run_info["stopped"])
 
 
 def export_checked(model, info: Reimported, path: Path, windows: np.ndarray, *, kv_cache: bool,
