@@ -2,7 +2,7 @@
 
 Every stage reads and writes files, so each can be run, inspected and cached alone:
 
-    prune      the whole job: export, calibrate, plan, compile, evaluate -> OUTDIR
+    prune      the whole job: export, calibrate, plan, compile, refit, evaluate -> OUTDIR
     export     HF model -> clean ONNX graph (no-cache or decode)
     inspect    print the model map derived from a graph
     calibrate  graph + text -> importance statistics (stats.npz)

@@ -41,7 +41,7 @@ from pangu_light.core.errors import PanguLightError
 
 __all__ = ["HELP", "add_arguments", "run"]
 
-HELP = "recover a pruned graph by distillation from the unpruned model (KL on full-vocabulary logits)"
+HELP = "recover a pruned graph by distillation from the unpruned model (full-vocabulary or top-k KL)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

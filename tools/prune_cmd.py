@@ -33,7 +33,7 @@ from pangu_light.tools.arguments import add_target_arguments, add_text_arguments
 
 __all__ = ["HELP", "add_arguments", "run"]
 
-HELP = "export, calibrate, plan, compile and evaluate in one go (-> OUTDIR)"
+HELP = "export, calibrate, plan, compile, refit and evaluate in one go (-> OUTDIR)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
