@@ -1,4 +1,4 @@
-"""The whole job in one command: export, calibrate, plan, compile, evaluate.
+"""The whole job in one command: export, calibrate, plan, compile, refit, evaluate.
 
     pangu-light prune smollm2-135m --params 0.7 -o out/prune
     pangu-light prune ./my-hf-dir --hidden 448 --heads-per-group 2 --ffn 1152 --drop-layers 4 -o out/p
