@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     def refit_and_save(graph, target: Path) -> None:
         if refit:
-            run_pipeline(graph, f"set-projection{{file={json.dumps(str(refit_file))}}}")
+            run_pipeline(graph, f"set-projection{{file={json.dumps(str(refit_file.resolve()))}}}")
         save_model_atomic(graph, target)
 
     original_stats = GraphStats.from_model(model)  # before the passes rewrite it in place
