@@ -31,12 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import onnx_ir as ir
+from common import export_graph, note
 
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -57,17 +56,6 @@ CLI_FLAGS = {  # how each variant reads as `pangu-light plan` flags (the last th
 }
 
 
-def note(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def export_graph(workdir: Path) -> Path:
-    path = workdir / "orig.onnx"
-    if not path.exists():
-        note(f"pangu-light export {ALIAS} -o {path}")
-        cli = Path(sys.executable).with_name("pangu-light")
-        subprocess.run([str(cli), "export", ALIAS, "-o", str(path)], check=True)
-    return path
 
 
 def calibration(graph: Path, stats_path: Path, samples: int, seq_len: int, threads: int):
@@ -117,7 +105,7 @@ def main() -> None:
     from pangu_light.calib.text import graph_tokenizer, sequences_for
     from pangu_light.passes.infra.graph_io import load_model_metadata
 
-    original = args.graph or export_graph(args.workdir)
+    original = args.graph or export_graph(ALIAS, args.workdir)
     stats = calibration(
         original, args.stats or args.workdir / "stats.npz", args.calib_samples, args.seq_len, args.threads
     )

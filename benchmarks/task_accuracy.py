@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import export_graph, note
 
 from pangu_light.calib.scoring import markdown_table, ort_logits, score_tasks
 from pangu_light.calib.tasks import TASKS
@@ -34,17 +35,6 @@ from pangu_light.runtime.machine import describe_machine
 ALIAS = "smollm2-135m"
 
 
-def note(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def export_graph(workdir: Path) -> Path:
-    path = workdir / "orig.onnx"
-    if not path.exists():
-        note(f"pangu-light export {ALIAS} -o {path}")
-        cli = Path(sys.executable).with_name("pangu-light")
-        subprocess.run([str(cli), "export", ALIAS, "-o", str(path)], check=True, stdout=sys.stderr)
-    return path
 
 
 def versions() -> str:
@@ -71,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    graph = args.graph or export_graph(args.workdir)
+    graph = args.graph or export_graph(ALIAS, args.workdir)
     model_dir = resolve_model(ALIAS)
     tokenizer = load_tokenizer(model_dir)
 
