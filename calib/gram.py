@@ -23,15 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
+from pangu_light.calib.taps import run_tapped
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import atomic_write
@@ -138,38 +137,27 @@ def collect_grams(
 ) -> GramStats:
     """Run a Gram-tapped copy of the graph at ``graph_path`` over (input_ids, attention_mask)
     batches (the graph itself is not modified; a decode graph runs with an empty past)."""
-    from pangu_light.runtime.layout import DecodeLayout
-    from pangu_light.runtime.session import create_session
-
     model = ir.load(graph_path)
     model_map = ModelMap.from_model(model)
     layout = add_gram_taps(model, model_map)
-    common_passes.RemoveUnusedNodesPass()(model)
-    decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
     layers = len(model_map.layers)
     del model_map
     gram = {p: [0.0] * layers for p in PROJECTIONS}
     sums = {p: [0.0] * layers for p in PROJECTIONS}
     tokens = 0
-    with tempfile.TemporaryDirectory(prefix="pangu-light-gram-") as workdir:
-        tapped = Path(workdir) / "gram.onnx"
-        ir.save(model, tapped, external_data="gram.onnx.data")
-        del model
-        info = create_session(tapped, provider=provider, threads=threads)
-        names = list(layout.outputs.values())
-        cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
-        for input_ids, mask in batches:
-            feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), contract.ATTENTION_MASK: mask.astype(np.int64)}
-            if cache is not None:
-                feeds.update(cache.empty_past(input_ids.shape[0]))
-            results = dict(zip(layout.outputs, info.session.run(names, feeds)))
-            for (kind, proj, index), value in results.items():
-                target = gram if kind == "gram" else sums
-                target[proj][index] = target[proj][index] + value.astype(np.float64)
-            tokens += int(mask.sum())
-            if on_batch is not None:
-                on_batch(int(mask.sum()))
+
+    def accumulate(outputs: dict[str, np.ndarray], mask: np.ndarray) -> None:
+        nonlocal tokens
+        for (kind, proj, index), name in layout.outputs.items():
+            target = gram if kind == "gram" else sums
+            target[proj][index] = target[proj][index] + outputs[name].astype(np.float64)
+        tokens += int(mask.sum())
+
+    providers = run_tapped(
+        model, batches, list(layout.outputs.values()), accumulate, provider=provider, threads=threads,
+        on_batch=on_batch,
+    )
     if not tokens:
         raise PanguLightError("no calibration tokens were seen")
-    stats_meta = {"graph": str(Path(graph_path).resolve()), "providers": info.providers_in_use, **(meta or {})}
+    stats_meta = {"graph": str(Path(graph_path).resolve()), "providers": providers, **(meta or {})}
     return GramStats(gram, sums, tokens, stats_meta)

@@ -25,17 +25,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
-from pangu_light.calib.taps import TapLayout, add_statistic_taps
-from pangu_light.core import contract
+from pangu_light.calib.taps import TapLayout, add_statistic_taps, run_tapped
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import atomic_write
 from pangu_light.core.paths import record_path, resolve_recorded_path
@@ -171,36 +168,18 @@ def calibrate(
 ) -> CalibrationStats:
     """Run the tapped graph over ``batches`` of (input_ids [B, S], attention_mask [B, S]).
 
-    The graph at ``graph_path`` is not modified: a tapped copy is written to a temporary file
-    (ONNX Runtime reads models from files) and removed afterwards."""
-    from pangu_light.runtime.layout import DecodeLayout
-    from pangu_light.runtime.session import create_session
-
+    The graph at ``graph_path`` is not modified: a tapped copy runs (``taps.run_tapped``)."""
     if aggregation not in AGGREGATIONS:
         raise PanguLightError(f"unknown aggregation {aggregation!r}; use one of {', '.join(AGGREGATIONS)}")
     model = ir.load(graph_path)
     model_map = ModelMap.from_model(model)
     layout = add_statistic_taps(model, model_map)
-    common_passes.RemoveUnusedNodesPass()(model)  # what only fed the logits (lm_head, ...)
-    decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
-    with tempfile.TemporaryDirectory(prefix="pangu-light-calib-") as workdir:
-        tapped = Path(workdir) / "tapped.onnx"
-        ir.save(model, tapped, external_data="tapped.onnx.data")
-        del model
-        info = create_session(tapped, provider=provider, threads=threads)
-        accumulator = StatsAccumulator(layout)
-        names = layout.outputs()
-        # A decode graph calibrates with an empty past.
-        cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
-        for input_ids, mask in batches:
-            feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), layout.mask_name: mask.astype(np.int64)}
-            if cache is not None:
-                feeds.update(cache.empty_past(input_ids.shape[0]))
-            outputs = dict(zip(names, info.session.run(names, feeds)))
-            accumulator.add(outputs, mask)
-            if on_batch is not None:
-                on_batch(int(mask.sum()))
-    stats_meta = {"graph": str(Path(graph_path).resolve()), "providers": info.providers_in_use, **(meta or {})}
+    accumulator = StatsAccumulator(layout)
+    providers = run_tapped(
+        model, batches, layout.outputs(), accumulator.add, mask_name=layout.mask_name, provider=provider,
+        threads=threads, on_batch=on_batch,
+    )
+    stats_meta = {"graph": str(Path(graph_path).resolve()), "providers": providers, **(meta or {})}
     return accumulator.result(model_map, aggregation, stats_meta)
 
 

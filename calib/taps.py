@@ -23,14 +23,19 @@ accumulates batches in float64.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
+from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap, Norm
 
-__all__ = ["TapLayout", "add_statistic_taps"]
+__all__ = ["TapLayout", "add_statistic_taps", "run_tapped"]
 
 
 @dataclasses.dataclass
@@ -135,3 +140,39 @@ def _inverse_rms(norm: Norm) -> ir.Value:
             f"({', '.join(n.op_type for n in norm.nodes)}); cannot tap 1/rms for post-norm absorption"
         )
     return reciprocal.outputs[0]
+
+
+def run_tapped(
+    model: ir.Model,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    names: list[str],
+    consume: Callable[[dict[str, np.ndarray], np.ndarray], None],
+    *,
+    mask_name: str = contract.ATTENTION_MASK,
+    provider: str = "cpu",
+    threads: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Run a tapped ``model`` (it is consumed: its unused nodes, e.g. the lm_head, are removed)
+    over (input_ids, attention_mask) ``batches``, calling ``consume(outputs by name, mask)`` per
+    batch; a decode graph runs with an empty past. ONNX Runtime reads models from files, so the
+    graph is written to a temporary directory, removed afterwards. Returns the providers used."""
+    from pangu_light.runtime.layout import DecodeLayout
+    from pangu_light.runtime.session import create_session
+
+    common_passes.RemoveUnusedNodesPass()(model)
+    decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
+    with tempfile.TemporaryDirectory(prefix="pangu-light-tapped-") as workdir:
+        tapped = Path(workdir) / "tapped.onnx"
+        ir.save(model, tapped, external_data="tapped.onnx.data")
+        del model
+        info = create_session(tapped, provider=provider, threads=threads)
+        cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
+        for input_ids, mask in batches:
+            feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), mask_name: mask.astype(np.int64)}
+            if cache is not None:
+                feeds.update(cache.empty_past(input_ids.shape[0]))
+            consume(dict(zip(names, info.session.run(names, feeds))), mask)
+            if on_batch is not None:
+                on_batch(int(mask.sum()))
+    return info.providers_in_use
