@@ -1,14 +1,17 @@
 """Post-RMSNorm absorption (paper section 3.3) on Gemma-3-270M: quality and speed, one run.
 
     python benchmarks/post_norm_absorption.py [--graph gemma3-270m.onnx] [--workdir out/post-norm]
-        [--calib-samples 64] [--eval-samples 32] [--seq-len 256] [--repeats 20] [--json]
+        [--calib-samples 64] [--eval-samples 32] [--seq-len 256] [--repeats 20]
+        [--max-spread 0.12 0.15 0.2] [--json]
 
 1. Export Gemma-3-270M (the ``gemma3-270m`` alias) to a no-cache graph, or take ``--graph``.
 2. Calibrate it on the ``calib`` split of ``wiki`` (``calib.corpora.token_sequences`` and
    ``calib.stats.calibrate``): s_inv of every post-norm, the mean inverse RMS of its input (eq. 8).
 3. Build two graphs from it: ``drop-post-norm`` (the paper's "Direct Prune": the post-norms
    become the identity) and ``absorb-post-norm`` (the norms become x * s_inv * gamma, folded
-   into o_proj/down_proj, eqs. 9-10).
+   into o_proj/down_proj, eqs. 9-10), and per ``--max-spread S`` a partial absorption
+   (``absorb-post-norm{keep=...}``, what ``--absorb-max-spread S`` plans): only the post-norms
+   whose log(1/rms) has a standard deviation of at most S over the calibration tokens.
 4. Held-out perplexity of the three graphs on the same token sequences: the ``eval`` split of
    ``wiki`` (same domain as calibration, other articles) and of ``lambada``.
 5. ONNX Runtime CPU latency of the original and the absorbed graph, run alternately in one
@@ -86,11 +89,12 @@ def windows(source: str, split: str, samples: int, seq_len: int, seed: int, enco
     return np.concatenate([np.full((len(body), 1), bos_id, dtype=np.int64), body], axis=1)
 
 
-def calibrate_s_inv(graph: Path, sequences: np.ndarray, threads: int) -> dict[str, float]:
+def calibrate_post_norms(graph: Path, sequences: np.ndarray, threads: int) -> tuple[dict, dict]:
+    """(s_inv, spread of log 1/rms) per post-norm gamma name."""
     from pangu_light.calib.stats import batched, calibrate
 
     stats = calibrate(graph, batched(sequences, 2), threads=threads)
-    return stats.s_inv
+    return stats.s_inv, stats.s_inv_spread
 
 
 def perplexity(graph: Path, sequences: np.ndarray, threads: int) -> float:
@@ -132,6 +136,8 @@ def main() -> None:
     parser.add_argument("--latency-seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-spread", type=float, nargs="*", default=[0.12, 0.15, 0.2],
+                        help="partial absorptions to compare (absorb only post-norms this steady)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +148,7 @@ def main() -> None:
 
     note(f"calibrating on {args.calib_samples} x {args.seq_len} tokens of {args.calib_data} (calib split)")
     calib = windows(args.calib_data, "calib", args.calib_samples, args.seq_len, 0, encode, eos_id, bos_id)
-    table = calibrate_s_inv(original, calib, args.threads)
+    table, spread = calibrate_post_norms(original, calib, args.threads)
 
     model = ir.load(original)
     posts = post_norms(ModelMap.from_model(model))
@@ -151,14 +157,18 @@ def main() -> None:
     del model
 
     variants = {"original": original}
-    for name, pipeline in (
-        ("dropped", "drop-post-norm"),
-        ("absorbed", f"absorb-post-norm{{s_inv={format_value(s_inv)}}}"),
-    ):
+    pipelines = [("dropped", "drop-post-norm"), ("absorbed", f"absorb-post-norm{{s_inv={format_value(s_inv)}}}")]
+    absorbed_count = {"absorbed": len(posts)}
+    for limit in args.max_spread:
+        keep = sorted(name for name, value in spread.items() if value > limit)
+        name = f"spread<={limit:g}"
+        absorbed_count[name] = len(posts) - len(keep)
+        pipelines.append((name, f"absorb-post-norm{{s_inv={format_value(s_inv)},keep={format_value(keep)}}}"))
+    for name, pipeline in pipelines:
         note(f"compiling {name}: {pipeline[:60]}")
         graph = ir.load(original)
         run_pipeline(graph, pipeline, verify=True)
-        variants[name] = args.workdir / f"{name}.onnx"
+        variants[name] = args.workdir / f"{name.replace('<=', '-le-')}.onnx"
         ir.save(graph, variants[name])
         del graph
 
@@ -166,6 +176,7 @@ def main() -> None:
         "data": args.calib_data, "samples": args.calib_samples, "seq_len": args.seq_len, "bos": bos_id is not None,
         "s_inv": {p.norm.gamma.name: s for p, s in zip(posts, s_inv)},
         "s_inv_range": [min(s_inv), max(s_inv)],
+        "s_inv_spread": spread, "absorbed_count": absorbed_count,
         "gamma_abs_mean_abs": [float(np.abs(g).mean()) for g in gamma_abs],
     }}
     for source in args.eval_data:
@@ -176,13 +187,14 @@ def main() -> None:
             row[name] = perplexity(graph, sequences, args.threads)
         results["perplexity"][source] = row
 
-    note(f"latency: original vs absorbed, seq {args.latency_seq}, {args.repeats} alternating repeats")
-    timing = latency([variants["original"], variants["absorbed"]], args.latency_seq, args.repeats, args.threads)
+    timed = ["original", "absorbed", *(name for name in variants if name.startswith("spread"))]
+    note(f"latency: {', '.join(timed)}, seq {args.latency_seq}, {args.repeats} alternating repeats")
+    timing = latency([variants[name] for name in timed], args.latency_seq, args.repeats, args.threads)
     results["latency"] = {
         "machine": timing["machine"], "seq": timing["seq"], "repeats": timing["repeats"],
-        "median_ms": {name: row["median_ms"] for name, row in zip(("original", "absorbed"), timing["rows"])},
-        "iqr_ms": {name: row["iqr_ms"] for name, row in zip(("original", "absorbed"), timing["rows"])},
-        "ratio_absorbed_over_original": timing["rows"][1]["latency_ratio"],
+        "median_ms": {name: row["median_ms"] for name, row in zip(timed, timing["rows"])},
+        "iqr_ms": {name: row["iqr_ms"] for name, row in zip(timed, timing["rows"])},
+        "ratio_over_original": {name: row["latency_ratio"] for name, row in zip(timed, timing["rows"])},
     }
     results["seconds"] = time.perf_counter() - started
 
@@ -193,14 +205,15 @@ def main() -> None:
     print(f"Gemma-3-270M, {len(posts)} post-norms; s_inv from {cal['samples']} x {cal['seq_len']} tokens of "
           f"{cal['data']} (calib split): {cal['s_inv_range'][0]:.4g} .. {cal['s_inv_range'][1]:.4g}")
     print(f"held-out perplexity ({args.eval_samples} x {args.seq_len} tokens, eval split)")
-    table = [("data", "original", "dropped", "absorbed")]
+    names = list(variants)
+    table = [("data", *names), ("post-norms absorbed", "0", "-", *(str(absorbed_count[n]) for n in names[2:]))]
     for source, row in results["perplexity"].items():
-        table.append((source, *(f"{row[k]:.2f}" for k in ("original", "dropped", "absorbed"))))
+        table.append((source, *(f"{row[k]:.5g}" for k in names)))
     print(format_table(table))
     lat = results["latency"]
-    print(f"ORT CPU latency ({lat['machine']}; seq {lat['seq']}, {lat['repeats']} alternating repeats, medians): "
-          f"original {lat['median_ms']['original']:.1f} ms, absorbed {lat['median_ms']['absorbed']:.1f} ms, "
-          f"ratio absorbed/original {lat['ratio_absorbed_over_original']:.3f}")
+    ratios = ", ".join(f"{name} {ratio:.3f}" for name, ratio in lat["ratio_over_original"].items())
+    print(f"ORT CPU latency ({lat['machine']}; seq {lat['seq']}, {lat['repeats']} alternating repeats, medians), "
+          f"ratio to the original: {ratios}")
     print(f"total {results['seconds']:.0f} s")
 
 

@@ -71,6 +71,7 @@ class Targets:
     clap_adjacent: bool = False  # only the removed layer next to its receiver merges (the rest: plain removal)
     slnp: bool = True
     absorb_post_norms: bool = False
+    absorb_max_spread: float | None = None  # absorb only post-norms whose log 1/rms spread is at most this
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -116,6 +117,7 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) ->
     plan.post_norm_s_inv = dict(stats.s_inv)
     if targets.absorb_post_norms and not stats.s_inv:
         raise PanguLightError("--absorb-post-norms: this model has no post-norms (it is not a sandwich-norm model)")
+    plan.post_norm_keep = _post_norms_kept(stats, targets)
     before = count_parameters(model_map, shape_of(model_map))
     after = count_parameters(model_map, shape)
     plan.targets = targets.to_json()
@@ -211,6 +213,23 @@ def clap_merges(
 
 
 # ------------------------------------------------------------------------------ internals
+
+
+def _post_norms_kept(stats: CalibrationStats, targets: Targets) -> list[str]:
+    """Post-norms left as real norms: those whose 1/rms varies too much over tokens for one constant."""
+    limit = targets.absorb_max_spread
+    if limit is None:
+        return []
+    if not targets.absorb_post_norms:
+        raise PanguLightError("--absorb-max-spread chooses which post-norms to absorb; add --absorb-post-norms")
+    if not (limit >= 0):
+        raise PanguLightError(f"--absorb-max-spread must be a non-negative number (got {limit})")
+    if stats.s_inv and not stats.s_inv_spread:
+        raise PanguLightError(
+            "--absorb-max-spread needs the spread of each post-norm's 1/rms, which these statistics predate; "
+            "re-run `pangu-light calibrate`"
+        )
+    return sorted(name for name, spread in stats.s_inv_spread.items() if spread > limit)
 
 
 def _check_stats(model_map: ModelMap, stats: CalibrationStats) -> None:

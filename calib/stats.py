@@ -7,6 +7,7 @@ For calibration tokens X (padding excluded) and per-sample sums from ``calib.tap
     S_ffn_l[m]   = sum_{x in X} | act(x W_gate) * (x W_up) |[m]  input of down_proj       (eq. 3)
     BI_l         = 1 - mean_{x in X} cos(h_{l-1}(x), h_l(x))     layer input vs output    (eq. 4)
     s_inv_n      = mean_{x in X} 1 / sqrt(mean_k x_k^2 + eps)    input of each post-norm  (eq. 8)
+    spread_n     = std_{x in X} log(1 / sqrt(mean_k x_k^2 + eps))  how far one constant is off
 
 ``aggregation="paper"`` sums over every token as written above. ``"minitron"`` (Minitron,
 Muralidharan et al. 2024) takes, for each sample, the mean over its tokens and then the L2
@@ -17,7 +18,13 @@ Per norm, the statistics of its effective gamma (1 + w for Gemma) are stored too
 Figure 3: how spread the post-norm scales are): mean, std, min, max, mean |gamma|, L2.
 
 Saved as .npz: ``channel`` [H], ``head.<l>``, ``ffn.<l>``, ``block_influence`` [L],
-``s_inv.<gamma name>`` (scalar), ``gamma.<gamma name>`` [6], ``tokens``, and ``meta`` (JSON).
+``s_inv.<gamma name>`` and ``s_inv_spread.<gamma name>`` (scalars), ``gamma.<gamma name>`` [6],
+``tokens``, and ``meta`` (JSON). Files from before ``s_inv_spread`` existed load with it empty.
+
+spread_n is what decides whether absorbing a post-norm is safe: absorption replaces the
+per-token 1/rms by its mean, so a token whose 1/rms is e^(2 spread) times the mean gets its
+branch output scaled by that factor. On Gemma-3-270M the spreads range 0.08-0.37; absorbing
+every post-norm breaks the model, absorbing only the steadiest keeps it (calib/planner.py).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class CalibrationStats:
     gamma: dict[str, np.ndarray]
     tokens: int
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    s_inv_spread: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (``core.files.atomic_write``). The graph the
@@ -71,6 +79,7 @@ class CalibrationStats:
         arrays.update({f"head.{i}": h for i, h in enumerate(self.heads)})
         arrays.update({f"ffn.{i}": f for i, f in enumerate(self.ffn)})
         arrays.update({f"s_inv.{name}": np.array(v) for name, v in self.s_inv.items()})
+        arrays.update({f"s_inv_spread.{name}": np.array(v) for name, v in self.s_inv_spread.items()})
         arrays.update({f"gamma.{name}": g for name, g in self.gamma.items()})
         with atomic_write(path, suffix=".npz") as temporary:
             np.savez(temporary, **arrays)
@@ -99,6 +108,9 @@ class CalibrationStats:
             gamma={k[len("gamma."):]: data[k] for k in data.files if k.startswith("gamma.")},
             tokens=int(data["tokens"]),
             meta=meta,
+            s_inv_spread={
+                k[len("s_inv_spread."):]: float(data[k]) for k in data.files if k.startswith("s_inv_spread.")
+            },
         )
 
 
@@ -153,7 +165,13 @@ class StatsAccumulator:
             gamma=gamma_statistics(model_map),
             tokens=self.tokens,
             meta={"aggregation": aggregation, **(meta or {})},
+            s_inv_spread={gamma: self._spread(*names) for gamma, names in layout.s_inv_log.items()},
         )
+
+    def _spread(self, log_sum: str, log_square_sum: str) -> float:
+        mean = float(self.sums[log_sum]) / self.tokens
+        variance = float(self.sums[log_square_sum]) / self.tokens - mean * mean
+        return float(np.sqrt(max(variance, 0.0)))
 
 
 def calibrate(

@@ -14,6 +14,8 @@ every per-token term goes through ``Where(mask, term, 0)`` before the sum over t
     layer in x, out y     [B,S,H] --cos(x,y) [B,S]--Where--ReduceSum(S)--> tap.cos.<l>    [B]
     post-norm 1/rms(x)    [B,S,1] (the norm's own Reciprocal) --Where--ReduceSum(S,1)-->
                                                                          tap.s_inv.<norm> [B]
+                          ... --Log--, and its square, --Where--ReduceSum(S,1)-->
+                                                   tap.s_inv_log.<norm>, tap.s_inv_log2.<norm> [B]
 
 The tapped graph outputs only the taps (not the logits), so ORT skips the lm_head: the
 statistics cost less than a plain forward. Sums inside one batch are float32; the caller
@@ -48,9 +50,12 @@ class TapLayout:
     cosine: list[str]  # per layer -> output [B]
     s_inv: dict[str, str]  # post-norm gamma name -> output [B]
     mask_name: str
+    # post-norm gamma name -> (sum of log 1/rms, sum of its square) outputs [B]: how spread it is
+    s_inv_log: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
     def outputs(self) -> list[str]:
-        return [*self.channel.values(), *self.heads, *self.ffn, *self.cosine, *self.s_inv.values()]
+        spreads = [name for pair in self.s_inv_log.values() for name in pair]
+        return [*self.channel.values(), *self.heads, *self.ffn, *self.cosine, *self.s_inv.values(), *spreads]
 
 
 class _Builder:
@@ -127,6 +132,14 @@ def add_statistic_taps(model: ir.Model, model_map: ModelMap | None = None) -> Ta
             inverse_rms = _inverse_rms(norm)
             layout.s_inv[norm.gamma.name] = b.output(
                 masked_sum(inverse_rms, token_mask3, seq_and_last), f"tap.s_inv.{norm.gamma.name}"
+            )
+            log_inverse = b.op("Log", inverse_rms)
+            layout.s_inv_log[norm.gamma.name] = (
+                b.output(masked_sum(log_inverse, token_mask3, seq_and_last), f"tap.s_inv_log.{norm.gamma.name}"),
+                b.output(
+                    masked_sum(b.op("Mul", log_inverse, log_inverse), token_mask3, seq_and_last),
+                    f"tap.s_inv_log2.{norm.gamma.name}",
+                ),
             )
     return layout
 

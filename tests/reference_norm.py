@@ -61,13 +61,16 @@ def _replace(model, name: str, module: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent), leaf, module)
 
 
-def torch_scale_post_norms(model, s_inv: list[float]):
+def torch_scale_post_norms(model, s_inv: list[float], keep: frozenset[str] = frozenset()):
     """A copy of ``model`` whose post-norms are ``x * gamma_abs``, gamma_abs = s_inv * gamma_eff
-    (paper eqs. 8-9), one s_inv per post-norm in ``post_norm_names`` order."""
+    (paper eqs. 8-9), one s_inv per post-norm in ``post_norm_names`` order; the norms whose
+    module name is in ``keep`` stay as they are."""
     names = post_norm_names(model)
     assert len(s_inv) == len(names)
     scaled = copy.deepcopy(model)
     for name, s in zip(names, s_inv):
+        if name in keep:
+            continue
         _replace(scaled, name, ConstantScale(s * effective_gamma(model, name)))
     return scaled
 

@@ -19,7 +19,8 @@ form is meant to be read by people::
       "clap": {"enabled": false, "merges": [{"removed": 13, "into": 11,
                                             "groups": [[11, 0], [13, 2]]}]},
       "slnp": {"enabled": true, "scales": {"model.norm.weight": 1.13, ...}},
-      "post_norms": {"absorb": false, "s_inv": {"model.layers.0.post_attention_layernorm.weight": 0.21}},
+      "post_norms": {"absorb": false, "s_inv": {"model.layers.0.post_attention_layernorm.weight": 0.21},
+                     "keep": ["model.layers.13.post_feedforward_layernorm.weight"]},   not absorbed
       "targets": {...}, "source": {...}, "estimate": {...}
     }
 
@@ -96,6 +97,7 @@ class PrunePlan:
     slnp_scales: dict[str, float] = dataclasses.field(default_factory=dict)
     absorb_post_norms: bool = False
     post_norm_s_inv: dict[str, float] = dataclasses.field(default_factory=dict)
+    post_norm_keep: list[str] = dataclasses.field(default_factory=list)  # gammas of norms absorption keeps
     targets: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     estimate: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -144,7 +146,9 @@ class PrunePlan:
                 ],
             },
             "slnp": {"enabled": self.slnp, "scales": dict(self.slnp_scales)},
-            "post_norms": {"absorb": self.absorb_post_norms, "s_inv": dict(self.post_norm_s_inv)},
+            "post_norms": {
+                "absorb": self.absorb_post_norms, "s_inv": dict(self.post_norm_s_inv), "keep": list(self.post_norm_keep)
+            },
             "targets": self.targets,
             "source": self.source,
             "estimate": self.estimate,
@@ -176,6 +180,7 @@ class PrunePlan:
                 slnp_scales={k: float(v) for k, v in data.get("slnp", {}).get("scales", {}).items()},
                 absorb_post_norms=bool(data.get("post_norms", {}).get("absorb", False)),
                 post_norm_s_inv={k: float(v) for k, v in data.get("post_norms", {}).get("s_inv", {}).items()},
+                post_norm_keep=[str(name) for name in data.get("post_norms", {}).get("keep", [])],
                 targets=dict(data.get("targets", {})),
                 source=dict(data.get("source", {})),
                 estimate=dict(data.get("estimate", {})),

@@ -19,6 +19,9 @@ Post-norms are found through the model map (roles ``post_attn``/``post_ffn``, wh
 names). s_inv comes from the options (``s_inv=[...]``, one per post-norm in model-map order:
 layer by layer, post_attn then post_ffn) or from the plan recorded in the graph
 (``plan=true``: ``PrunePlan.post_norm_s_inv``, keyed by the norm's gamma initializer name).
+``keep`` (or the plan's ``post_norms.keep``) names post-norms, by gamma, that stay real norms:
+one constant is a poor stand-in for 1/rms where it varies a lot over tokens (Gemma-3's deeper
+post-FFN norms; see calib/stats.py ``s_inv_spread``), and absorbing those breaks the model.
 Weights are scaled in float64 and cast back once. Every fold is checked before anything is
 edited: a weight, bias or projection output that something else also reads is refused.
 """
@@ -57,7 +60,8 @@ class AbsorbPostNormPass(PanguPass):
             doc="mean inverse RMS of each post-norm's input, in model-map order "
             "(layer by layer, post_attn then post_ffn)",
         ),
-        "plan": Option(bool, default=False, doc="read s_inv from the plan recorded in the graph"),
+        "plan": Option(bool, default=False, doc="read s_inv (and the norms to keep) from the plan in the graph"),
+        "keep": Option(list[str], default=None, doc="gamma names of post-norms to leave as real norms"),
     }
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -73,8 +77,11 @@ class AbsorbPostNormPass(PanguPass):
             _log.info("pass %s: no post-norms to absorb (a pre-norm-only model); nothing changed", self.name)
             return ir.passes.PassResult(model, modified=False)
         scales = self._s_inv(model, model_map, posts)
+        keep = self._kept(model, posts)
+        chosen = [(post, s_inv) for post, s_inv in zip(posts, scales) if post.norm.gamma.name not in keep]
+        self.stats["post_norms_kept"] = len(posts) - len(chosen)
         # Check every fold first, so that a refusal leaves the graph untouched.
-        for post, s_inv in zip(posts, scales):
+        for post, s_inv in chosen:
             check_removable(post, self.name)
             self._check_exclusive(post)
             if not (math.isfinite(s_inv) and s_inv > 0):
@@ -82,7 +89,7 @@ class AbsorbPostNormPass(PanguPass):
                     f"pass {self.name}: {post.where}: s_inv={s_inv} must be a positive finite number "
                     "(a mean inverse RMS); recompute it with `pangu-light calibrate`"
                 )
-        for post, s_inv in zip(posts, scales):
+        for post, s_inv in chosen:
             gamma_abs = s_inv * post.norm.effective_gamma()  # float64
             source = post.source
             weight = source.weight.const_value.numpy().astype(np.float64)
@@ -98,7 +105,21 @@ class AbsorbPostNormPass(PanguPass):
         return ir.passes.PassResult(model, modified=True)
 
     def ensures(self, model: ir.Model) -> None:
-        ensure_no_post_norms(self, model, "post_norms_absorbed")
+        ensure_no_post_norms(self, model, "post_norms_absorbed", allowed=getattr(self, "_keep_names", set()))
+
+    def _kept(self, model: ir.Model, posts: list[PostNorm]) -> set[str]:
+        names = self.options["keep"]
+        if names is None and self.options["plan"]:
+            names = PrunePlan.from_model(model, self.name).post_norm_keep
+        names = set(names or ())
+        unknown = sorted(names - {post.norm.gamma.name for post in posts})
+        if unknown:
+            raise PanguLightError(
+                f"pass {self.name}: keep names {unknown[0]}, which is not the gamma of a post-norm in this graph; "
+                "give post-norm gamma names as `pangu-light inspect` lists them"
+            )
+        self._keep_names = names
+        return names
 
     # -- s_inv -----------------------------------------------------------------------------
 

@@ -151,6 +151,22 @@ def test_impossible_targets_are_clear_errors(llama_map, targets, message):
         make_plan(llama_map, fake_stats(llama_map), targets)
 
 
+def test_absorb_max_spread_keeps_the_unsteady_post_norms(exported_graph):
+    _, path = exported_graph("gemma3")
+    model_map = ModelMap.from_model(ir.load(path))
+    stats = fake_stats(model_map)
+    names = sorted(stats.s_inv)
+    stats.s_inv_spread = {name: 0.05 * (i + 1) for i, name in enumerate(names)}  # 0.05 .. 0.40
+    plan = make_plan(model_map, stats, Targets(absorb_post_norms=True, absorb_max_spread=0.2))
+    assert plan.post_norm_keep == names[4:]  # spreads 0.25 and up stay real norms
+    assert make_plan(model_map, stats, Targets(absorb_post_norms=True)).post_norm_keep == []
+    stats.s_inv_spread = {}  # statistics from before the spread existed
+    with pytest.raises(PanguLightError, match="re-run `pangu-light calibrate`"):
+        make_plan(model_map, stats, Targets(absorb_post_norms=True, absorb_max_spread=0.2))
+    with pytest.raises(PanguLightError, match="add --absorb-post-norms"):
+        make_plan(model_map, stats, Targets(absorb_max_spread=0.2))
+
+
 def test_stats_of_another_graph_are_refused(llama_map, exported_graph):
     _, path = exported_graph("qwen2")
     other = ModelMap.from_model(ir.load(path))

@@ -48,6 +48,7 @@ def torch_statistics(model, model_map: ModelMap, batches, aggregation: str):
     counts = []
     cos_sum = np.zeros(len(model_map.layers))
     s_inv_sum = {n.gamma.name: 0.0 for n in post_norms}
+    log_inverses: dict[str, list[torch.Tensor]] = {n.gamma.name: [] for n in post_norms}
 
     def add(key, tensor_bsc, m):  # per-sample masked sums over the sequence
         kept = torch.where(m[..., None] > 0, tensor_bsc, torch.zeros_like(tensor_bsc))  # pads may be NaN
@@ -75,6 +76,7 @@ def torch_statistics(model, model_map: ModelMap, batches, aggregation: str):
                 x = captured[f"post:{norm.module}"]
                 inverse = torch.rsqrt(x.pow(2).mean(-1) + norm.eps)
                 s_inv_sum[norm.gamma.name] += float(inverse[m > 0].sum())
+                log_inverses[norm.gamma.name].append(torch.log(inverse[m > 0]))
     for h in handles:
         h.remove()
     counts = np.concatenate(counts)
@@ -92,6 +94,7 @@ def torch_statistics(model, model_map: ModelMap, batches, aggregation: str):
         "ffn": [aggregate(f"ffn:{l.index}") for l in model_map.layers],
         "block_influence": 1 - cos_sum / tokens,
         "s_inv": {k: v / tokens for k, v in s_inv_sum.items()},
+        "log_s_inv": {k: torch.cat(v).numpy() for k, v in log_inverses.items()},
         "tokens": tokens,
     }
 
@@ -129,6 +132,15 @@ def test_graph_statistics_match_torch_hooks(exported_graph, family, kv_cache, ag
         assert abs(stats.s_inv[name] - value) <= REL * abs(value)
     has_post_norms = any("post_attn" in layer.norms for layer in model_map.layers)
     assert bool(stats.s_inv) == has_post_norms
+    assert set(stats.s_inv_spread) == set(expected["log_s_inv"])
+    for name, logs in expected["log_s_inv"].items():
+        # The graph sums log(1/rms) and its square in float32 over one batch's tokens (at most
+        # 9 x 3 terms): each sum is off by at most terms x eps32 x (sum of |terms|), and the
+        # variance E[l^2] - E[l]^2 inherits both errors.
+        eps, terms = float(np.finfo(np.float32).eps), 27
+        variance_bound = 4 * terms * eps * float(np.mean(logs**2)) + 1e-12
+        assert abs(stats.s_inv_spread[name] ** 2 - logs.var()) <= variance_bound
+        assert logs.std() > 1e-3  # the spread is not trivially zero on these tokens
 
 
 def test_padding_never_counts(exported_graph):
@@ -162,6 +174,7 @@ def test_stats_round_trip(tmp_path, exported_graph):
     np.testing.assert_array_equal(loaded.channel, stats.channel)
     assert [h.tolist() for h in loaded.heads] == [h.tolist() for h in stats.heads]
     assert loaded.s_inv == stats.s_inv and loaded.tokens == stats.tokens
+    assert loaded.s_inv_spread == stats.s_inv_spread and len(stats.s_inv_spread) == 8
     assert loaded.meta["data"] == "test" and loaded.meta["aggregation"] == "paper"
     assert set(loaded.gamma) == set(stats.gamma)
 

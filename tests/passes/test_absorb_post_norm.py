@@ -25,7 +25,7 @@ from reference import (
     ort_logits,
     torch_logits,
 )
-from reference_norm import NODES_PER_NORM, gamma_names, torch_scale_post_norms, with_output_biases
+from reference_norm import NODES_PER_NORM, gamma_names, post_norm_names, torch_scale_post_norms, with_output_biases
 
 TOLERANCE = 1e-5
 SANDWICH = ["gemma2", "gemma3", "glm4"]
@@ -142,6 +142,49 @@ def test_plan_gives_the_same_graph_as_the_list(exported_graph, family, tmp_path)
         run_pipeline(model, pipeline, verify=True)
         results.append(graph_bytes(model))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("family", SANDWICH)
+def test_kept_post_norms_stay_real_norms(exported_graph, family, tmp_path):
+    """keep=[...] absorbs the other post-norms only: the graph equals the PyTorch model with just
+    those replaced by constants (no-cache and decode), and the kept norms' nodes are untouched."""
+    hf_model, path = exported_graph(family)
+    kept_modules = frozenset(post_norm_names(hf_model)[i] for i in (1, 4, 7))
+    keep = sorted(f"{name}.weight" for name in kept_modules)
+    s_inv = s_inv_values(8, seed=4)
+    pipeline = f"absorb-post-norm{{s_inv={format_value(s_inv)},keep={format_value(keep)}}}"
+    folded, report = compile_graph(path, pipeline, tmp_path / "p.onnx")
+    assert report.records[0].stats["post_norms_absorbed"] == 5
+    assert report.records[0].stats["post_norms_kept"] == 3
+    assert post_norm_count(folded) == 3
+    assert set(keep) <= set(folded.graph.initializers)
+    reference = torch_scale_post_norms(hf_model, s_inv, keep=kept_modules)
+    assert no_cache_diff(tmp_path / "p.onnx", reference) <= TOLERANCE
+    decode_path = exported_graph(family, kv_cache=True)[1]
+    compile_graph(decode_path, pipeline, tmp_path / "d.onnx")
+    assert decode_diff(tmp_path / "d.onnx", reference) <= TOLERANCE
+    # ... and keeping them mattered: absorbing all 8 is a different function.
+    assert no_cache_diff(tmp_path / "p.onnx", torch_scale_post_norms(hf_model, s_inv)) > 1e-3
+
+
+def test_plan_keep_list_is_applied(exported_graph, tmp_path):
+    hf_model, path = exported_graph("gemma3")
+    model = ir.load(path)
+    plan = PrunePlan.identity(ModelMap.from_model(model))
+    plan.absorb_post_norms = True
+    plan.post_norm_s_inv = dict(zip(gamma_names(hf_model), s_inv_values(8, seed=5)))
+    plan.post_norm_keep = gamma_names(hf_model)[:2]
+    plan.attach(model)
+    report = run_pipeline(model, plan.pipeline(), verify=True)
+    assert report.records[0].stats["post_norms_kept"] == 2
+    assert PrunePlan.from_json(plan.to_json()).post_norm_keep == gamma_names(hf_model)[:2]
+
+
+def test_keep_must_name_post_norms(exported_graph):
+    _, path = exported_graph("gemma3")
+    model = ir.load(path)
+    with pytest.raises(PanguLightError, match="keep names model.norm.weight, which is not the gamma of a post-norm"):
+        run_pipeline(model, f"absorb-post-norm{{s_inv={format_value(s_inv_values(8))},keep=[model.norm.weight]}}")
 
 
 def test_pre_norm_model_has_nothing_to_absorb(exported_graph, tmp_path):
