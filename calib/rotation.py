@@ -32,10 +32,12 @@ from pangu_light.calib.taps import run_tapped
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.passes.rewrites.rotate_hidden import Rotation
+from pangu_light.passes.infra.plan import PrunePlan
+from pangu_light.passes.rewrites.rotate_hidden import Rotation, rms_corrections
 
 __all__ = [
-    "add_rotation_taps", "collect_moments", "collect_rotation", "collect_graph_rotation", "rotation_from_moments",
+    "add_rotation_taps", "collect_moments", "collect_rotation", "collect_graph_rotation", "plan_rotation",
+    "rotation_from_moments",
 ]
 
 
@@ -144,3 +146,19 @@ def collect_graph_rotation(
     with tqdm(total=int(sequences.size), unit="tok", desc="rotation", disable=quiet, file=sys.stderr) as bar:
         return collect_rotation(model_path, batched(sequences, batch_size), provider=provider, threads=threads,
                                 meta=meta, on_batch=bar.update)
+
+
+def plan_rotation(plan: PrunePlan, model_map: ModelMap, kept: int, rotation: Rotation | None,
+                  rotation_file: str | None) -> None:
+    """Make ``plan`` keep the leading ``kept`` components of ``rotation`` (saved at ``rotation_file``),
+    recording the file and each norm's RMS correction (the planner's ``hidden_method`` rotate)."""
+    if rotation is None or not rotation_file:
+        raise PanguLightError("--hidden-method rotate needs a rotation (calib.rotation) and the file it is saved in")
+    if any(role.startswith("post") for layer in model_map.layers for role in layer.norms):
+        raise PanguLightError(
+            "--hidden-method rotate: this model has sandwich norms, whose post-norm gammas do not commute with "
+            "a rotation of the residual stream; use --hidden-method select"
+        )
+    plan.hidden, plan.hidden_method = list(range(kept)), "rotate"
+    corrections = rms_corrections(rotation, model_map, kept)
+    plan.rotation = {"file": str(rotation_file), "rms_correction": {k: round(v, 6) for k, v in corrections.items()}}

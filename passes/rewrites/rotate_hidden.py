@@ -53,7 +53,10 @@ from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
 from pangu_light.passes.surgery.head_surgery import clear_intermediate_shapes
 
-__all__ = ["ROTATION_FORMAT", "ROTATION_KEY", "Rotation", "RotateHiddenPass", "load_rotation", "save_rotation"]
+__all__ = [
+    "ROTATION_FORMAT", "ROTATION_KEY", "Rotation", "RotateHiddenPass", "diagonalising_basis", "effective_basis",
+    "load_rotation", "random_rotation", "rms_corrections", "save_rotation",
+]
 
 ROTATION_FORMAT = "pangu-light-rotation/1"
 ROTATION_KEY = "pangu_light.rotation"  # model metadata: JSON {hidden, kept, rms_correction: {gamma: c}}
@@ -117,14 +120,10 @@ class RotateHiddenPass(PanguPass):
         hidden = model_map.hidden_size
         rotation, kept = self._rotation_and_width(model, model_map)
         self._check(model_map, rotation.basis, kept)
-        norms = model_map.hidden_norms()
-        correction = {n.gamma.name: self._correction(rotation, n, hidden, kept) for n in norms}
+        correction = rms_corrections(rotation, model_map, kept)
         final = model_map.final_norm
         g_final = final.effective_gamma()
-        basis = rotation.basis
-        if model_map.tied_embeddings:
-            basis = diagonalising_basis(basis, g_final, kept)
-        q = basis[:, :kept]
+        q = effective_basis(rotation.basis, model_map, kept)
 
         def put(value: ir.Value, array: np.ndarray) -> None:
             replace_initializer(value, array)
@@ -207,19 +206,6 @@ class RotateHiddenPass(PanguPass):
                     "rotating it would change those readers too"
                 )
 
-    def _correction(self, rotation: Rotation, norm: Norm, hidden: int, kept: int) -> float:
-        if kept == hidden or not rotation.energy:
-            return 1.0
-        if norm.gamma.name not in rotation.energy:
-            raise PanguLightError(
-                f"pass rotate-hidden: the rotation file has no energies for {norm.gamma.name} ({norm.module}); "
-                "compute it on this model (calib.rotation)"
-            )
-        fraction = rotation.kept_fraction(norm.gamma.name, kept)
-        if not fraction > 0:
-            raise PanguLightError(f"pass rotate-hidden: {norm.gamma.name} keeps no energy in {kept} components")
-        return float(np.sqrt(hidden / kept * fraction))
-
     def _fold_and_rotate(self, linear: Linear, gamma: np.ndarray, q: np.ndarray, put) -> None:
         put(linear.weight, (linear.weight.const_value.numpy().astype(np.float64) * gamma[None, :]) @ q)
 
@@ -227,6 +213,35 @@ class RotateHiddenPass(PanguPass):
         replace_initializer(norm.gamma, gamma - 1.0 if norm.one_plus_w else gamma)
         self.tag(norm.gamma)
         self.count("gammas_set")
+
+
+def effective_basis(basis: np.ndarray, model_map: ModelMap, kept: int) -> np.ndarray:
+    """The [H, kept] columns the pass rotates by: ``basis``'s first ``kept``, turned inside their span
+    for a tied lm_head (``diagonalising_basis``). A refit of the written projections uses the same."""
+    if model_map.tied_embeddings:
+        basis = diagonalising_basis(np.asarray(basis, dtype=np.float64), model_map.final_norm.effective_gamma(), kept)
+    return np.asarray(basis, dtype=np.float64)[:, :kept]
+
+
+def rms_corrections(rotation: Rotation, model_map: ModelMap, kept: int) -> dict[str, float]:
+    """Per hidden norm (gamma name), c = sqrt(H / kept * kept energy fraction); 1 without a cut or energies."""
+    hidden = model_map.hidden_size
+    result = {}
+    for norm in model_map.hidden_norms():
+        name = norm.gamma.name
+        if kept == hidden or not rotation.energy:
+            result[name] = 1.0
+            continue
+        if name not in rotation.energy:
+            raise PanguLightError(
+                f"pass rotate-hidden: the rotation file has no energies for {name} ({norm.module}); "
+                "compute it on this model (calib.rotation)"
+            )
+        fraction = rotation.kept_fraction(name, kept)
+        if not fraction > 0:
+            raise PanguLightError(f"pass rotate-hidden: {name} keeps no energy in {kept} components")
+        result[name] = float(np.sqrt(hidden / kept * fraction))
+    return result
 
 
 def diagonalising_basis(basis: np.ndarray, gamma: np.ndarray, kept: int) -> np.ndarray:
