@@ -159,6 +159,8 @@ def plan_rotation(plan: PrunePlan, model_map: ModelMap, kept: int, rotation: Rot
             "--hidden-method rotate: this model has sandwich norms, whose post-norm gammas do not commute with "
             "a rotation of the residual stream; use --hidden-method select"
         )
+    if kept == model_map.hidden_size:
+        return  # nothing is cut: the plan keeps every channel, and no rotation is needed
     plan.hidden, plan.hidden_method = list(range(kept)), "rotate"
     corrections = rms_corrections(rotation, model_map, kept)
     plan.rotation = {"file": str(rotation_file), "rms_correction": {k: round(v, 6) for k, v in corrections.items()}}
