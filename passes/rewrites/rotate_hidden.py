@@ -39,71 +39,32 @@ The corrections are recorded in the model's metadata (``ROTATION_KEY``).
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from pangu_light.core.errors import PanguLightError
-from pangu_light.core.files import atomic_write
 from pangu_light.passes.analysis.graph_utils import exclusive, outside_readers, replace_initializer
 from pangu_light.passes.analysis.model_map import Linear, ModelMap, Norm
 from pangu_light.passes.infra.base import Option, PanguPass
 from pangu_light.passes.infra.plan import PrunePlan
 from pangu_light.passes.surgery.head_surgery import clear_intermediate_shapes
+from pangu_light.passes.surgery.rotation_basis import (
+    ROTATION_FORMAT,
+    Rotation,
+    diagonalising_basis,
+    load_rotation,
+    random_rotation,
+    save_rotation,
+)
 
 __all__ = [
     "ROTATION_FORMAT", "ROTATION_KEY", "Rotation", "RotateHiddenPass", "diagonalising_basis", "effective_basis",
     "load_rotation", "random_rotation", "rms_corrections", "save_rotation",
 ]
 
-ROTATION_FORMAT = "pangu-light-rotation/1"
 ROTATION_KEY = "pangu_light.rotation"  # model metadata: JSON {hidden, kept, rms_correction: {gamma: c}}
 ORTHOGONALITY_TOLERANCE = 1e-6
-
-
-class Rotation:
-    """An orthogonal basis Q [H, H] (columns by decreasing energy) and, per hidden norm (by its
-    gamma's name), the mean energy of its unit-normalised input along each column [H] (sums to 1)."""
-
-    def __init__(self, basis: np.ndarray, energy: dict[str, np.ndarray] | None = None, meta: dict | None = None):
-        self.basis = np.asarray(basis, dtype=np.float64)
-        self.energy = {k: np.asarray(v, dtype=np.float64) for k, v in (energy or {}).items()}
-        self.meta = dict(meta or {})
-
-    def kept_fraction(self, gamma: str, kept: int) -> float:
-        return float(np.sum(self.energy[gamma][:kept]))
-
-
-def save_rotation(path: str | os.PathLike, rotation: Rotation) -> None:
-    arrays = {"basis": rotation.basis, "meta": np.array(json.dumps({"format": ROTATION_FORMAT, **rotation.meta}))}
-    arrays.update({f"energy.{name}": e for name, e in rotation.energy.items()})
-    with atomic_write(path, suffix=".npz") as temporary:
-        np.savez(temporary, **arrays)
-
-
-def load_rotation(path: str | os.PathLike, pass_name: str = "rotate-hidden") -> Rotation:
-    path = Path(path)
-    if not path.is_file():
-        raise PanguLightError(f"pass {pass_name}: cannot read the rotation file {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta.pop("format", None) != ROTATION_FORMAT:
-                raise ValueError(f"format is not {ROTATION_FORMAT!r}")
-            energy = {k[len("energy."):]: data[k] for k in data.files if k.startswith("energy.")}
-            return Rotation(data["basis"], energy, meta)
-    except (OSError, ValueError, KeyError, EOFError) as error:
-        raise PanguLightError(
-            f"pass {pass_name}: {path} is not a rotation file written by pangu-light ({error})"
-        ) from None
-
-
-def random_rotation(size: int, seed: int) -> np.ndarray:
-    """A Haar-random orthogonal matrix (QR of a Gaussian, signs fixed)."""
-    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((size, size)))
-    return q * np.sign(np.diag(r))
 
 
 class RotateHiddenPass(PanguPass):
@@ -242,18 +203,6 @@ def rms_corrections(rotation: Rotation, model_map: ModelMap, kept: int) -> dict[
             raise PanguLightError(f"pass rotate-hidden: {name} keeps no energy in {kept} components")
         result[name] = float(np.sqrt(hidden / kept * fraction))
     return result
-
-
-def diagonalising_basis(basis: np.ndarray, gamma: np.ndarray, kept: int) -> np.ndarray:
-    """``basis`` turned inside its first ``kept`` columns (and inside the rest) so that
-    basis_k^T diag(gamma) basis_k is diagonal: the same spans, a vector gamma for the final norm."""
-    turned = basis.copy()
-    for block in (slice(0, kept), slice(kept, basis.shape[0])):
-        part = basis[:, block]
-        if part.shape[1]:
-            _, r = np.linalg.eigh(part.T @ (gamma[:, None] * part))
-            turned[:, block] = part @ r
-    return turned
 
 
 def rotation_of_plan(plan: PrunePlan, model_map: ModelMap, pass_name: str) -> tuple[str, int]:
