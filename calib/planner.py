@@ -121,7 +121,7 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *,
         for merge in plan.clap_merges:  # the merged layer's size, for the estimate
             shape.kv_groups[merge.into] = len(merge.groups)
     plan.slnp = targets.slnp
-    plan.slnp_scales = _slnp_scales(model_map, plan.hidden)
+    plan.slnp_scales = {} if plan.hidden_method == "rotate" else _slnp_scales(model_map, plan.hidden)
     plan.absorb_post_norms = targets.absorb_post_norms
     plan.post_norm_s_inv = dict(stats.s_inv)
     if targets.absorb_post_norms and not stats.s_inv:
