@@ -37,7 +37,7 @@ from pangu_light.passes.rewrites.rotate_hidden import Rotation, rms_corrections
 
 __all__ = [
     "add_rotation_taps", "collect_moments", "collect_rotation", "collect_graph_rotation", "plan_rotation",
-    "rotation_from_moments",
+    "rotation_from_moments", "resolve_hidden_method",
 ]
 
 
@@ -164,3 +164,14 @@ def plan_rotation(plan: PrunePlan, model_map: ModelMap, kept: int, rotation: Rot
     plan.hidden, plan.hidden_method = list(range(kept)), "rotate"
     corrections = rms_corrections(rotation, model_map, kept)
     plan.rotation = {"file": str(rotation_file), "rms_correction": {k: round(v, 6) for k, v in corrections.items()}}
+
+
+def resolve_hidden_method(requested: str, model_map: ModelMap, targets) -> str:
+    """``auto``: rotate for pre-norm families when the targets may cut the hidden size, else select
+    (sandwich-norm families: rotation is not exact there); ``select`` and ``rotate`` as given."""
+    if requested != "auto":
+        return requested
+    sandwich = any(role.startswith("post") for layer in model_map.layers for role in layer.norms)
+    cuts = targets.hidden is not None and targets.hidden < model_map.hidden_size
+    cuts = cuts or (targets.params is not None and targets.hidden is None)
+    return "rotate" if cuts and not sandwich else "select"

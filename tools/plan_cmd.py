@@ -41,9 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="the graph the statistics describe (default: recorded in the stats)")
     add_target_arguments(parser)
     parser.add_argument(
-        "--hidden-method", choices=("select", "rotate"), default="select",
-        help="keep the hidden channels with the highest S_channel (select, default) or the leading components "
-        "of a rotation of the residual stream (rotate: pre-norm families; see `compile --list-passes`)",
+        "--hidden-method", choices=("auto", "select", "rotate"), default="select",
+        help="keep the hidden channels with the highest S_channel (select) or the leading components of a "
+        "rotation of the residual stream (rotate: pre-norm families; see `compile --list-passes`), or auto: "
+        "rotate for pre-norm families when the hidden size is cut, select otherwise (default select)",
     )
     parser.add_argument("--rotation", type=Path, help="with --hidden-method rotate: a rotation file to use")
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from pangu_light.calib.planner import make_plan
+    from pangu_light.calib.rotation import resolve_hidden_method
     from pangu_light.calib.stats import CalibrationStats
     from pangu_light.core.paths import record_path
     from pangu_light.passes.analysis.model_map import ModelMap
@@ -65,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
         )
     refuse_overwrite_input(args.output, args.stats, model_path)
     model_map = ModelMap.from_model(load_model(model_path))
-    targets = dataclasses.replace(targets_from_args(args), hidden_method=args.hidden_method)
+    targets = targets_from_args(args)
+    targets = dataclasses.replace(targets, hidden_method=resolve_hidden_method(args.hidden_method, model_map, targets))
     rotation, rotation_file = None, args.rotation
-    if args.hidden_method == "rotate":
+    if targets.hidden_method == "rotate":
         rotation, rotation_file = _rotation(args, stats, model_path)
     plan = make_plan(model_map, stats, targets, rotation=rotation,
                      rotation_file=None if rotation_file is None else str(rotation_file.resolve()))

@@ -59,11 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs' mean contribution as a bias (bias: FLAP's compensation), or leave the weights (none)",
     )
     parser.add_argument(
-        "--hidden-method", choices=("select", "rotate"), default="select",
-        help="how the hidden size shrinks: keep the channels with the highest S_channel (select, default), or "
+        "--hidden-method", choices=("auto", "select", "rotate"), default="auto",
+        help="how the hidden size shrinks: keep the channels with the highest S_channel (select), or "
         "rotate the residual stream into the PCA basis of its unit-normalised tokens (calibration) and keep "
         "the leading components, each norm's gamma folded into its readers and set to an RMS correction "
-        "(rotate; pre-norm families only: Llama, Qwen2/3, Mistral). Recorded in plan.json",
+        "(rotate; pre-norm families only: Llama, Qwen2/3, Mistral). auto (default): rotate for pre-norm "
+        "families when the hidden size is cut, select otherwise. Recorded in plan.json",
     )
     parser.add_argument("--no-kv-cache", action="store_true", help="do not export and prune the decode graph")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per ONNX Runtime call (default 4)")
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.evaluate import evaluate_graphs
     from pangu_light.calib.planner import make_plan
     from pangu_light.calib.refit_plan import refit_for_plan
-    from pangu_light.calib.rotation import collect_graph_rotation
+    from pangu_light.calib.rotation import collect_graph_rotation, resolve_hidden_method
     from pangu_light.core.paths import record_path
     from pangu_light.frontend.export import export_to_file
     from pangu_light.passes.analysis.graph_stats import GraphStats
@@ -127,16 +128,18 @@ def run(args: argparse.Namespace) -> int:
     )
     stats.save(out / "stats.npz")
 
+    model = load_model(original)
+    model_map = ModelMap.from_model(model)
+    targets.hidden_method = resolve_hidden_method(args.hidden_method, model_map, targets)
     rotation = None
-    if args.hidden_method == "rotate":
+    if targets.hidden_method == "rotate":
         note("collecting the residual stream's rotation (PCA of unit-normalised tokens)")
         rotation = collect_graph_rotation(
             original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
             batch_size=args.batch_size, threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
         )
         save_rotation(out / "rotation.npz", rotation)
-    model = load_model(original)
-    plan = make_plan(ModelMap.from_model(model), stats, targets, rotation=rotation,
+    plan = make_plan(model_map, stats, targets, rotation=rotation,
                      rotation_file=str((out / "rotation.npz").resolve()))
     plan.targets["refit"] = args.refit
     plan.source["graph"] = record_path(original, out / "plan.json")

@@ -64,6 +64,11 @@ def test_plan_with_rotation_then_compile(tiny_dir, tmp_path, capsys):
     assert main(["compile", str(graph), "--plan", str(plan_path), "-o", str(tmp_path / "p.onnx")]) == 0
     assert "rotate-hidden{plan=true}" in capsys.readouterr().out
     assert ModelMap.from_model(ir.load(tmp_path / "p.onnx")).hidden_size == 48
-    # select stays the default and records itself
+    # select is plan's default; auto rotates a pre-norm model's cut hidden size, else selects
     assert main(["plan", str(stats), "--hidden", "48", "-o", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["hidden"]["method"] == "select"
+    rotation = ["--hidden-method", "auto", "--rotation", str(tmp_path / "plan-rotation.npz")]
+    assert main(["plan", str(stats), "--hidden", "48", *rotation, "-o", str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["hidden"]["method"] == "rotate"
+    assert main(["plan", str(stats), "--ffn", "48", "--hidden-method", "auto", "-o", str(tmp_path / "f.json")]) == 0
+    assert json.loads((tmp_path / "f.json").read_text())["hidden"]["method"] == "select"
