@@ -2,7 +2,9 @@
 
 Choices, each by the statistics of ``calib.stats`` (higher = more important):
 
-- hidden channels: the top ``hidden`` channels by S_channel, one global ranking (eq. 1);
+- hidden channels: the top ``hidden`` channels by S_channel, one global ranking (eq. 1); or, with
+  ``hidden_method`` rotate, the leading ``hidden`` components of a rotation (``calib.rotation``:
+  the ``rotate-hidden`` pass), with each norm's RMS correction recorded;
 - KV groups of a layer: the top ``kv_groups`` groups by the mean S_head of their query heads;
 - query heads: inside every kept group, the top ``heads_per_group`` heads by S_head (eq. 2),
   so every group of a layer keeps the same number and GQA stays regular;
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from pangu_light.calib.rotation import plan_rotation
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
@@ -72,6 +75,7 @@ class Targets:
     slnp: bool = True
     absorb_post_norms: bool = False
     absorb_max_spread: float | None = None  # absorb only post-norms whose log 1/rms spread is at most this
+    hidden_method: str = "select"  # "select" (S_channel) or "rotate" (leading components of a rotation)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -80,8 +84,10 @@ class Targets:
 # ------------------------------------------------------------------------------ the plan
 
 
-def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) -> PrunePlan:
-    """Turn ``targets`` into a validated plan; impossible targets are PanguLightErrors."""
+def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *, rotation=None,
+              rotation_file: str | None = None) -> PrunePlan:
+    """Turn ``targets`` into a validated plan; impossible targets are PanguLightErrors. ``rotation``
+    (a ``rotate_hidden.Rotation``, saved at ``rotation_file``) is needed with hidden_method rotate."""
     _check_stats(model_map, stats)
     if targets.align < 1:
         raise PanguLightError(f"--align must be at least 1 (got {targets.align})")
@@ -89,6 +95,10 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) ->
     shape = _resolve_shape(model_map, targets, dropped)
     plan = PrunePlan.identity(model_map)
     plan.hidden = _top(stats.channel, shape.hidden)
+    if targets.hidden_method == "rotate":
+        plan_rotation(plan, model_map, shape.hidden, rotation, rotation_file)
+    elif targets.hidden_method != "select":
+        raise PanguLightError(f"hidden method {targets.hidden_method!r}: use select or rotate")
     for layer, layer_plan in zip(model_map.layers, plan.layers):
         heads = stats.heads[layer.index]
         rep = layer.attention.num_heads // layer.attention.num_kv_heads
@@ -112,7 +122,7 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets) ->
         for merge in plan.clap_merges:  # the merged layer's size, for the estimate
             shape.kv_groups[merge.into] = len(merge.groups)
     plan.slnp = targets.slnp
-    plan.slnp_scales = _slnp_scales(model_map, plan.hidden)
+    plan.slnp_scales = {} if plan.hidden_method == "rotate" else _slnp_scales(model_map, plan.hidden)
     plan.absorb_post_norms = targets.absorb_post_norms
     plan.post_norm_s_inv = dict(stats.s_inv)
     if targets.absorb_post_norms and not stats.s_inv:

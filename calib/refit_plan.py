@@ -20,6 +20,12 @@ refit would have to be done before it: refit the graph without absorption, or ab
 Sandwich families without absorption (Gemma2/3, GLM4) refit as the others: the post-norm reads
 the projection's output, which the refit reproduces.
 
+With a rotate plan (``rotate-hidden``: outputs are the leading k components of a basis Q, not
+channels), pass ``rotation`` = the [H, k] columns the pass used (``rotate_hidden.effective_basis``):
+the targets are then x W Q_k (and b0 Q_k), compiled weights are checked against Q_k^T W_K to float32
+rounding. The least squares is linear in its targets, so this equals refitting first and rotating
+after: W'_rot = W' Q_k.
+
 ``fluctuation_ranking`` feeds the planner FLAP's metric instead of S_head / S_ffn (per axis).
 """
 
@@ -70,6 +76,7 @@ def refit_for_plan(
     method: str = "refit",
     ridge: float = DEFAULT_RIDGE,
     intercept: bool = False,
+    rotation: np.ndarray | None = None,
 ) -> ProjectionRefits:
     """New o_proj/down_proj weights (and biases) for ``compiled`` = ``original`` pruned by ``plan``.
 
@@ -86,7 +93,7 @@ def refit_for_plan(
     origins = _origins(compiled, plan, len(source.layers), len(target.layers))
     if len(origins) != len(target.layers):
         raise PanguLightError(f"the compiled graph has {len(target.layers)} layers but records {len(origins)} origins")
-    hidden = np.asarray(sorted(plan.hidden), dtype=np.int64)
+    hidden = _Outputs(plan, rotation, source.hidden_size)
     result = ProjectionRefits({}, [], [])
     for position, (layer, index) in enumerate(zip(target.layers, origins)):
         head_dim = source.layers[index].attention.head_dim
@@ -106,7 +113,7 @@ def refit_for_plan(
             if why:
                 result.skipped.append(f"{after.weight.name}: {why}")
                 continue
-            weight = before.weight.const_value.numpy().astype(np.float64).T[:, hidden]
+            weight = hidden.take(before.weight.const_value.numpy().astype(np.float64).T)
             if method == "refit":
                 fit = refit_projection(grams.gram[proj][index], grams.sum[proj][index], grams.tokens, kept[proj],
                                        weight, ridge=ridge, intercept=intercept)
@@ -152,21 +159,48 @@ def _origins(compiled: ir.Model, plan: PrunePlan, before: int, after: int) -> li
     return [i for i in range(before) if i not in set(plan.drop_layers)]
 
 
-def _rewritten(before: Linear, after: Linear, kept: np.ndarray, hidden: np.ndarray) -> str:
+class _Outputs:
+    """The plan's hidden outputs: kept channels (select) or the leading components of a rotation."""
+
+    def __init__(self, plan: PrunePlan, rotation: np.ndarray | None, hidden_size: int):
+        self.rotation = None if rotation is None else np.asarray(rotation, dtype=np.float64)
+        self.channels = np.asarray(sorted(plan.hidden), dtype=np.int64)
+        if (plan.hidden_method == "rotate") != (rotation is not None):
+            raise PanguLightError(
+                f"the plan keeps hidden channels by {plan.hidden_method!r}: give the rotation (its [H, k] basis) "
+                "exactly when the plan rotates"
+            )
+        if self.rotation is not None and self.rotation.shape != (hidden_size, len(plan.hidden)):
+            raise PanguLightError(
+                f"the rotation is {list(self.rotation.shape)}, the plan keeps {len(plan.hidden)} of {hidden_size}"
+            )
+
+    def take(self, array: np.ndarray) -> np.ndarray:
+        """``array``'s last (hidden) axis mapped to the plan's outputs."""
+        return array[..., self.channels] if self.rotation is None else array @ self.rotation
+
+    def same(self, actual: np.ndarray, expected: np.ndarray) -> bool:
+        if self.rotation is None:
+            return np.array_equal(actual, expected)
+        scale = float(np.abs(expected).max(initial=0.0))
+        return bool(np.allclose(actual, expected, rtol=0.0, atol=1e-5 * scale + 1e-30))
+
+
+def _rewritten(before: Linear, after: Linear, kept: np.ndarray, hidden: _Outputs) -> str:
     """Why ``after`` is not ``before`` with inputs ``kept`` and outputs ``hidden`` taken ('' if it is)."""
-    expected = before.weight.const_value.numpy()[np.ix_(hidden, kept)]
+    expected = hidden.take(before.weight.const_value.numpy().astype(np.float64)[:, kept].T).T
     actual = after.weight.const_value.numpy()
     if actual.shape != expected.shape:
         return f"shape {list(actual.shape)} is not the plan's {list(expected.shape)} (a CLAP merge?)"
-    if not np.array_equal(actual, expected):
+    if not hidden.same(actual, expected):
         return "its values were changed by a pass other than pruning (CLAP merge or post-norm absorption)"
     if (before.bias is None) != (after.bias is None):
         return "its bias was added or removed by another pass"
     return ""
 
 
-def _bias(before: Linear, fit: Refit, hidden: np.ndarray) -> np.ndarray | None:
-    original = before.bias.const_value.numpy().astype(np.float64)[hidden] if before.bias is not None else None
+def _bias(before: Linear, fit: Refit, hidden: _Outputs) -> np.ndarray | None:
+    original = hidden.take(before.bias.const_value.numpy().astype(np.float64)) if before.bias is not None else None
     if fit.bias is None:
         return original
     return fit.bias if original is None else original + fit.bias

@@ -10,6 +10,7 @@ Writes every intermediate into OUTDIR, so each stage can be inspected or re-run 
     plan.json          the prune plan (`pangu-light plan`)
     pruned.onnx        the rewritten graph (`pangu-light compile --plan`, then `set-projection`)
     refit.npz          the refit o_proj/down_proj weights set-projection applied (unless --refit none)
+    rotation.npz       with --hidden-method rotate: the residual stream's PCA basis and energies
     original-kv.onnx, pruned-kv.onnx   the decode graphs (KV cache), unless --no-kv-cache
     summary.json       the table printed at the end
 
@@ -19,6 +20,7 @@ and prints parameters, FLOPs per token and held-out perplexity before and after.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -56,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "layer's output on the calibration tokens (ridge least squares, default), add the removed "
         "inputs' mean contribution as a bias (bias: FLAP's compensation), or leave the weights (none)",
     )
+    parser.add_argument(
+        "--hidden-method", choices=("auto", "select", "rotate"), default="auto",
+        help="how the hidden size shrinks: keep the channels with the highest S_channel (select), or "
+        "rotate the residual stream into the PCA basis of its unit-normalised tokens (calibration) and keep "
+        "the leading components, each norm's gamma folded into its readers and set to an RMS correction "
+        "(rotate; pre-norm families only: Llama, Qwen2/3, Mistral). auto (default): rotate for pre-norm "
+        "families when the hidden size is cut, select otherwise. Recorded in plan.json",
+    )
     parser.add_argument("--no-kv-cache", action="store_true", help="do not export and prune the decode graph")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per ONNX Runtime call (default 4)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
@@ -67,16 +77,18 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.evaluate import evaluate_graphs
     from pangu_light.calib.planner import make_plan
     from pangu_light.calib.refit_plan import refit_for_plan
+    from pangu_light.calib.rotation import collect_graph_rotation, resolve_hidden_method
     from pangu_light.core.paths import record_path
     from pangu_light.frontend.export import export_to_file
     from pangu_light.passes.analysis.graph_stats import GraphStats
     from pangu_light.passes.analysis.model_map import ModelMap
     from pangu_light.passes.infra.graph_io import load_model, load_model_metadata, save_model_atomic
     from pangu_light.passes.infra.manager import run_pipeline
+    from pangu_light.passes.rewrites.rotate_hidden import effective_basis, save_rotation
     from pangu_light.passes.rewrites.set_projection import save_projections
 
-    targets = targets_from_args(args)
-    if targets == type(targets)() or targets == type(targets)(align=args.align):
+    targets = dataclasses.replace(targets_from_args(args), hidden_method=args.hidden_method)
+    if dataclasses.replace(targets, hidden_method="select") in (type(targets)(), type(targets)(align=args.align)):
         raise PanguLightError(
             "prune needs a target: --params 0.7, or widths such as --hidden 448 --heads-per-group 2 "
             "--ffn 1152, or --drop-layers 6 (see `pangu-light prune --help`)"
@@ -117,7 +129,18 @@ def run(args: argparse.Namespace) -> int:
     stats.save(out / "stats.npz")
 
     model = load_model(original)
-    plan = make_plan(ModelMap.from_model(model), stats, targets)
+    model_map = ModelMap.from_model(model)
+    targets.hidden_method = resolve_hidden_method(args.hidden_method, model_map, targets)
+    rotation = None
+    if targets.hidden_method == "rotate":
+        note("collecting the residual stream's rotation (PCA of unit-normalised tokens)")
+        rotation = collect_graph_rotation(
+            original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+            batch_size=args.batch_size, threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
+        )
+        save_rotation(out / "rotation.npz", rotation)
+    plan = make_plan(model_map, stats, targets, rotation=rotation,
+                     rotation_file=str((out / "rotation.npz").resolve()))
     plan.targets["refit"] = args.refit
     plan.source["graph"] = record_path(original, out / "plan.json")
     plan.save(out / "plan.json")
@@ -147,7 +170,11 @@ def run(args: argparse.Namespace) -> int:
             original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
             batch_size=args.batch_size, threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
         )
-        refits = refit_for_plan(load_model(original), pruned_model, grams, plan, method=args.refit)
+        source = load_model(original)
+        basis = None
+        if plan.hidden_method == "rotate":
+            basis = effective_basis(rotation.basis, ModelMap.from_model(source), len(plan.hidden))
+        refits = refit_for_plan(source, pruned_model, grams, plan, method=args.refit, rotation=basis)
         del grams
         if refits.skipped:
             note(f"left as they are (not refit): {'; '.join(refits.skipped)}")
@@ -182,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         "plan": describe_plan(plan).splitlines(),
         "calibration": {"data": args.data, "tokens": stats.tokens, "samples": args.samples, "seq_len": args.seq_len},
         "refit": args.refit,
+        "hidden_method": plan.hidden_method,
         "evaluation": None
         if args.no_eval
         else {"data": args.eval_data, "samples": args.eval_samples, "seq_len": args.eval_seq_len},

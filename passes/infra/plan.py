@@ -11,7 +11,8 @@ form is meant to be read by people::
       "format": "pangu-light-plan", "version": 1,
       "model":   {"family": "llama", "hidden_size": 576, "num_layers": 30,
                   "layers": [{"num_heads": 9, "num_kv_heads": 3, "intermediate_size": 1536}, ...]},
-      "hidden":  {"keep": [0, 3, 4, ...]},                       kept residual channels
+      "hidden":  {"keep": [0, 3, 4, ...], "method": "select"},   kept residual channels (rotate:
+                 the leading components of "rotation": {"file": "rotation.npz", "rms_correction": {...}})
       "layers":  [{"index": 0, "kv_groups": [0, 1, 2],           kept KV groups
                    "heads": [0, 1, 3, 4, 6, 7],                 kept query heads
                    "ffn": [5, 17, ...]}, ...],                  kept FFN neurons
@@ -90,6 +91,8 @@ class PrunePlan:
     shapes: list[LayerShape]  # the original model, one per layer
     hidden: list[int]
     layers: list[LayerPlan]
+    hidden_method: str = "select"  # "select": channels by S_channel; "rotate": leading PCA components
+    rotation: dict[str, Any] = dataclasses.field(default_factory=dict)  # rotate: {"file", "rms_correction"}
     drop_layers: list[int] = dataclasses.field(default_factory=list)
     clap: bool = False
     clap_merges: list[ClapMerge] = dataclasses.field(default_factory=list)
@@ -107,21 +110,12 @@ class PrunePlan:
     @classmethod
     def identity(cls, model_map: ModelMap) -> PrunePlan:
         """The plan that keeps everything of ``model_map`` (the planner starts from it)."""
-        shapes = [
-            LayerShape(l.attention.num_heads, l.attention.num_kv_heads, l.ffn.intermediate_size)
-            for l in model_map.layers
-        ]
-        layers = [
-            LayerPlan(i, list(range(s.num_kv_heads)), list(range(s.num_heads)), list(range(s.intermediate_size)))
-            for i, s in enumerate(shapes)
-        ]
-        return cls(
-            family=model_map.family,
-            hidden_size=model_map.hidden_size,
-            shapes=shapes,
-            hidden=list(range(model_map.hidden_size)),
-            layers=layers,
-        )
+        shapes = [LayerShape(l.attention.num_heads, l.attention.num_kv_heads, l.ffn.intermediate_size)
+                  for l in model_map.layers]
+        layers = [LayerPlan(i, list(range(s.num_kv_heads)), list(range(s.num_heads)), list(range(s.intermediate_size)))
+                  for i, s in enumerate(shapes)]
+        return cls(family=model_map.family, hidden_size=model_map.hidden_size, shapes=shapes,
+                   hidden=list(range(model_map.hidden_size)), layers=layers)
 
     # -- JSON ------------------------------------------------------------------------------
 
@@ -135,7 +129,8 @@ class PrunePlan:
                 "num_layers": len(self.shapes),
                 "layers": [dataclasses.asdict(s) for s in self.shapes],
             },
-            "hidden": {"keep": list(self.hidden)},
+            "hidden": {"keep": list(self.hidden), "method": self.hidden_method,
+                       **({"rotation": self.rotation} if self.rotation else {})},
             "layers": [dataclasses.asdict(l) for l in self.layers],
             "drop_layers": list(self.drop_layers),
             "clap": {
@@ -146,9 +141,8 @@ class PrunePlan:
                 ],
             },
             "slnp": {"enabled": self.slnp, "scales": dict(self.slnp_scales)},
-            "post_norms": {
-                "absorb": self.absorb_post_norms, "s_inv": dict(self.post_norm_s_inv), "keep": list(self.post_norm_keep)
-            },
+            "post_norms": {"absorb": self.absorb_post_norms, "s_inv": dict(self.post_norm_s_inv),
+                           "keep": list(self.post_norm_keep)},
             "targets": self.targets,
             "source": self.source,
             "estimate": self.estimate,
@@ -170,6 +164,8 @@ class PrunePlan:
                 shapes=[LayerShape(**s) for s in model["layers"]],
                 hidden=[int(i) for i in data["hidden"]["keep"]],
                 layers=[LayerPlan(**l) for l in data["layers"]],
+                hidden_method=str(data["hidden"].get("method", "select")),
+                rotation=dict(data["hidden"].get("rotation", {})),
                 drop_layers=[int(i) for i in data.get("drop_layers", [])],
                 clap=bool(data.get("clap", {}).get("enabled", False)),
                 clap_merges=[
@@ -216,6 +212,8 @@ class PrunePlan:
         if len(self.layers) != n_layers:
             raise PanguLightError(f"{where}: {len(self.layers)} layer entries for a model of {n_layers} layers")
         check_keep(self.hidden, self.hidden_size, "hidden")
+        if self.hidden_method not in ("select", "rotate"):
+            raise PanguLightError(f"{where}: hidden method {self.hidden_method!r} is neither select nor rotate")
         for i, (layer, shape) in enumerate(zip(self.layers, self.shapes)):
             if layer.index != i:
                 raise PanguLightError(f"{where}: layer entry {i} has index {layer.index}")
@@ -361,7 +359,9 @@ class PrunePlan:
             specs.append(PassSpec("prune-heads", {"plan": path}))
         if any(len(l.ffn) < s.intermediate_size for l, s in zip(self.layers, self.shapes)):
             specs.append(PassSpec("prune-ffn", {"plan": path}))
-        if len(self.hidden) < self.hidden_size:
+        if len(self.hidden) < self.hidden_size and self.hidden_method == "rotate":
+            specs.append(PassSpec("rotate-hidden", {"plan": path}))  # its RMS correction replaces SLNP
+        elif len(self.hidden) < self.hidden_size:
             specs.append(PassSpec("slice-hidden", {"plan": path}))
             if self.slnp if slnp is None else slnp:
                 specs.append(PassSpec("slnp"))
@@ -390,11 +390,9 @@ def load_plan(path: str | os.PathLike) -> PrunePlan:
     """Read and validate a plan file; a missing or malformed file is a PanguLightError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = json.loads(path.read_text())
     except OSError as error:
         raise PanguLightError(f"cannot read the plan {path}: {error.strerror or error}") from None
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise PanguLightError(
             f"the plan {path} is not valid JSON ({error}); write it with `pangu-light plan`"

@@ -21,6 +21,7 @@ Registry = Mapping[str, "str | type[PanguPass]"]
 PASSES: dict[str, str | type[PanguPass]] = {
     "drop-layers": "pangu_light.passes.rewrites.drop_layers:DropLayersPass",
     "slice-hidden": "pangu_light.passes.rewrites.slice_hidden:SliceHiddenPass",
+    "rotate-hidden": "pangu_light.passes.rewrites.rotate_hidden:RotateHiddenPass",
     "prune-heads": "pangu_light.passes.rewrites.prune_heads:PruneHeadsPass",
     "prune-kv-groups": "pangu_light.passes.rewrites.prune_kv_groups:PruneKVGroupsPass",
     "prune-ffn": "pangu_light.passes.rewrites.prune_ffn:PruneFFNPass",
