@@ -41,10 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="the graph the statistics describe (default: recorded in the stats)")
     add_target_arguments(parser)
     parser.add_argument(
-        "--hidden-method", choices=("auto", "select", "rotate"), default="select",
+        "--hidden-method", choices=("auto", "select", "rotate"), default="auto",
         help="keep the hidden channels with the highest S_channel (select) or the leading components of a "
         "rotation of the residual stream (rotate: pre-norm families; see `compile --list-passes`), or auto: "
-        "rotate for pre-norm families when the hidden size is cut, select otherwise (default select)",
+        "rotate for pre-norm families when the hidden size is cut, select otherwise (default auto, as prune)",
     )
     parser.add_argument("--rotation", type=Path, help="with --hidden-method rotate: a rotation file to use")
 
