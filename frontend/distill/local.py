@@ -28,6 +28,7 @@ student over a batch of the same shape, so any family's layer runs as in the who
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from pathlib import Path
@@ -85,13 +86,14 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
     train = _capture(teacher, config.train_windows, boundaries, p, work / "train", config.micro_batch)
     held = _capture(teacher, config.eval_windows, boundaries, p, work / "eval", config.micro_batch)
     student.requires_grad_(False)
+    calls = _LayerCall(student)
     results = []
     try:
         for j, (a, b) in enumerate(spans):
             elapsed = budget_clock.clock() - started
             share = None if config.time_budget is None else (config.time_budget - elapsed) / (len(spans) - j)
             layer = student.model.layers[j]
-            call = _LayerCall(student, j)
+            call = functools.partial(calls, j)
             x_eval, y_eval = np.load(held[a]), np.load(held[b])
             start_error = layer_error(layer, call, x_eval, y_eval, config.micro_batch)
             steps, loss = _train_layer(layer, call, np.load(train[a]), np.load(train[b]), config, share, j)
@@ -148,35 +150,40 @@ def _capture(teacher, windows: np.ndarray, boundaries: list[int], p: torch.Tenso
 
 
 class _LayerCall:
-    """Calls student layer j as the model does: the keyword arguments the model passes it for a
-    batch of a given shape (captured once per shape by a pre-hook on one forward)."""
+    """Calls student layer j as the model does: the keyword arguments the model passes each layer
+    for a batch of a given shape (captured for every layer by pre-hooks on one forward)."""
 
-    def __init__(self, student, j: int):
-        self.student, self.j = student, j
-        self.kwargs: dict[tuple[int, int], dict[str, Any]] = {}
+    def __init__(self, student):
+        self.student = student
+        self.kwargs: dict[tuple[int, int], list[dict[str, Any]]] = {}
 
-    def __call__(self, layer, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, j: int, layer, hidden: torch.Tensor) -> torch.Tensor:
         key = tuple(hidden.shape[:2])
         if key not in self.kwargs:
             self.kwargs[key] = self._capture(*key)
-        out = layer(hidden, **self.kwargs[key])
+        out = layer(hidden, **self.kwargs[key][j])
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def _capture(self, batch: int, length: int) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
+    def _capture(self, batch: int, length: int) -> list[dict[str, Any]]:
+        layers = self.student.model.layers
+        seen: list[dict[str, Any]] = [{} for _ in layers]
 
-        def hook(_module, args, kwargs):
-            seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
-            raise _Captured
+        def hook(j):
+            def record(_module, args, kwargs):
+                seen[j].update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+                if j == len(layers) - 1:
+                    raise _Captured
+            return record
 
-        handle = self.student.model.layers[self.j].register_forward_pre_hook(hook, with_kwargs=True)
+        handles = [layer.register_forward_pre_hook(hook(j), with_kwargs=True) for j, layer in enumerate(layers)]
         try:
             self.student.model(input_ids=torch.zeros(batch, length, dtype=torch.long), use_cache=False)
         except _Captured:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return seen
 
 
