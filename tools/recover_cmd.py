@@ -8,7 +8,9 @@ Stage 1, local reconstruction (pangu_light.frontend.distill.local): the teacher'
 is captured at every layer boundary on --local-samples training windows, mapped to the student's
 hidden channels, and each pruned layer is trained alone to reproduce the teacher's output across
 the layers it stands for (a dropped layer's work goes to the kept layer before it), with
---local-loss mse or cosine at --local-lr; no lm_head in the loop. It gets --local-fraction of
+--local-loss mse or cosine at --local-lr; no lm_head in the loop. Each layer's error is measured
+before and after on 4 training windows the stage does not train on; a layer that did not improve
+is put back. It gets --local-fraction of
 the budget (capture and evaluations included), shared among the layers.
 
 Stage 2, knowledge distillation: `pangu-light distill` from the reconstructed weights with the
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="share of --time-budget for local reconstruction (default 0.3; 0 skips it)")
     local.add_argument("--local-samples", type=int, default=64,
                        help="training windows whose teacher states are captured (default 64)")
-    local.add_argument("--local-lr", type=float, default=1e-3, help="AdamW learning rate per layer (default 1e-3)")
+    local.add_argument("--local-lr", type=float, default=3e-4, help="AdamW learning rate per layer (default 3e-4)")
     local.add_argument("--local-loss", choices=("mse", "cosine"), default="mse",
                        help="mse (normalised by the layer's own update; default) or cosine on the residual stream")
     local.add_argument("--local-steps", type=int, default=200,
@@ -85,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise PanguLightError(f"--local-fraction {args.local_fraction} must be in [0, 1): KD needs a share")
     if args.local_samples < 1 or args.local_steps < 1:
         raise PanguLightError("--local-samples and --local-steps must be at least 1")
+    if args.local_fraction > 0 and args.train_samples is not None and args.train_samples < 2:
+        raise PanguLightError("local reconstruction needs at least 2 training windows (--train-samples)")
     if args.resume:
         raise PanguLightError("recover is not resumable; start again with a new -o")
     out = args.output
@@ -99,15 +103,18 @@ def run(args: argparse.Namespace) -> int:
         student = reimport(graph, attn_implementation=args.attn or "sdpa")
         teacher = load_hf_model(config.teacher_dir)
         teacher.requires_grad_(False)
-        count = min(args.local_samples, len(config.train_windows))
-        windows = config.train_windows[np.sort(schedule_windows(len(config.train_windows), args.seed, 0, count))]
+        # The first --local-samples windows of the seeded order train the layers; the next 4 (outside
+        # the local stage, and not the evaluation split the curves report) measure each layer's error.
+        count = min(args.local_samples, len(config.train_windows) - 1)
+        order = schedule_windows(len(config.train_windows), args.seed, 0, min(count + 4, len(config.train_windows)))
+        windows, check = config.train_windows[np.sort(order[:count])], config.train_windows[np.sort(order[count:])]
         started = budget_clock.clock()
         history.append({"stage": "local", "step": 0, "tokens": 0, **heldout_metrics(
             student.model, teacher, config.eval_windows, batch=args.batch_size, bf16=args.bf16), "elapsed_s": 0.0})
         say(f"start: held-out perplexity {history[0]['eval_perplexity']:.3f}, KL {history[0]['eval_kl']:.4f}")
         spent = budget_clock.clock() - started
         local = LocalConfig(
-            windows, config.eval_windows, out / "local", student.spec.origin, lr=args.local_lr,
+            windows, check, out / "local", student.spec.origin, lr=args.local_lr,
             micro_batch=args.batch_size, loss=args.local_loss, steps_per_layer=args.local_steps,
             time_budget=None if total is None else max(total * args.local_fraction - spent, 1e-9),
             bf16=args.bf16, clip=args.clip, seed=args.seed, quiet=args.quiet,

@@ -13,9 +13,10 @@ after another, holding two boundaries in memory)::
     cosine  L_j = mean_tokens (1 - cos(y_j, x_{b_j}))
 
 AdamW on layer j's weights only, the learning rate on a cosine from ``lr`` to lr / 10 over the
-layer's share of the time (or its step cap). Every layer's error is reported on held-out windows
-as e_j = sum ||y_j - x_{b_j}||^2 / sum ||x_{b_j} - x_{a_j}||^2: 1 is a layer that adds nothing
-the teacher's would, 0 a perfect copy.
+layer's share of the time (or its step cap). Every layer's error is measured on held-out windows
+as e_j = sum ||y_j - x_{b_j}||^2 / sum ||x_{b_j} - x_{a_j}||^2 (1 is a layer that adds nothing
+the teacher's would, 0 a perfect copy) before and after; a layer whose error did not fall (a few
+steps of a tight budget can overshoot) is put back as it was.
 
 Time: with a budget B (seconds, capture and evaluations included) layer j may use
 (B - elapsed) / (layers left), and takes another step while its mean step still fits (always one).
@@ -96,10 +97,15 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
             call = functools.partial(calls, j)
             x_eval, y_eval = np.load(held[a]), np.load(held[b])
             start_error = layer_error(layer, call, x_eval, y_eval, config.micro_batch)
+            saved = {k: v.clone() for k, v in layer.state_dict().items()}
             steps, loss = _train_layer(layer, call, np.load(train[a]), np.load(train[b]), config, share, j)
             end_error = layer_error(layer, call, x_eval, y_eval, config.micro_batch)
+            kept = end_error <= start_error
+            if not kept:  # too few steps to help (a tight budget): keep the layer as it was
+                layer.load_state_dict(saved)
+                end_error = start_error
             results.append({"layer": j, "span": [a, b], "steps": steps, "train_loss": loss,
-                            "error_start": start_error, "error_end": end_error,
+                            "error_start": start_error, "error_end": end_error, "kept": kept,
                             "elapsed_s": budget_clock.clock() - started})
             say(f"    layer {j} (teacher {a}..{b - 1}): {steps} steps, held-out error {start_error:.4f} -> "
                 f"{end_error:.4f}")
