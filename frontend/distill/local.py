@@ -18,8 +18,9 @@ as e_j = sum ||y_j - x_{b_j}||^2 / sum ||x_{b_j} - x_{a_j}||^2 (1 is a layer tha
 the teacher's would, 0 a perfect copy) before and after; a layer whose error did not fall (a few
 steps of a tight budget can overshoot) is put back as it was.
 
-Time: with a budget B (seconds, capture and evaluations included) layer j may use
-(B - elapsed) / (layers left), and takes another step while its mean step still fits (always one).
+Time: with a budget B (seconds of training and per-layer evaluation; the capture is set-up, like
+distill's teacher cache, and reported apart) layer j may use (B - elapsed) / (layers left), and
+takes another step while its mean step still fits (always one).
 
 The layer is called with the keyword arguments the model itself passes it (rotary cos/sin for
 its layer type, the causal or sliding-window mask), captured by a pre-hook on one forward of the
@@ -67,6 +68,7 @@ class LocalResult:
     layers: list[dict[str, Any]]  # per layer: span, steps, held-out error at start and end
     elapsed_s: float
     tokens: int  # training-window tokens the teacher was run over
+    capture_s: float = 0.0  # the capture of the teacher's boundaries (not in elapsed_s)
 
 
 def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: LocalConfig) -> LocalResult:
@@ -86,6 +88,8 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
     say(f"... local reconstruction: capturing the teacher's residual stream at {len(boundaries)} boundaries")
     train = _capture(teacher, config.train_windows, boundaries, p, work / "train", config.micro_batch)
     held = _capture(teacher, config.eval_windows, boundaries, p, work / "eval", config.micro_batch)
+    capture_s = budget_clock.clock() - started
+    started = budget_clock.clock()  # the budget is the layers' (the capture is set-up, as distill's teacher cache)
     student.requires_grad_(False)
     calls = _LayerCall(student)
     results = []
@@ -114,7 +118,7 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
             path.unlink(missing_ok=True)
         student.requires_grad_(True)
     tokens = int(config.train_windows.size)
-    return LocalResult(results, budget_clock.clock() - started, tokens)
+    return LocalResult(results, budget_clock.clock() - started, tokens, capture_s)
 
 
 # ----------------------------------------------------------------------------- the teacher's side
