@@ -151,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
     }
     write_json(out / "summary.json", summary)
     report(result, args, global_batch)
-    if layers:
-        worst = max(layer["error_end"] / max(layer["error_start"], 1e-30) for layer in layers)
-        print(f"local reconstruction: {len(layers)} layers in {local_s:.1f} s; held-out layer error ratio (end / "
-              f"start) at most {worst:.2f}; then KD for {summary['train_s']:.1f} s")
+    trained = [layer for layer in layers if layer["steps"]]
+    if trained:
+        worst = max(layer["error_end"] / max(layer["error_start"], 1e-30) for layer in trained)
+        print(f"local reconstruction: {len(trained)} of {len(layers)} layers trained in {local_s:.1f} s; layer "
+              f"error ratio (end / start) at most {worst:.2f}; then KD for {summary['train_s']:.1f} s")
     return 0

@@ -20,7 +20,8 @@ steps of a tight budget can overshoot) is put back as it was.
 
 Time: with a budget B (seconds of training and per-layer evaluation; the capture is set-up, like
 distill's teacher cache, and reported apart) layer j may use (B - elapsed) / (layers left), and
-takes another step while its mean step still fits (always one).
+takes another step while its mean step still fits (always one); once B is spent, the layers left
+are not trained (``steps`` 0), so the stage ends within one layer's step and evaluations of B.
 
 The layer is called with the keyword arguments the model itself passes it (rotary cos/sin for
 its layer type, the causal or sliding-window mask), captured by a pre-hook on one forward of the
@@ -97,6 +98,10 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
         for j, (a, b) in enumerate(spans):
             elapsed = budget_clock.clock() - started
             share = None if config.time_budget is None else (config.time_budget - elapsed) / (len(spans) - j)
+            if share is not None and share <= 0:  # the budget is spent: the rest stay as pruned
+                results.append({"layer": j, "span": [a, b], "steps": 0, "error_start": None, "error_end": None,
+                                "kept": True, "elapsed_s": elapsed})
+                continue
             layer = student.model.layers[j]
             call = functools.partial(calls, j)
             x_eval, y_eval = np.load(held[a]), np.load(held[b])

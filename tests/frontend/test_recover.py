@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_distill import distill, history, setup  # noqa: F401  (setup is the module fixture)
@@ -69,6 +70,21 @@ def test_recover_stops_within_one_step_of_the_budget(setup, tmp_path, fake_clock
     # The KD stage started from the reconstructed weights: its first held-out KL is the local stage's end.
     kl = [h["eval_kl"] for h in entries if "eval_kl" in h]
     assert kl[1] < kl[0]
+
+
+def test_local_stage_stops_training_layers_when_its_budget_is_spent(setup, tmp_path, fake_clock):  # noqa: F811
+    import transformers
+
+    from pangu_light.frontend.distill.local import LocalConfig, reconstruct
+
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(str(setup / "teacher")).eval()
+    student = reimport(setup / "per_layer.onnx")
+    windows = np.random.default_rng(0).integers(3, 100, size=(12, 16))
+    result = reconstruct(student.model, teacher, LocalConfig(
+        windows[:8], windows[8:], tmp_path, student.spec.origin, time_budget=3.0, bf16=False, quiet=True))
+    # Layer 0 may use 1 s and takes its one step (2 s); layer 1 gets (3 - 2) / 2 s, one step; 4 s >= 3 s: layer 2 waits.
+    assert [layer["steps"] for layer in result.layers] == [1, 1, 0] and result.elapsed_s == 4.0
+    assert result.layers[2]["error_start"] is None
 
 
 @pytest.mark.slow
