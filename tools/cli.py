@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "run": "pangu_light.tools.run_cmd",
     "bench": "pangu_light.tools.bench_cmd",
     "distill": "pangu_light.tools.distill_cmd",
+    "recover": "pangu_light.tools.recover_cmd",
     "deploy": "pangu_light.tools.deploy_cmd",
 }
 

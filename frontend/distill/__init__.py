@@ -38,6 +38,15 @@ the exporter and ``runtime``'s session and decode layout for the parity check):
 - ``checkpoint``: the checkpoint format, writing (rank 0, atomic, the last few kept), resuming.
 - ``loop``: ``distill(config)``: set-up, training steps, evaluation, metrics.
 - ``outputs``: the model directory, the re-export checked under ONNX Runtime, ``summary.json``.
+- ``hidden_map``: the map P [H, k] from the teacher's residual stream to the student's (read off the
+  embeddings: a selection or any linear map, e.g. a rotation) and the teacher layers each student
+  layer stands for.
+- ``local``: local reconstruction, each layer trained alone towards the teacher's residual stream
+  across its span (the first stage of ``pangu-light recover``).
+
+A run can start from given weights (``init_weights``, what ``recover`` passes after local
+reconstruction) and keep the embedding and lm_head fixed (``freeze_embeddings``, when the hidden
+size was not pruned).
 
 The loss plot (``loss.png``) is drawn by ``pangu_light.reports.loss_plot``.
 """

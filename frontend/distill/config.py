@@ -52,6 +52,8 @@ class DistillConfig:
     kd: str = "full"  # "full": KL over the whole vocabulary; "topk": the teacher's top-k plus a tail bucket
     top_k: int = 64
     plot_axis: str = "tokens"  # x axis of loss.png: "tokens" or "seconds"
+    init_weights: Path | None = None  # a student state_dict (torch.save) to start from, e.g. local reconstruction's
+    freeze_embeddings: bool = False  # keep the embedding and lm_head fixed (needs the teacher's hidden size)
 
     def fingerprint(self, graph_digest: str, teacher_id: str) -> dict[str, Any]:
         """What fixes the training curve: a resumed run must agree on all of it."""
@@ -63,6 +65,8 @@ class DistillConfig:
             "weight_decay": self.weight_decay, "betas": list(self.betas), "clip": self.clip,
             "temperature": self.temperature, "ce_weight": self.ce_weight, "bf16": self.bf16, "seed": self.seed,
             "time_budget": self.time_budget, "top_k": self.top_k if self.kd == "topk" else None,
+            "init_weights": file_digest(Path(self.init_weights)) if self.init_weights else None,
+            "freeze_embeddings": self.freeze_embeddings,
         }
 
 
@@ -96,6 +100,8 @@ def check_config(config: DistillConfig) -> None:
         raise PanguLightError(f"--top-k must be at least 1 (got {config.top_k})")
     if config.plot_axis not in ("tokens", "seconds"):
         raise PanguLightError(f"plot axis {config.plot_axis!r}: use tokens or seconds")
+    if config.init_weights is not None and not Path(config.init_weights).is_file():
+        raise PanguLightError(f"initial weights {config.init_weights}: no such file")
     if config.lr <= 0:
         raise PanguLightError(f"--lr {config.lr} must be positive")
     if config.train_windows.ndim != 2 or len(config.train_windows) < 1:

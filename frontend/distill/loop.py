@@ -37,7 +37,7 @@ from pangu_light.frontend.reimport import reimport
 from pangu_light.frontend.teacher_cache import teacher_identity
 from pangu_light.reports.loss_plot import plot_history
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "distill"]
+__all__ = ["METRICS_FILE", "PLOT_FILE", "distill", "freeze_embeddings"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -51,6 +51,19 @@ def distill(config: DistillConfig) -> DistillResult:
     finally:
         if dist.initialized_here:
             torch.distributed.destroy_process_group()
+
+
+def freeze_embeddings(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Exclude the embedding and the lm_head (one tensor when tied) from training; refused when the
+    hidden size was pruned, since the sliced embedding then has to adapt to the new residual stream."""
+    h_s, h_t = student.get_input_embeddings().weight.shape[1], teacher.get_input_embeddings().weight.shape[1]
+    if h_s != h_t:
+        raise PanguLightError(
+            f"--freeze-embeddings: the student's hidden size {h_s} is not the teacher's {h_t}; freeze the "
+            "embeddings only when the hidden size was kept"
+        )
+    student.get_input_embeddings().weight.requires_grad_(False)
+    student.get_output_embeddings().weight.requires_grad_(False)
 
 
 class _Run:
@@ -83,6 +96,10 @@ class _Run:
                 "pruned graph was exported from"
             )
         self.teacher_head = teacher.get_output_embeddings().weight.detach().to(self.dist.device)
+        if c.init_weights is not None:
+            student.load_state_dict(torch.load(c.init_weights, map_location="cpu", weights_only=True))
+        if c.freeze_embeddings:
+            freeze_embeddings(student, teacher)
         teacher_id = teacher_identity(c.teacher_dir)
         self.fingerprint = c.fingerprint(file_digest(Path(c.graph)), teacher_id)
         self.global_batch = c.micro_batch * c.grad_accum * self.dist.world
