@@ -26,8 +26,9 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.frontend.export import OPSET, ExportOptions, check_supported, export_model
 from pangu_light.frontend.loading import load_hf_model, resolve_model
+from pangu_light.frontend.random_models import is_random_dir, random_tensor
 from pangu_light.frontend.structure_cache import load_structure, store_structure, structure_key
-from pangu_light.frontend.weights import attach_weights, empty_model, safetensors_index
+from pangu_light.frontend.weights import attach_weights, empty_model, safetensors_index, safetensors_source
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.graph_io import refuse_overwrite_input, save_model_atomic
 
@@ -66,14 +67,14 @@ def export_graphs(
         ) from None
     check_supported(config)
 
-    hf_model, index = _structure_model(config, model_dir, spec, note)
+    hf_model, source = _structure_model(config, model_dir, spec, note)
     n_params = sum(p.numel() for p in hf_model.parameters())
     aliases = _parameter_aliases(hf_model)
     results = {}
     for kv_cache, output in outputs.items():
         kind = "decode (KV cache)" if kv_cache else "no-cache"
         note(f"exporting the {kind} graph of {n_params / 1e6:.1f}M parameters")
-        ir_model = _traced(hf_model, kv_cache, index, aliases, reuse_structure, note)
+        ir_model = _traced(hf_model, kv_cache, source, aliases, reuse_structure, note)
         ir_model.metadata_props[contract.TOKENIZER] = str(model_dir)
         ir_model.metadata_props[contract.SOURCE_MODEL] = str(spec)
         note("deriving the model map")
@@ -90,38 +91,42 @@ def export_graphs(
     return results
 
 
-def _traced(hf_model, kv_cache: bool, index, aliases, reuse: bool, note: Callable[[str], None]) -> ir.Model:
+def _traced(hf_model, kv_cache: bool, source, aliases, reuse: bool, note: Callable[[str], None]) -> ir.Model:
     """The cleaned graph of one kind, parameters attached: from the structure cache when it
     holds this config and kind, else traced (and then stored there)."""
     key = None
-    if index is not None and reuse:
+    if source is not None and reuse:
         config_json = hf_model.config.to_json_string(use_diff=False)
         key = structure_key(config_json, kv_cache, OPSET)
         cached = load_structure(key, kv_cache)
-        if cached is not None and attach_weights(cached, index, aliases):
+        if cached is not None and attach_weights(cached, source, aliases):
             cached.metadata_props[contract.SOURCE_CONFIG] = config_json  # its own path, not the first's
             note("reusing the structure traced before for this config (delete <cache>/structures to trace again)")
             return cached
     note("tracing (torch.onnx dynamo export) and cleaning (constant folding)")
     ir_model = export_model(hf_model, ExportOptions(kv_cache=kv_cache))
-    if index is not None:
-        if not attach_weights(ir_model, index, aliases):
+    if source is not None:
+        if not attach_weights(ir_model, source, aliases):
             raise PanguLightError("the checkpoint's weights do not match the traced structure; this is a bug")
         if key is not None:
-            store_structure(ir_model, key, kv_cache)
+            store_structure(ir_model, key, kv_cache, aliases)
     return ir_model
 
 
 def _structure_model(config, model_dir: Path, spec: str, note: Callable[[str], None]):
-    """(model to trace, safetensors index or None): an empty model when the checkpoint's
-    safetensors hold every parameter under its name, else the model loaded in float32."""
+    """(model to trace, TensorSource or None): an empty model when the weights come from the
+    checkpoint's safetensors (every parameter there under its name) or are generated
+    (``random:``), else the model loaded in float32 (and None)."""
+    if is_random_dir(model_dir):
+        note(f"tracing {spec} on empty weights (seeded random weights are generated while saving)")
+        return empty_model(config), lambda names, shape, dtype: random_tensor(model_dir, names[0], shape, dtype)
     index = safetensors_index(model_dir)
     if index is not None:
         model = empty_model(config)
         check_supported(model.config)
         if all(any(n in index for n in names) for names in _parameter_aliases(model).values()):
             note(f"tracing {spec} on empty weights (read later from {model_dir}'s safetensors)")
-            return model, index
+            return model, safetensors_source(index)
         del model
     note(f"loading {spec} from {model_dir} (float32)")
     try:

@@ -64,8 +64,22 @@ def load_structure(key: str, kv_cache: bool, cache_dir: Path | None = None) -> i
         return None
 
 
-def store_structure(model: ir.Model, key: str, kv_cache: bool, cache_dir: Path | None = None) -> None:
-    """Store ``model`` whose parameters are external references (nothing of them is copied)."""
+def store_structure(model: ir.Model, key: str, kv_cache: bool, parameters, cache_dir: Path | None = None) -> None:
+    """Store ``model`` without the values of the initializers named in ``parameters``: each is
+    written as a reference to a file that does not exist (``weights.attach_weights`` replaces it
+    on load), so nothing of the weights is read or copied."""
     path = _path(key, kv_cache, cache_dir)
-    with atomic_write(path) as temporary:
-        ir.save(model, temporary)
+    saved = {}
+    for name in parameters:
+        value = model.graph.initializers.get(name)
+        if value is not None and value.const_value is not None:
+            saved[name] = value.const_value
+            value.const_value = ir.ExternalTensor(
+                "weights-not-stored", 0, saved[name].nbytes, saved[name].dtype, shape=saved[name].shape, name=name
+            )
+    try:
+        with atomic_write(path) as temporary:
+            ir.save(model, temporary)
+    finally:
+        for name, tensor in saved.items():
+            model.graph.initializers[name].const_value = tensor

@@ -15,8 +15,9 @@ copy. A tied weight (``lm_head.weight`` = ``model.embed_tokens.weight``) is foun
 its names. Where the file's dtype differs from the export's, the tensor is converted lazily
 (one tensor in memory at a time).
 
-``attach_weights`` returns False, leaving the graph as it is, when a name is missing from the
-files (a checkpoint that transformers renames on load, a ``.bin`` checkpoint): the caller then
+``attach_weights`` takes any ``TensorSource`` (``random_models`` generates tensors instead);
+it returns False, leaving the graph as it is, when a name is missing from the files (a
+checkpoint that transformers renames on load, a ``.bin`` checkpoint): the caller then
 loads the model for real.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,9 @@ import onnx_ir as ir
 
 from pangu_light.core.errors import PanguLightError
 
-__all__ = ["StoredTensor", "attach_weights", "empty_model", "safetensors_index"]
+__all__ = [
+    "StoredTensor", "TensorSource", "attach_weights", "empty_model", "safetensors_index", "safetensors_source",
+]
 
 _DTYPES = {
     "F32": ir.DataType.FLOAT,
@@ -110,23 +114,36 @@ def empty_model(config, dtype: str = "float32"):
     return model.eval()
 
 
-def attach_weights(
-    model: ir.Model, index: dict[str, StoredTensor], aliases: dict[str, list[str]]
-) -> bool:
-    """Point every initializer named in ``aliases`` (graph name -> its state_dict names) at its
-    bytes in the checkpoint; False (nothing changed) if any is missing or has another shape."""
-    found: dict[str, StoredTensor] = {}
+# (state_dict names of one tensor, shape, dtype) -> its tensor, or None when not available
+TensorSource = Callable[[list[str], tuple[int, ...], ir.DataType], "ir.TensorProtocol | None"]
+
+
+def safetensors_source(index: dict[str, StoredTensor]) -> TensorSource:
+    """Tensors mapped from the checkpoint files in ``index`` (by any of their names)."""
+
+    def tensor(names: list[str], shape: tuple[int, ...], dtype: ir.DataType):
+        stored = next((index[n] for n in names if n in index), None)
+        if stored is None or stored.shape != shape:
+            return None
+        return _tensor(names[0], stored, dtype)
+
+    return tensor
+
+
+def attach_weights(model: ir.Model, source: TensorSource, aliases: dict[str, list[str]]) -> bool:
+    """Give every initializer named in ``aliases`` (graph name -> all state_dict names of that
+    tensor) its tensor from ``source``; False (nothing changed) if any is not available."""
+    found = {}
     for name, names in aliases.items():
         value = model.graph.initializers.get(name)
         if value is None:
             continue
-        stored = next((index[n] for n in (name, *names) if n in index), None)
-        if stored is None or stored.shape != tuple(value.shape.numpy()):
+        tensor = source(names, tuple(value.shape.numpy()), value.dtype)
+        if tensor is None:
             return False
-        found[name] = stored
-    for name, stored in found.items():
-        value = model.graph.initializers[name]
-        value.const_value = _tensor(name, stored, value.dtype)
+        found[name] = tensor
+    for name, tensor in found.items():
+        model.graph.initializers[name].const_value = tensor
     return True
 
 
