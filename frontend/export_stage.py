@@ -96,6 +96,7 @@ def _traced(hf_model, kv_cache: bool, source, aliases, reuse: bool, note: Callab
     holds this config and kind, else traced (and then stored there)."""
     key = None
     if source is not None and reuse:
+        hf_model.config.use_cache = kv_cache  # as export_model sets it, so the key and metadata match
         config_json = hf_model.config.to_json_string(use_diff=False)
         key = structure_key(config_json, kv_cache, OPSET)
         cached = load_structure(key, kv_cache)
@@ -118,14 +119,15 @@ def _structure_model(config, model_dir: Path, spec: str, note: Callable[[str], N
     checkpoint's safetensors (every parameter there under its name) or are generated
     (``random:``), else the model loaded in float32 (and None)."""
     if is_random_dir(model_dir):
-        note(f"tracing {spec} on empty weights (seeded random weights are generated while saving)")
+        note(f"loading {spec} as an empty model (seeded random weights are generated while saving)")
         return empty_model(config), lambda names, shape, dtype: random_tensor(model_dir, names[0], shape, dtype)
     index = safetensors_index(model_dir)
     if index is not None:
         model = empty_model(config)
         check_supported(model.config)
         if all(any(n in index for n in names) for names in _parameter_aliases(model).values()):
-            note(f"tracing {spec} on empty weights (read later from {model_dir}'s safetensors)")
+            note(f"loading {spec} from {model_dir} as an empty model (its weights stay in the "
+                 "safetensors and are copied when the graph is saved)")
             return model, safetensors_source(index)
         del model
     note(f"loading {spec} from {model_dir} (float32)")
