@@ -8,7 +8,7 @@ another and reads each process's peak RSS (``os.wait4``: the child's own ``ru_ma
 
     export     MODEL -o model.onnx --decode-output decode.onnx   (both graph kinds, one run)
     calibrate  model.onnx --data wiki --samples 16 --seq-len 256
-    plan       stats.npz --params 0.8 --drop-layers 2             (width + depth)
+    plan       stats.npz --params 0.8 --drop-layers 2             (width + depth; --drop-layers N)
     compile    model.onnx --plan plan.json -o pruned.onnx
     compile    decode.onnx --plan plan.json -o pruned-kv.onnx
     eval       pruned.onnx --data lambada --samples 8 --seq-len 256
@@ -35,13 +35,13 @@ from pangu_light.core.files import write_json
 from pangu_light.passes.infra.graph_io import data_files
 
 
-def _stages(model: str, work: Path, retrace: bool) -> list[tuple[str, list[str]]]:
+def _stages(model: str, work: Path, retrace: bool, drop: int) -> list[tuple[str, list[str]]]:
     m, d = work / "model.onnx", work / "decode.onnx"
     return [
         ("export", ["export", model, "-o", str(m), "--decode-output", str(d), *(["--retrace"] if retrace else [])]),
         ("calibrate 16x256", ["calibrate", str(m), "--data", "wiki", "--samples", "16", "--seq-len", "256",
                               "-o", str(work / "stats.npz"), "--quiet"]),
-        ("plan", ["plan", str(work / "stats.npz"), "--params", "0.8", "--drop-layers", "2",
+        ("plan", ["plan", str(work / "stats.npz"), "--params", "0.8", "--drop-layers", str(drop),
                   "-o", str(work / "plan.json")]),
         ("compile (no-cache)", ["compile", str(m), "--plan", str(work / "plan.json"), "-o", str(work / "pruned.onnx")]),
         ("compile (decode)", ["compile", str(d), "--plan", str(work / "plan.json"),
@@ -85,6 +85,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="model specs (aliases, directories, random:ARCH)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="work and result directory")
+    parser.add_argument("--drop-layers", type=int, default=2, help="layers the plan drops (default 2)")
     parser.add_argument("--retrace", action="store_true", help="cold export: trace even if a structure is cached")
     args = parser.parse_args()
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -94,7 +95,7 @@ def main() -> int:
         work = args.output / model.replace(":", "-").replace("/", "-")
         work.mkdir(parents=True, exist_ok=True)
         rows = {}
-        for name, arguments in _stages(model, work, args.retrace):
+        for name, arguments in _stages(model, work, args.retrace, args.drop_layers):
             rows[name] = _measure(arguments, work / "log.txt")
             print(f"{model:20s} {name:20s} {rows[name]['seconds']:8.1f} s "
                   f"{rows[name]['peak_rss_bytes'] / 2**30:7.2f} GiB  exit {rows[name]['exit_status']}", flush=True)
