@@ -22,10 +22,9 @@ Positions are computed inside the graph from the attention mask (cumsum - 1), so
 with left padding need no extra input. Attention is exported in its eager form (explicit
 MatMul/Softmax) so every family, Gemma2's logit soft-capping included, has one shape.
 
-``export_to_file`` is the export stage: resolve a model (alias, directory or hub id), check its
-family from config.json before reading weights, export, record the tokenizer directory and the
-model spec in the metadata, derive the model map (the check that passes can read the graph) and
-save atomically.
+``export_to_file`` (one graph kind) and ``export_stage.export_graphs`` (both) are the export
+stage: resolve, check, trace on empty weights or reuse a traced structure, attach the
+checkpoint's weights by name, save atomically (see ``export_stage``).
 """
 
 from __future__ import annotations
@@ -49,11 +48,10 @@ from transformers.cache_utils import DynamicCache
 
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
-from pangu_light.frontend.loading import load_hf_model, resolve_model
-from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.passes.infra.graph_io import refuse_overwrite_input, save_model_atomic
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ExportOptions", "export_model", "export_to_file", "check_supported"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES", "ExportOptions", "export_model", "export_to_file", "check_supported",
+]
 
 # config.model_type -> the family name used across the project.
 SUPPORTED_MODEL_TYPES = {
@@ -281,66 +279,10 @@ def _quiet_exporter():
 
 
 def export_to_file(spec: str, output: Path | None, *, kv_cache: bool, progress: Callable[[str], None] | None = None):
-    """Resolve, load, check, export and save ``spec``; return ``(ir_model, model_map, seconds)``.
+    """Resolve, check, export and save ``spec``; return ``(ir_model, model_map, seconds)``
+    (``export_stage.export_graphs`` writes both graph kinds in one run)."""
+    from pangu_light.frontend.export_stage import export_graphs
 
-    ``progress(message)`` is called before each slow step.
-    """
-    note = progress or (lambda message: None)
     start = time.perf_counter()
-    _check_output(output)
-    model_dir = resolve_model(spec)
-    _check_output(output, model_dir)
-
-    # The architecture is checked from config.json before any weights are read.
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(model_dir))
-    except Exception as error:  # transformers raises ValueError/KeyError/OSError variously
-        raise PanguLightError(
-            f"cannot read the config of {model_dir} ({type(error).__name__}: {error}); "
-            "pass a Hugging Face model directory with a valid config.json"
-        ) from None
-    check_supported(config)
-
-    note(f"loading {spec} from {model_dir} (float32)")
-    try:
-        hf_model = load_hf_model(model_dir)
-    except PanguLightError:
-        raise
-    except Exception as error:  # missing or truncated weights, unknown classes, ...
-        raise PanguLightError(
-            f"cannot load the model in {model_dir} ({type(error).__name__}: {error}); "
-            "check that its weight files are complete"
-        ) from None
-    check_supported(hf_model.config)
-    n_params = sum(p.numel() for p in hf_model.parameters())
-    kind = "decode (KV cache)" if kv_cache else "no-cache"
-    note(f"exporting the {kind} graph of {n_params / 1e6:.1f}M parameters and cleaning it "
-         "(torch.onnx dynamo export, constant folding)")
-    ir_model = export_model(hf_model, ExportOptions(kv_cache=kv_cache))
-    del hf_model
-    ir_model.metadata_props[contract.TOKENIZER] = str(model_dir)
-    ir_model.metadata_props[contract.SOURCE_MODEL] = str(spec)
-
-    note("deriving the model map")
-    try:
-        model_map = ModelMap.from_model(ir_model)
-    except PanguLightError as error:
-        raise PanguLightError(
-            f"the exported graph is not one the passes can read ({error}); this is a bug in "
-            "pangu-light's exporter, please report it with the model's config.json"
-        ) from None
-
-    note(f"saving {output}")
-    save_model_atomic(ir_model, output)
+    ((ir_model, model_map),) = export_graphs(spec, {kv_cache: output}, progress=progress).values()
     return ir_model, model_map, time.perf_counter() - start
-
-
-def _check_output(output: Path | None, model_dir: Path | None = None) -> None:
-    if output is None:
-        raise PanguLightError(
-            "export needs -o OUTPUT, e.g. `pangu-light export smollm2-135m -o model.onnx`"
-        )
-    if output.is_dir():
-        raise PanguLightError(f"output {output} is a directory; pass a file path such as {output / 'model.onnx'}")
-    if model_dir is not None and model_dir.is_dir():
-        refuse_overwrite_input(output, *sorted(model_dir.iterdir()))

