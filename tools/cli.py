@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "bench": "pangu_light.tools.bench_cmd",
     "distill": "pangu_light.tools.distill_cmd",
     "deploy": "pangu_light.tools.deploy_cmd",
+    "search": "pangu_light.tools.search_cmd",
 }
 
 USER_ERRORS = (PanguLightError, RuntimeUserError)
