@@ -35,7 +35,7 @@ __all__ = ["Candidate", "generate_candidates", "shape_key", "shape_of_plan"]
 HIDDEN_FRACTIONS = (1.0, 0.875, 0.75, 0.625, 0.5)
 FFN_FRACTIONS = (1.0, 0.75, 0.5)
 DROP_FRACTIONS = (0.0, 1 / 6, 1 / 3)
-PARAMS_LEVELS = (0.9, 0.8, 0.7, 0.6, 0.5)
+PARAMS_LEVELS = (0.8, 0.65, 0.5)
 
 
 @dataclasses.dataclass
@@ -110,6 +110,6 @@ def generate_candidates(
         label = f"h{hidden}-f{ffn}-g{g}x{k}-L{n_layers - d}"
         add(label, "uniform", Targets(hidden=hidden, ffn=ffn, heads_per_group=g, kv_groups=k,
                                       drop_layers=d or None, align=align))
-    for p, d in itertools.product(params_levels, drops):
+    for p, d in itertools.product(params_levels, drops[:2]):
         add(f"params{p:g}-L{n_layers - d}", "spread", Targets(params=p, drop_layers=d or None, align=align))
     return list(found.values())

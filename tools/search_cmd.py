@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_text_arguments(calib, role="calib", samples=32, seq_len=256)
     parser.add_argument("--proxy-samples", type=int, default=8, help="sequences for the KL proxy (default 8)")
     parser.add_argument("--proxy-seq-len", type=int, default=64, help="tokens per proxy sequence (default 64)")
+    parser.add_argument("--heldout-samples", type=int, default=0, metavar="N",
+                        help="also the held-out perplexity (--eval-data's eval split, N sequences of "
+                        "--proxy-seq-len * 2 tokens) of every shape with a proxy, to judge the proxy (default 0: off)")
+    parser.add_argument("--eval-data", default="lambada", help="text for --heldout-samples (default lambada)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
 
@@ -131,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     proxy_sequences = sequences_for(args.data, encode, bos, samples=args.proxy_samples, seq_len=args.proxy_seq_len,
                                     seed=args.seed + 1, split="calib")
 
+    eval_sequences = None
+    if args.heldout_samples:
+        eval_sequences = sequences_for(args.eval_data, encode, bos, samples=args.heldout_samples,
+                                       seq_len=2 * args.proxy_seq_len, seed=args.seed, split="eval")
     model_map = ModelMap.from_model(load_model(original))
     candidates = generate_candidates(model_map, stats, align=args.align)
     note(f"{len(candidates)} candidate shapes")
@@ -146,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_search(
         original=original, timing_graph=timing_graph, candidates=candidates, identity=PrunePlan.identity(model_map),
         head_dim=model_map.layers[0].attention.head_dim, grams=grams, proxy_sequences=proxy_sequences,
-        table=table, config=config,
+        table=table, config=config, eval_sequences=eval_sequences,
     )
     plan = result.chosen.plan
     plan.targets["search"] = {"target_speedup": args.target_speedup, "workload": args.workload,
