@@ -18,6 +18,7 @@ budget bounds steps 1 and 3; step 4 always runs, since an unmeasured choice is n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -71,9 +72,11 @@ def run_search(
     *, original: str | os.PathLike, timing_graph: str | os.PathLike, candidates: Sequence[Candidate],
     identity: PrunePlan, head_dim: int, grams: GramStats, proxy_sequences: np.ndarray,
     table: LatencyTable, config: SearchConfig, eval_sequences: np.ndarray | None = None,
+    proxy_cache: dict[str, dict[str, float]] | None = None,
 ) -> SearchResult:
     """``original``: the unpruned no-cache graph (proxy); ``timing_graph``: the graph the workload
-    runs (the decode graph, or the no-cache one for the prefill workload)."""
+    runs (the decode graph, or the no-cache one for the prefill workload). ``proxy_cache`` (updated
+    in place) remembers proxies by plan and sequences (``proxy_key``), e.g. across searches."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -82,10 +85,16 @@ def run_search(
     rows_by_key = {c.key: features(shape_of_plan(c.plan), base, head_dim) for c in candidates}
     base_row = features(base, base, head_dim)
     proxies: dict[str, dict[str, float]] = {}
+    proxy_cache = {} if proxy_cache is None else proxy_cache
     bar = tqdm(total=0, desc="search", unit="step", disable=config.quiet, file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="pangu-search-"))
-    original_model = ir.load(str(original))
-    reference = graph_log_probs(original, proxy_sequences, threads=config.threads)
+    loaded: dict[str, Any] = {}
+
+    def reference() -> np.ndarray:
+        if "reference" not in loaded:
+            loaded["original"] = ir.load(str(original))
+            loaded["reference"] = graph_log_probs(original, proxy_sequences, threads=config.threads)
+        return loaded["reference"]
 
     def step(n: int, what: str) -> None:
         bar.total += n
@@ -111,13 +120,18 @@ def run_search(
     def proxy(c: Candidate) -> None:
         if c.key in proxies:
             return
+        key = proxy_key(c.plan, proxy_sequences, eval_sequences)
+        if key in proxy_cache:
+            proxies[c.key] = proxy_cache[key]
+            return
         step(1, f"proxy {c.label}")
-        path = compile_candidate(original, c.plan, work / "proxy.onnx", original=original_model, grams=grams)
-        entry = {"kl": kl_divergence(reference, graph_log_probs(path, proxy_sequences, threads=config.threads))}
+        expected = reference()
+        path = compile_candidate(original, c.plan, work / "proxy.onnx", original=loaded["original"], grams=grams)
+        entry = {"kl": kl_divergence(expected, graph_log_probs(path, proxy_sequences, threads=config.threads))}
         if eval_sequences is not None:
             from pangu_light.calib.evaluate import perplexity
             entry["perplexity"] = perplexity(path, eval_sequences, threads=config.threads).perplexity
-        proxies[c.key] = entry
+        proxies[c.key] = proxy_cache[key] = entry
         _remove_graph(path)
         bar.update(1)
 
@@ -193,6 +207,16 @@ def run_search(
             "measured_shapes": sum(1 for c in candidates if c.key in table)}
     chosen_row = next(r for r in rows if r["label"] == chosen.label)
     return SearchResult(rows, chosen, chosen_row, cost, table.measured_now, time.perf_counter() - start)
+
+
+def proxy_key(plan: PrunePlan, sequences: np.ndarray, eval_sequences: np.ndarray | None) -> str:
+    """What a proxy depends on: every kept index of the plan (and its SLNP scales), the sequences."""
+    data = {k: v for k, v in plan.to_json().items() if k not in ("targets", "source", "estimate")}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(sequences, dtype=np.int64).tobytes())
+    if eval_sequences is not None:
+        digest.update(b"eval" + np.ascontiguousarray(eval_sequences, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:24]
 
 
 def _remove_graph(path: Path) -> None:

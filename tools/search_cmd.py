@@ -17,12 +17,15 @@ the refit. The chosen shape is the lowest KL whose measured speedup reaches the 
 
 Writes to OUTDIR: plan.json (the chosen plan: `pangu-light compile original-kv.onnx --plan
 OUTDIR/plan.json -o pruned-kv.onnx`), front.md (the Pareto front and every shape with a proxy),
-front.png, search.json (every candidate, the cost model, the latency table used).
+front.png, search.json (every candidate, the cost model, the latency table used), stats.npz and
+grams.npz (the calibration the plans and the refit used), proxies.json (the proxies, by plan and
+sequences: a later search in OUTDIR reuses them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -131,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     note("calibrating (statistics and the refit's Gram matrices)")
     stats = calibrate_graph(original, **text)
     grams = collect_graph_grams(original, **text)
+    stats.save(out / "stats.npz")
+    grams.save(out / "grams.npz")
     encode, bos = graph_tokenizer(original, load_model_metadata(original), args.tokenizer)
     proxy_sequences = sequences_for(args.data, encode, bos, samples=args.proxy_samples, seq_len=args.proxy_seq_len,
                                     seed=args.seed + 1, split="calib")
@@ -145,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     table = LatencyTable(table_key(provider=args.provider, model_digest=file_digest(timing_graph),
                                    workload=args.workload, scale=args.scale, batch=args.batch, threads=args.threads),
                          args.table_dir)
+    proxy_cache: dict = {}
+    if (out / "proxies.json").is_file():  # an earlier search in OUTDIR: its proxies, for the same graph
+        saved = json.loads((out / "proxies.json").read_text())
+        proxy_cache = saved["proxies"] if saved.get("graph") == file_digest(original) else {}
     config = SearchConfig(
         target=args.target_speedup, requests=requests, batch=args.batch, repeats=args.repeats,
         session_options=dict(provider=args.provider, threads=args.threads, strict=True),
@@ -154,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
     result = run_search(
         original=original, timing_graph=timing_graph, candidates=candidates, identity=PrunePlan.identity(model_map),
         head_dim=model_map.layers[0].attention.head_dim, grams=grams, proxy_sequences=proxy_sequences,
-        table=table, config=config, eval_sequences=eval_sequences,
+        table=table, config=config, eval_sequences=eval_sequences, proxy_cache=proxy_cache,
     )
+    write_json(out / "proxies.json", {"graph": file_digest(original), "proxies": proxy_cache})
     plan = result.chosen.plan
     plan.targets["search"] = {"target_speedup": args.target_speedup, "workload": args.workload,
                               "scale": args.scale, "provider": args.provider, "label": result.chosen.label}

@@ -37,9 +37,11 @@ def setting(exported_graph):
     batches = [(ids[i: i + 4], np.ones_like(ids[i: i + 4])) for i in range(0, 12, 4)]
     stats, grams = calibrate(original, batches), collect_grams(original, batches)
     model_map = ModelMap.from_model(ir.load(original))
-    candidates = generate_candidates(model_map, stats, align=8, **GRID)
+    every = generate_candidates(model_map, stats, align=8, **GRID)
+    uniform = [c for c in every if c.kind == "uniform"]
+    candidates = [c for c in every if c.kind == "spread"] + uniform[::3]  # a third of the grid: quicker
     return dict(original=original, decode=decode, model_map=model_map, candidates=candidates, grams=grams,
-                proxy=rng.integers(3, 160, (4, 16)))
+                proxy=rng.integers(3, 160, (4, 16)), proxy_cache={})
 
 
 def search(setting, table_dir, target=TARGET):
@@ -51,7 +53,7 @@ def search(setting, table_dir, target=TARGET):
     result = run_search(original=setting["original"], timing_graph=setting["decode"],
                         candidates=setting["candidates"], identity=PrunePlan.identity(setting["model_map"]),
                         head_dim=16, grams=setting["grams"], proxy_sequences=setting["proxy"], table=table,
-                        config=config)
+                        config=config, proxy_cache=setting["proxy_cache"])
     return result, table
 
 
