@@ -54,14 +54,15 @@ def main() -> int:
     out: Path = args.search_dir
     report = json.loads((out / "search.json").read_text())
     rows, chosen = report["rows"], report["chosen"]
-    original, original_kv = out / "original.onnx", out / "original-kv.onnx"
+    original, original_kv = Path(report["graphs"]["original"]), Path(report["graphs"]["decode"])
 
     # 1. the alternatives
     uniform = min((r for r in rows if r["kind"] == "uniform" and r["measured"] and r["label"] != chosen["label"]),
                   key=lambda r: abs(r["speedup"] - chosen["speedup"]))
     h, f, g, k, n = map(int, LABEL.match(uniform["label"]).groups())
     note("calibrating (the search's settings: wiki calib split, 32 x 256, seed 0)")
-    text = dict(data="wiki", samples=32, seq_len=256, seed=0, batch_size=4, threads=args.threads, tokenizer=None)
+    tokenizer = Path(report["tokenizer"]) if report.get("tokenizer") else None
+    text = dict(data="wiki", samples=32, seq_len=256, seed=0, batch_size=4, threads=args.threads, tokenizer=tokenizer)
     stats = calibrate_graph(original, **text)
     grams = collect_graph_grams(original, **text)
     model_map = ModelMap.from_model(ir.load(str(original)))
@@ -96,7 +97,7 @@ def main() -> int:
     # 3. held-out perplexity
     note("held-out perplexity")
     ppl = evaluate_graphs([original, *paths], data="lambada", samples=args.eval_samples, seq_len=256,
-                          threads=args.threads, quiet=True)
+                          threads=args.threads, quiet=True, tokenizer=tokenizer)
     values = list(ppl.values())
 
     # 4. the proxy's ranking

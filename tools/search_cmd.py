@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model", nargs="?", default=DEFAULT_MODEL, help=f"alias, HF model directory or hub id (default {DEFAULT_MODEL})"
     )
     parser.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    parser.add_argument("--graph", type=Path, metavar="ORIGINAL.onnx",
+                        help="use this exported no-cache graph instead of exporting MODEL (e.g. prune's original.onnx)")
+    parser.add_argument("--kv-graph", type=Path, metavar="ORIGINAL-KV.onnx",
+                        help="with --graph: the decode graph of the same model (for the paper and decode workloads)")
     parser.add_argument("--target-speedup", type=float, required=True, metavar="X",
                         help="required end-to-end speedup over the unpruned model, e.g. 1.6")
     parser.add_argument("--workload", choices=list(WORKLOADS), default="paper", help="default paper")
@@ -125,10 +129,22 @@ def run(args: argparse.Namespace) -> int:
         export_to_file(args.model, path, kv_cache=kv_cache, progress=note)
         return path
 
-    original = exported("original.onnx", kv_cache=False)
     requests = workload_requests(args.workload, args.scale)
     decodes = any(r.output_tokens > 1 for r in requests)
-    timing_graph = exported("original-kv.onnx", kv_cache=True) if decodes else original
+    if args.graph is not None:
+        if decodes and args.kv_graph is None:
+            raise PanguLightError(
+                f"--graph: the {args.workload} workload decodes; give its decode graph with --kv-graph "
+                "(`pangu-light export MODEL --kv-cache`), or use --workload prefill"
+            )
+        for path in (args.graph, args.kv_graph):
+            if path is not None and not path.is_file():
+                raise PanguLightError(f"{path}: no such file; pass an exported .onnx graph")
+        original = args.graph
+        timing_graph = args.kv_graph if decodes else original
+    else:
+        original = exported("original.onnx", kv_cache=False)
+        timing_graph = exported("original-kv.onnx", kv_cache=True) if decodes else original
     text = dict(data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=4,
                 threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet)
     note("calibrating (statistics and the refit's Gram matrices)")
@@ -176,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
     report = json_ready(result)
     report.update({"front": front, "target_speedup": args.target_speedup, "latency_table": str(table.path),
                    "workload": {"name": args.workload, "scale": args.scale, "batch": args.batch,
-                                "repeats": args.repeats}, "provider": args.provider, "threads": args.threads})
+                                "repeats": args.repeats}, "provider": args.provider, "threads": args.threads,
+                   "graphs": {"original": str(Path(original).resolve()), "decode": str(Path(timing_graph).resolve())},
+                   "tokenizer": str(args.tokenizer.resolve()) if args.tokenizer else None})
     write_json(out / "search.json", report)
     chosen = result.chosen.label
     write_text(out / "front.md", f"# Pareto front (target {args.target_speedup:g}x, {args.workload}/{args.scale}, "
