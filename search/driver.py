@@ -117,12 +117,13 @@ def run_search(
             _remove_graph(p)
         bar.update(len(todo))
 
-    def proxy(c: Candidate) -> None:
+    def proxy(c: Candidate, cached_only: bool = False) -> None:
         if c.key in proxies:
             return
         key = proxy_key(c.plan, proxy_sequences, eval_sequences)
-        if key in proxy_cache:
-            proxies[c.key] = proxy_cache[key]
+        if key in proxy_cache or cached_only:
+            if key in proxy_cache:
+                proxies[c.key] = proxy_cache[key]
             return
         step(1, f"proxy {c.label}")
         expected = reference()
@@ -160,10 +161,13 @@ def run_search(
         # 2. cost model
         model, errors = fitted()
         # 3. proxies
-        measured = [c for c in candidates if c.key in table]
+        for c in candidates:  # what an earlier search already knows costs nothing
+            proxy(c, cached_only=True)
         fast = sorted((c for c in candidates if speed(c, model)[0] >= config.target), key=lambda c: speed(c, model)[0])
-        for c in measured + [c for c in fast if c not in measured]:
-            if time.perf_counter() > deadline and any(k in proxies for k in rows_by_key):
+        slow = [c for c in candidates if c.key in table and c not in fast]
+        order = [c for c in fast if c.key in table] + [c for c in fast if c.key not in table] + slow
+        for c in order:
+            if time.perf_counter() > deadline and any(f.key in proxies for f in fast):
                 break
             proxy(c)
         # 4. choose and verify

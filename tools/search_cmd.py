@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("scale", "batch", "repeats", "threads", "align", "proxy_samples", "design_points"):
         if getattr(args, name) < 1:
             raise PanguLightError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)})")
+    if not args.budget_minutes >= 0:
+        raise PanguLightError(f"--budget-minutes {args.budget_minutes}: give 0 or more minutes")
     _check_provider(args.provider)
     out: Path = args.output
     if out.exists() and not out.is_dir():
