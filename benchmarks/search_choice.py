@@ -5,7 +5,8 @@ how well the KL proxy ranks shapes. One run, after a search:
     nice -n 10 .venv/bin/python benchmarks/search_choice.py OUT [--eval-samples 32] [--repeats 5]
 
 1. From OUT/search.json: the chosen shape; (a) the uniform shape whose measured speedup is
-   closest to the chosen one's; (b) ``--params`` at the chosen shape's parameter fraction.
+   closest to the chosen one's; (b) ``--params`` at the chosen shape's parameter fraction; their
+   plans made from the search's own statistics (OUT/stats.npz, OUT/grams.npz).
 2. An independent ``pangu-light bench`` run (subprocess, the search's workload, 1 thread) of the
    unpruned decode graph and the three, compiled from their plans.
 3. Held-out perplexity (LAMBADA eval split, ``--eval-samples`` x 256 tokens) of the unpruned
@@ -27,9 +28,10 @@ import numpy as np
 import onnx_ir as ir
 from common import note
 
-from pangu_light.calib.calibrate import calibrate_graph, collect_graph_grams
 from pangu_light.calib.evaluate import evaluate_graphs
+from pangu_light.calib.gram import GramStats
 from pangu_light.calib.planner import Targets, make_plan
+from pangu_light.calib.stats import CalibrationStats
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.plan import load_plan
 from pangu_light.runtime.machine import describe_machine, load_average
@@ -60,11 +62,8 @@ def main() -> int:
     uniform = min((r for r in rows if r["kind"] == "uniform" and r["measured"] and r["label"] != chosen["label"]),
                   key=lambda r: abs(r["speedup"] - chosen["speedup"]))
     h, f, g, k, n = map(int, LABEL.match(uniform["label"]).groups())
-    note("calibrating (the search's settings: wiki calib split, 32 x 256, seed 0)")
     tokenizer = Path(report["tokenizer"]) if report.get("tokenizer") else None
-    text = dict(data="wiki", samples=32, seq_len=256, seed=0, batch_size=4, threads=args.threads, tokenizer=tokenizer)
-    stats = calibrate_graph(original, **text)
-    grams = collect_graph_grams(original, **text)
+    stats, grams = CalibrationStats.load(out / "stats.npz"), GramStats.load(out / "grams.npz")  # the search's own
     model_map = ModelMap.from_model(ir.load(str(original)))
     layers = len(model_map.layers)
     plans = {
