@@ -93,6 +93,23 @@ def _check_provider(provider: str) -> None:
         )
 
 
+def _earlier_calibration(out: Path, original: Path, args: argparse.Namespace):
+    """The statistics and Grams an earlier search wrote to OUTDIR, when made from the same graph
+    and the same calibration text; else (None, None)."""
+    from pangu_light.calib.gram import GramStats
+    from pangu_light.calib.stats import CalibrationStats
+
+    if not ((out / "stats.npz").is_file() and (out / "grams.npz").is_file()):
+        return None, None
+    stats, grams = CalibrationStats.load(out / "stats.npz"), GramStats.load(out / "grams.npz")
+    wanted = {"graph": str(Path(original).resolve()), "data": args.data, "samples": args.samples,
+              "seq_len": args.seq_len, "seed": args.seed}
+    for meta in (stats.meta, grams.meta):
+        if any(str(meta.get(k)) != str(v) for k, v in wanted.items() if k != "samples" or v is not None):
+            return None, None
+    return stats, grams
+
+
 def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.calibrate import calibrate_graph, collect_graph_grams
     from pangu_light.calib.text import graph_tokenizer, sequences_for
@@ -149,11 +166,15 @@ def run(args: argparse.Namespace) -> int:
         timing_graph = exported("original-kv.onnx", kv_cache=True) if decodes else original
     text = dict(data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=4,
                 threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet)
-    note("calibrating (statistics and the refit's Gram matrices)")
-    stats = calibrate_graph(original, **text)
-    grams = collect_graph_grams(original, **text)
-    stats.save(out / "stats.npz")
-    grams.save(out / "grams.npz")
+    stats, grams = _earlier_calibration(out, original, args)
+    if stats is None or grams is None:
+        note("calibrating (statistics and the refit's Gram matrices)")
+        stats = calibrate_graph(original, **text)
+        grams = collect_graph_grams(original, **text)
+        stats.save(out / "stats.npz")
+        grams.save(out / "grams.npz")
+    else:
+        note(f"reusing {out / 'stats.npz'} and {out / 'grams.npz'} (same graph and text)")
     encode, bos = graph_tokenizer(original, load_model_metadata(original), args.tokenizer)
     proxy_sequences = sequences_for(args.data, encode, bos, samples=args.proxy_samples, seq_len=args.proxy_seq_len,
                                     seed=args.seed + 1, split="calib")
