@@ -13,6 +13,16 @@ how well the KL proxy ranks shapes. One run, after a search:
    graph and the three after one-shot pruning with the refit (as ``prune`` does).
 4. Spearman's rank correlation between the KL proxy and the held-out perplexity over every
    shape of the search that has both (``--heldout-samples``).
+
+Measured 2026-12-03 (AMD EPYC, 2 cores shared with other jobs, load average 11; 1 thread;
+paper workload at scale 32; search budget 18 min after a first 10-min try whose 12 measurements
+the table kept): the search chose h576-f768-g2x2-L25 (0.540 of the parameters), search speedup
+1.71x, independent bench 1.89x [1.79, 1.91], LAMBADA ppl 551 (8 x 256; unpruned 56.6); (a) the
+uniform h512-f1152-g3x2-L25 (0.614): search 1.57x, bench 1.70x [1.59, 1.80], ppl 384; (b)
+--params 0.540: bench 1.64x [1.61, 1.65], ppl 3092. Cost model leave-one-out median |error|
+4.9% (max 19.7%) over 14 shapes. Only 4 shapes got a proxy in that budget (Spearman 1.0 over
+4, short of the 8 asked). (a) shows the risk of a noisy search measurement near the target:
+measured below it in the search, above it in the bench, with better perplexity.
 """
 
 from __future__ import annotations
