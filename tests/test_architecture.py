@@ -6,6 +6,7 @@
     passes      of ours, only core; never torch or onnxruntime (a pass is a pure graph rewrite)
     calib       never tools or frontend
     deploy      never tools or frontend          (building deployment graphs: ORT's quantizer)
+    search      never tools or frontend          (the shape search: candidates, latency, proxy)
     frontend    never tools
     tools       a command module (*_cmd.py) never imports another command module
     benchmarks  never a command module
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("core", "runtime", "reports", "passes", "calib", "deploy", "frontend", "tools")
+PACKAGES = ("core", "runtime", "reports", "passes", "calib", "deploy", "search", "frontend", "tools")
 
 
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
@@ -65,7 +66,7 @@ def violations(package: str, module: str, source: str) -> list[str]:
             rule = f"{package} imports nothing of ours but core"
         elif package == "passes" and (top in ("torch", "onnxruntime") or ours not in (None, "core", "passes")):
             rule = "passes import neither torch, onnxruntime nor any package of ours but core"
-        elif package in ("calib", "deploy") and ours in ("tools", "frontend"):
+        elif package in ("calib", "deploy", "search") and ours in ("tools", "frontend"):
             rule = f"{package} never imports tools or frontend"
         elif package == "frontend" and ours == "tools":
             rule = "frontend never imports tools"
@@ -104,6 +105,7 @@ def test_every_module_keeps_the_import_rules():
         ("passes", "pangu_light.passes.analysis.model_map", "from pangu_light.calib.stats import CalibrationStats"),
         ("calib", "pangu_light.calib.stats", "from pangu_light.frontend import loading"),
         ("calib", "pangu_light.calib.stats", "from ..tools import arguments"),
+        ("search", "pangu_light.search.driver", "from pangu_light.frontend import export"),
         ("frontend", "pangu_light.frontend.export", "import pangu_light.tools.cli"),
         ("tools", "pangu_light.tools.prune_cmd", "from pangu_light.tools import plan_cmd"),
         ("tools", "pangu_light.tools.prune_cmd", "from pangu_light.tools.eval_cmd import run"),

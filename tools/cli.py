@@ -13,6 +13,7 @@ Every stage reads and writes files, so each can be run, inspected and cached alo
     diff       compare two graphs: parameters, FLOPs, per-layer shapes, tagged nodes
     run        greedy generation with a decode graph under ONNX Runtime
     bench      measure graphs side by side: prefill, decode tokens/s, throughput vs ideal
+    search     choose the pruned shape by measured speed and a KL quality proxy
     distill    recover a pruned graph by distillation from the unpruned model, re-export it
 
 Each command module defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
@@ -44,6 +45,7 @@ COMMANDS: dict[str, str] = {
     "distill": "pangu_light.tools.distill_cmd",
     "recover": "pangu_light.tools.recover_cmd",
     "deploy": "pangu_light.tools.deploy_cmd",
+    "search": "pangu_light.tools.search_cmd",
 }
 
 USER_ERRORS = (PanguLightError, RuntimeUserError)
