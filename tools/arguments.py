@@ -168,8 +168,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="with --absorb-post-norms, absorb only post-norms whose input's log(1/rms) varies over the "
         "calibration tokens by a standard deviation of at most S, and keep the others as real norms. "
-        "Absorbing all (the paper) breaks Gemma-3-270M one-shot; S=0.15 keeps it within about 2%% "
-        "(6 of 36 norms absorbed)",
+        "Absorbing all (the paper) breaks Gemma-3-270M one-shot; S=0.15 absorbs 7 of its 36 and costs "
+        "about 1%% perplexity, S=0.2 absorbs 13 and costs about 4%%",
     )
 
 
