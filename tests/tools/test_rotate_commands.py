@@ -65,7 +65,8 @@ def test_plan_with_rotation_then_compile(tiny_dir, tmp_path, capsys):
     assert "rotate-hidden{plan=true}" in capsys.readouterr().out
     assert ModelMap.from_model(ir.load(tmp_path / "p.onnx")).hidden_size == 48
     # select is plan's default; auto rotates a pre-norm model's cut hidden size, else selects
-    assert main(["plan", str(stats), "--hidden", "48", "-o", str(tmp_path / "s.json")]) == 0
+    select = ["plan", str(stats), "--hidden", "48", "--hidden-method", "select", "-o", str(tmp_path / "s.json")]
+    assert main(select) == 0
     assert json.loads((tmp_path / "s.json").read_text())["hidden"]["method"] == "select"
     rotation = ["--hidden-method", "auto", "--rotation", str(tmp_path / "plan-rotation.npz")]
     assert main(["plan", str(stats), "--hidden", "48", *rotation, "-o", str(tmp_path / "a.json")]) == 0
