@@ -26,12 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_json
 from pangu_light.frontend.loading import DEFAULT_MODEL
 from pangu_light.reports.prune import describe_plan, summary_table
 from pangu_light.tools.arguments import add_target_arguments, add_text_arguments, targets_from_args
+from pangu_light.tools.job_output import export_once, job_notes, output_directory
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -79,10 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.refit_plan import refit_for_plan
     from pangu_light.calib.rotation import collect_graph_rotation, resolve_hidden_method
     from pangu_light.core.paths import record_path
-    from pangu_light.frontend.export import export_to_file
     from pangu_light.passes.analysis.graph_stats import GraphStats
     from pangu_light.passes.analysis.model_map import ModelMap
-    from pangu_light.passes.infra.graph_io import load_model, load_model_metadata, save_model_atomic
+    from pangu_light.passes.infra.graph_io import load_model, save_model_atomic
     from pangu_light.passes.infra.manager import run_pipeline
     from pangu_light.passes.rewrites.rotate_hidden import effective_basis, save_rotation
     from pangu_light.passes.rewrites.set_projection import save_projections
@@ -93,24 +92,12 @@ def run(args: argparse.Namespace) -> int:
             "prune needs a target: --params 0.7, or widths such as --hidden 448 --heads-per-group 2 "
             "--ffn 1152, or --drop-layers 6 (see `pangu-light prune --help`)"
         )
-    out: Path = args.output
-    if out.exists() and not out.is_dir():
-        raise PanguLightError(f"{out} exists and is not a directory; pass a directory for -o")
-    out.mkdir(parents=True, exist_ok=True)
+    out: Path = output_directory(args.output)
     start = time.perf_counter()
-
-    def note(message: str) -> None:
-        if not args.quiet:
-            print(f"... {message} [{time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    note = job_notes(args.quiet)
 
     def exported(name: str, kv_cache: bool) -> Path:
-        path = out / name
-        if path.is_file() and load_model_metadata(path).get(contract.SOURCE_MODEL) == str(args.model):
-            note(f"reusing {path} (exported from {args.model})")
-            return path
-        note(f"exporting {args.model} -> {path}")
-        export_to_file(args.model, path, kv_cache=kv_cache, progress=note)
-        return path
+        return export_once(args.model, out / name, kv_cache=kv_cache, note=note)
 
     original = exported("original.onnx", kv_cache=False)
     note("calibrating")

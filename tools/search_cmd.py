@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_json, write_text
 from pangu_light.frontend.loading import DEFAULT_MODEL
 from pangu_light.runtime.benchmark import WORKLOADS, workload_requests
 from pangu_light.tools.arguments import add_text_arguments
+from pangu_light.tools.job_output import export_once, job_notes, output_directory
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -113,7 +112,6 @@ def _earlier_calibration(out: Path, original: Path, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.calibrate import calibrate_graph, collect_graph_grams
     from pangu_light.calib.text import graph_tokenizer, sequences_for
-    from pangu_light.frontend.export import export_to_file
     from pangu_light.passes.analysis.model_map import ModelMap
     from pangu_light.passes.infra.graph_io import load_model, load_model_metadata
     from pangu_light.passes.infra.plan import PrunePlan
@@ -130,23 +128,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.budget_minutes >= 0:
         raise PanguLightError(f"--budget-minutes {args.budget_minutes}: give 0 or more minutes")
     _check_provider(args.provider)
-    out: Path = args.output
-    if out.exists() and not out.is_dir():
-        raise PanguLightError(f"{out} exists and is not a directory; pass a directory for -o")
-    out.mkdir(parents=True, exist_ok=True)
+    out: Path = output_directory(args.output)
     start = time.perf_counter()
-
-    def note(message: str) -> None:
-        if not args.quiet:
-            print(f"... {message} [{time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    note = job_notes(args.quiet)
 
     def exported(name: str, kv_cache: bool) -> Path:
-        path = out / name
-        if path.is_file() and load_model_metadata(path).get(contract.SOURCE_MODEL) == str(args.model):
-            return path
-        note(f"exporting {args.model} -> {path}")
-        export_to_file(args.model, path, kv_cache=kv_cache, progress=note)
-        return path
+        return export_once(args.model, out / name, kv_cache=kv_cache, note=note)
 
     requests = workload_requests(args.workload, args.scale)
     decodes = any(r.output_tokens > 1 for r in requests)
