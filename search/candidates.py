@@ -83,9 +83,11 @@ def _aligned(fraction: float, full: int, align: int) -> int:
 def generate_candidates(
     model_map: ModelMap, stats: CalibrationStats, *, align: int = 32,
     hidden_fractions=HIDDEN_FRACTIONS, ffn_fractions=FFN_FRACTIONS, drop_fractions=DROP_FRACTIONS,
-    params_levels=PARAMS_LEVELS,
+    params_levels=PARAMS_LEVELS, hidden_method: str = "select", rotation=None, rotation_file: str | None = None,
 ) -> list[Candidate]:
-    """Every distinct candidate (by shape key; the first label wins), the unpruned shape left out."""
+    """Every distinct candidate (by shape key; the first label wins), the unpruned shape left out.
+    ``hidden_method`` rotate (with ``rotation`` saved at ``rotation_file``) cuts the hidden size
+    by the leading components of the rotation, as ``prune --hidden-method rotate`` does."""
     full = shape_of(model_map)
     n_layers = len(model_map.layers)
     heads = sorted({max(full.heads_per_group), max(1, round(max(full.heads_per_group) * 2 / 3))}, reverse=True)
@@ -96,7 +98,8 @@ def generate_candidates(
 
     def add(label: str, kind: str, targets: Targets) -> None:
         try:
-            plan = make_plan(model_map, stats, targets)
+            targets = dataclasses.replace(targets, hidden_method=hidden_method)
+            plan = make_plan(model_map, stats, targets, rotation=rotation, rotation_file=rotation_file)
         except PanguLightError:
             return  # a combination the planner cannot meet (e.g. a budget below the embedding)
         key = shape_key(plan)

@@ -36,6 +36,7 @@ import onnx_ir as ir
 from pangu_light.calib.gram import GramStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.infra.plan import PrunePlan
+from pangu_light.passes.surgery.rotation_basis import Rotation
 from pangu_light.runtime.benchmark import Request
 from pangu_light.search.build import compile_candidate
 from pangu_light.search.candidates import Candidate, shape_of_plan
@@ -74,10 +75,11 @@ def run_search(
     *, original: str | os.PathLike, timing_graph: str | os.PathLike, candidates: Sequence[Candidate],
     identity: PrunePlan, head_dim: int, grams: GramStats, proxy_sequences: np.ndarray,
     table: LatencyTable, config: SearchConfig, eval_sequences: np.ndarray | None = None,
-    proxy_cache: dict[str, dict[str, float]] | None = None,
+    proxy_cache: dict[str, dict[str, float]] | None = None, rotation: Rotation | None = None,
 ) -> SearchResult:
     """``original``: the unpruned no-cache graph (proxy); ``timing_graph``: the graph the workload
-    runs (the decode graph, or the no-cache one for the prefill workload). ``proxy_cache`` (updated
+    runs (the decode graph, or the no-cache one for the prefill workload); ``rotation``: what
+    candidates with hidden method rotate were planned with (their refit needs it). ``proxy_cache`` (updated
     in place) remembers proxies by plan and sequences (``proxy_key``), e.g. across searches."""
     from tqdm import tqdm
 
@@ -129,7 +131,8 @@ def run_search(
             return
         step(1, f"proxy {c.label}")
         expected = reference()
-        path = compile_candidate(original, c.plan, work / "proxy.onnx", original=loaded["original"], grams=grams)
+        path = compile_candidate(original, c.plan, work / "proxy.onnx", original=loaded["original"], grams=grams,
+                                  rotation=rotation)
         entry = {"kl": kl_divergence(expected, graph_log_probs(path, proxy_sequences, threads=config.threads))}
         if eval_sequences is not None:
             from pangu_light.calib.evaluate import perplexity

@@ -13,12 +13,15 @@ cached in a latency table (keyed by provider, machine, model digest, workload an
 second search measures nothing it knows); a per-layer cost model fitted to the measured shapes
 predicts the others (its leave-one-out error is reported). The quality proxy is the KL
 divergence to the unpruned model on a few calibration sequences after one-shot pruning with
-the refit. The chosen shape is the lowest KL whose measured speedup reaches the target.
+the best one-shot pipeline `prune` has (the hidden size cut by rotation where the family allows it,
+--hidden-method, and the refit). The chosen shape is the lowest KL whose measured speedup reaches
+the target.
 
 Writes to OUTDIR: plan.json (the chosen plan: `pangu-light compile original-kv.onnx --plan
 OUTDIR/plan.json -o pruned-kv.onnx`), front.md (the Pareto front and every shape with a proxy),
 front.png, search.json (every candidate, the cost model, the latency table used), stats.npz and
-grams.npz (the calibration the plans and the refit used), proxies.json (the proxies, by plan and
+grams.npz (the calibration the plans and the refit used), rotation.npz (with the rotate method:
+the basis the plans keep components of), proxies.json (the proxies, by plan and
 sequences: a later search in OUTDIR reuses them).
 """
 
@@ -64,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time for measuring and the proxy after the set-up (default 10); the choice is "
                         "always verified by a measurement, which may run past it")
     parser.add_argument("--align", type=int, default=32, help="round hidden/FFN widths to multiples of N (default 32)")
+    parser.add_argument("--hidden-method", choices=("auto", "select", "rotate"), default="auto",
+                        help="how candidates cut the hidden size, as in prune: rotate keeps the leading components "
+                        "of the residual stream's PCA (best one-shot quality), select keeps channels; auto (default) "
+                        "rotates where the family allows it (no sandwich norms)")
     parser.add_argument("--design-points", type=int, default=8,
                         help="uniform shapes measured to fit the cost model, besides the --params spreads (default 8)")
     parser.add_argument("--table-dir", type=Path, help="where latency tables live (default: the cache directory)")
@@ -109,8 +116,31 @@ def _earlier_calibration(out: Path, original: Path, args: argparse.Namespace):
     return stats, grams
 
 
+def _rotation(out: Path, original: Path, args: argparse.Namespace, note):
+    """The residual stream's rotation over the calibration text: OUTDIR's rotation.npz when an
+    earlier search made it from the same graph and text, else collected and saved there."""
+    from pangu_light.calib.rotation import collect_graph_rotation
+    from pangu_light.passes.surgery.rotation_basis import load_rotation, save_rotation
+
+    wanted = {"graph": str(Path(original).resolve()), "data": args.data, "seq_len": args.seq_len, "seed": args.seed}
+    if (out / "rotation.npz").is_file():
+        earlier = load_rotation(out / "rotation.npz")
+        if all(str(earlier.meta.get(k)) == str(v) for k, v in wanted.items()) and (
+                args.samples is None or earlier.meta.get("samples") == args.samples):
+            note(f"reusing {out / 'rotation.npz'} (same graph and text)")
+            return earlier
+    note("collecting the residual stream's rotation (PCA of unit-normalised tokens)")
+    rotation = collect_graph_rotation(original, data=args.data, samples=args.samples, seq_len=args.seq_len,
+                                      seed=args.seed, batch_size=4, threads=args.threads, tokenizer=args.tokenizer,
+                                      quiet=args.quiet)
+    save_rotation(out / "rotation.npz", rotation)
+    return rotation
+
+
 def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.calibrate import calibrate_graph, collect_graph_grams
+    from pangu_light.calib.planner import Targets
+    from pangu_light.calib.rotation import resolve_hidden_method
     from pangu_light.calib.text import graph_tokenizer, sequences_for
     from pangu_light.passes.analysis.model_map import ModelMap
     from pangu_light.passes.infra.graph_io import load_model, load_model_metadata
@@ -171,7 +201,10 @@ def run(args: argparse.Namespace) -> int:
         eval_sequences = sequences_for(args.eval_data, encode, bos, samples=args.heldout_samples,
                                        seq_len=2 * args.proxy_seq_len, seed=args.seed, split="eval")
     model_map = ModelMap.from_model(load_model(original))
-    candidates = generate_candidates(model_map, stats, align=args.align)
+    hidden_method = resolve_hidden_method(args.hidden_method, model_map, Targets(params=0.5))
+    rotation = _rotation(out, original, args, note) if hidden_method == "rotate" else None
+    candidates = generate_candidates(model_map, stats, align=args.align, hidden_method=hidden_method,
+                                     rotation=rotation, rotation_file=str((out / "rotation.npz").resolve()))
     note(f"{len(candidates)} candidate shapes")
     table = LatencyTable(table_key(provider=args.provider, model_digest=file_digest(timing_graph),
                                    workload=args.workload, scale=args.scale, batch=args.batch, threads=args.threads),
@@ -189,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_search(
         original=original, timing_graph=timing_graph, candidates=candidates, identity=PrunePlan.identity(model_map),
         head_dim=model_map.layers[0].attention.head_dim, grams=grams, proxy_sequences=proxy_sequences,
-        table=table, config=config, eval_sequences=eval_sequences, proxy_cache=proxy_cache,
+        table=table, config=config, eval_sequences=eval_sequences, proxy_cache=proxy_cache, rotation=rotation,
     )
     write_json(out / "proxies.json", {"graph": file_digest(original), "proxies": proxy_cache})
     plan = result.chosen.plan

@@ -133,3 +133,32 @@ def test_the_shape_key_ignores_which_layers_and_indices(setting):
     assert shape_key(plan) == shape_key(other)
     other.layers[0].ffn = list(range(40))
     assert shape_key(plan) != shape_key(other)
+
+
+def test_rotate_candidates_share_shapes_and_need_their_rotation(setting, tmp_path):
+    """Rotated candidates have the select candidates' shapes (one latency table serves both), cut
+    the hidden size by rotation, and their refit refuses to run without the rotation."""
+    from pangu_light.calib.rotation import collect_rotation
+    from pangu_light.calib.stats import calibrate as calibrate_again
+    from pangu_light.passes.surgery.rotation_basis import save_rotation
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 160, (8, 40))
+    batches = [(ids[i: i + 4], np.ones_like(ids[i: i + 4])) for i in range(0, 8, 4)]
+    rotation = collect_rotation(setting["original"], batches)
+    save_rotation(tmp_path / "rotation.npz", rotation)
+    stats = calibrate_again(setting["original"], batches)
+    select = generate_candidates(setting["model_map"], stats, align=8, **GRID)
+    rotate = generate_candidates(setting["model_map"], stats, align=8, **GRID, hidden_method="rotate",
+                                 rotation=rotation, rotation_file=str(tmp_path / "rotation.npz"))
+    assert {c.key for c in rotate} == {c.key for c in select}
+    cut = [c for c in rotate if len(c.plan.hidden) < c.plan.hidden_size]
+    assert cut and all(c.plan.hidden_method == "rotate" for c in cut)
+    assert all(c.plan.hidden_method == "select" for c in rotate if c not in cut)
+    original = ir.load(setting["original"])
+    with pytest.raises(PanguLightError, match="needs the rotation"):
+        compile_candidate(setting["original"], cut[0].plan, tmp_path / "c.onnx", original=original,
+                          grams=setting["grams"])
+    path = compile_candidate(setting["original"], cut[0].plan, tmp_path / "c.onnx", original=original,
+                             grams=setting["grams"], rotation=rotation)
+    assert path.is_file()
