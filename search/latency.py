@@ -77,9 +77,10 @@ class LatencyTable:
     def speedup(self, shape: str) -> dict[str, Any] | None:
         return self.entries.get(shape)
 
-    def record(self, shape: str, entry: dict[str, Any]) -> None:
+    def record(self, shape: str, entry: dict[str, Any], *, new: bool = True) -> None:
+        """Store ``entry``; ``new=False`` for a shape measured again (not counted in measured_now)."""
         self.entries[shape] = entry
-        self.measured_now += 1
+        self.measured_now += int(new)
         write_json(self.path, {"key": self.key, "entries": self.entries})
 
 
