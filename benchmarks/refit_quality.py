@@ -31,13 +31,12 @@ import onnx_ir as ir
 from pangu_light.calib.evaluate import perplexity
 from pangu_light.calib.gram import GramStats, collect_grams
 from pangu_light.calib.planner import Targets, make_plan
-from pangu_light.calib.refit_plan import fluctuation_ranking, refit_for_plan
+from pangu_light.calib.refit_plan import fluctuation_ranking, refit_and_set
 from pangu_light.calib.stats import CalibrationStats, batched, calibrate
 from pangu_light.calib.text import graph_tokenizer, sequences_for
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
-from pangu_light.passes.rewrites.set_projection import SetProjectionPass, save_projections
 
 ALIAS = "smollm2-135m"
 PLANS = {"params-0.8": Targets(params=0.8), "shape-0.62": Targets(hidden=448, heads_per_group=2, ffn=1152)}
@@ -79,13 +78,9 @@ def build(original: Path, plan, grams: GramStats, method, intercept: bool, out: 
     plan.attach(model)
     run_pipeline(model, plan.pipeline())
     if method is not None:
-        refits = refit_for_plan(ir.load(original), model, grams, plan, method=method, intercept=intercept)
+        refits = refit_and_set(ir.load(original), model, grams, plan, method=method, intercept=intercept)
         if refits.skipped:
             note(f"  left as they are: {refits.skipped}")
-        projections = out.with_suffix(".npz")
-        save_projections(projections, refits.projections, refits.meta())
-        SetProjectionPass({"file": str(projections)})(model)
-        projections.unlink()
     ir.save(model, out, external_data=out.name + ".data")
 
 

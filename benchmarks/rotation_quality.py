@@ -41,15 +41,14 @@ from refit_quality import ALIAS, statistics, tokenizer
 
 from pangu_light.calib.evaluate import perplexity
 from pangu_light.calib.planner import Targets, make_plan
-from pangu_light.calib.refit_plan import refit_for_plan
+from pangu_light.calib.refit_plan import refit_and_set
 from pangu_light.calib.rotation import collect_rotation
 from pangu_light.calib.stats import batched
 from pangu_light.calib.text import sequences_for
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
-from pangu_light.passes.rewrites.rotate_hidden import effective_basis, load_rotation, save_rotation
-from pangu_light.passes.rewrites.set_projection import SetProjectionPass, save_projections
+from pangu_light.passes.rewrites.rotate_hidden import load_rotation, save_rotation
 
 SHAPES = {  # name -> (targets, refit)
     "params-0.8": (Targets(params=0.8), True),
@@ -74,17 +73,9 @@ def build(original: Path, plan, grams, refit: bool, rotation, out: Path) -> None
     plan.attach(model)
     run_pipeline(model, plan.pipeline())
     if refit:
-        source = ir.load(original)
-        basis = None
-        if plan.hidden_method == "rotate":
-            basis = effective_basis(rotation.basis, ModelMap.from_model(source), len(plan.hidden))
-        refits = refit_for_plan(source, model, grams, plan, rotation=basis)
+        refits = refit_and_set(ir.load(original), model, grams, plan, rotation=rotation)
         if refits.skipped:
             note(f"  left as they are: {refits.skipped}")
-        projections = out.with_suffix(".npz")
-        save_projections(projections, refits.projections, refits.meta())
-        SetProjectionPass({"file": str(projections)})(model)
-        projections.unlink()
     ir.save(model, out, external_data=out.name + ".data")
 
 

@@ -46,6 +46,7 @@ from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.plan import load_plan
+from pangu_light.passes.surgery.rotation_basis import load_rotation
 from pangu_light.runtime.machine import describe_machine, load_average
 from pangu_light.search.build import compile_candidate
 from pangu_light.search.candidates import shape_key
@@ -78,12 +79,17 @@ def main() -> int:
     stats, grams = CalibrationStats.load(out / "stats.npz"), GramStats.load(out / "grams.npz")  # the search's own
     model_map = ModelMap.from_model(ir.load(str(original)))
     layers = len(model_map.layers)
+    rotation, method = None, "select"  # the search's hidden method: rotate when it saved a rotation
+    if (out / "rotation.npz").is_file():
+        rotation, method = load_rotation(out / "rotation.npz"), "rotate"
+    planned = dict(rotation=rotation, rotation_file=str((out / "rotation.npz").resolve()))
     plans = {
         f"chosen {chosen['label']}": load_plan(out / "plan.json"),
         f"(a) uniform {uniform['label']}": make_plan(model_map, stats, Targets(
-            hidden=h, ffn=f, heads_per_group=g, kv_groups=k, drop_layers=(layers - n) or None, align=32)),
+            hidden=h, ffn=f, heads_per_group=g, kv_groups=k, drop_layers=(layers - n) or None, align=32,
+            hidden_method=method if h < model_map.hidden_size else "select"), **planned),
         f"(b) --params {chosen['parameter_ratio']:.3f}": make_plan(model_map, stats, Targets(
-            params=chosen["parameter_ratio"], align=32)),
+            params=chosen["parameter_ratio"], align=32, hidden_method=method), **planned),
     }
     assert shape_key(plans[f"(a) uniform {uniform['label']}"]) == json.dumps(uniform["shape"], separators=(",", ":"))
 
@@ -95,7 +101,7 @@ def main() -> int:
         note(f"compiling {list(plans)[i]}")
         kv_paths.append(compile_candidate(original_kv, plan, work / f"g{i}-kv.onnx"))
         paths.append(compile_candidate(original, plan, work / f"g{i}.onnx", original=ir.load(str(original)),
-                                       grams=grams))
+                                       grams=grams, rotation=rotation))
     workload = report["workload"]
     cli = Path(sys.executable).with_name("pangu-light")
     bench_json = work / "bench.json"

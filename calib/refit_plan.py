@@ -50,9 +50,9 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.core.records import layer_origins
 from pangu_light.passes.analysis.model_map import Linear, ModelMap
 from pangu_light.passes.infra.plan import PrunePlan
-from pangu_light.passes.rewrites.set_projection import Projection
+from pangu_light.passes.rewrites.set_projection import Projection, SetProjectionPass, save_projections
 
-__all__ = ["METHODS", "ProjectionRefits", "fluctuation_ranking", "refit_for_plan"]
+__all__ = ["METHODS", "ProjectionRefits", "fluctuation_ranking", "refit_and_set", "refit_for_plan"]
 
 METHODS = ("refit", "bias")
 
@@ -122,6 +122,33 @@ def refit_for_plan(
             result.projections[after.weight.name] = (fit.weight.T, _bias(before, fit, hidden))
             result.refit.append(f"layer {position}: {proj}")
     return result
+
+
+def refit_and_set(
+    original: ir.Model, compiled: ir.Model, grams: GramStats, plan: PrunePlan, *, rotation=None, **options,
+) -> ProjectionRefits:
+    """``refit_for_plan`` (``options``: its keywords) in the basis the plan cut the hidden size in,
+    and the new projections set on ``compiled`` in place by the ``set-projection`` pass, as
+    ``prune`` does. A plan that rotates the hidden size needs the ``rotation`` it was planned with."""
+    import tempfile
+    from pathlib import Path
+
+    from pangu_light.passes.rewrites.rotate_hidden import effective_basis
+
+    basis = None
+    if plan.hidden_method == "rotate" and len(plan.hidden) < plan.hidden_size:
+        if rotation is None:
+            raise PanguLightError(
+                "the refit of a plan that rotates the hidden size needs the rotation it was planned with"
+            )
+        basis = effective_basis(rotation.basis, ModelMap.from_model(original), len(plan.hidden))
+    refits = refit_for_plan(original, compiled, grams, plan, rotation=basis, **options)
+    if refits.projections:
+        with tempfile.TemporaryDirectory(prefix="pangu-refit-") as scratch:
+            path = Path(scratch) / "refit.npz"
+            save_projections(path, refits.projections, refits.meta())
+            SetProjectionPass({"file": str(path)})(compiled)
+    return refits
 
 
 def fluctuation_ranking(

@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 from pangu_light.calib.gram import collect_grams
-from pangu_light.calib.refit_plan import refit_for_plan
+from pangu_light.calib.refit_plan import refit_and_set, refit_for_plan
 from pangu_light.calib.rotation import collect_rotation, plan_rotation
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -74,6 +74,14 @@ def test_refit_in_the_rotated_basis_is_the_refit_rotated(exported_graph, family,
     changed = max_diff_on_tokens(ort_logits(tmp_path / "refit.onnx", ids, mask),
                                  ort_logits(tmp_path / "rotated.onnx", ids, mask), mask)
     assert changed > 1e-3  # the refit weights are in the graph
+
+    again = _compiled(path, plan)  # refit_and_set: the same weights from the plan and the rotation
+    refit_and_set(original, again, grams, plan, rotation=rotation)
+    for name in refits.projections:
+        np.testing.assert_array_equal(again.graph.initializers[name].const_value.numpy(),
+                                      rotated.graph.initializers[name].const_value.numpy())
+    with pytest.raises(PanguLightError, match="needs the rotation it was planned with"):
+        refit_and_set(original, _compiled(path, plan), grams, plan)
 
 
 def test_rotation_without_cut_composes_with_the_refit(exported_graph, tmp_path):
