@@ -1,0 +1,112 @@
+"""How a parameter budget should be spread over the axes (issue 14, item 4), on SmolLM2-135M:
+held-out perplexity of one budget split several ways, one run.
+
+    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/budget_spread.py \\
+        [--params 0.8] [--workdir /tmp/budget-spread] [--graph orig.onnx] [--calib-samples 64] [--eval-samples 8]
+
+``--params F`` today shrinks hidden, query heads per group and FFN width by one factor r and
+solves the FFN width for the budget exactly. Every row here has the same parameter count (the
+planner solves the budget with the named axes fixed), the same statistics, Grams and rotation
+(wiki calib split, as benchmarks/rotation_quality.py), the project's best one-shot pipeline
+(hidden cut by rotation, refit), and is scored on the same LAMBADA and wiki eval-split windows:
+
+    even        Targets(params=F): the planner's default
+    hidden-H    hidden fixed at H (full, 15/16, 7/8, 3/4), heads and FFN share the rest by one factor
+    heads-kept  every query head kept, hidden and FFN share the budget
+    ffn-only    hidden and heads kept, the FFN width takes the whole cut
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import onnx_ir as ir
+from common import export_graph, note
+from refit_quality import ALIAS, statistics, tokenizer
+from rotation_quality import build, rotation_file
+
+from pangu_light.calib.evaluate import perplexity
+from pangu_light.calib.planner import Targets, make_plan
+from pangu_light.calib.text import sequences_for
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.graph_stats import GraphStats
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.rewrites.rotate_hidden import load_rotation
+
+
+def allocations(model_map: ModelMap, params: float) -> dict[str, Targets]:
+    hidden = model_map.hidden_size
+    heads = max(l.attention.num_heads // l.attention.num_kv_heads for l in model_map.layers)
+    rows = {"even": Targets(params=params, align=32)}
+    for fraction, name in ((1.0, "full"), (0.9375, "15/16"), (0.875, "7/8"), (0.75, "3/4")):
+        rows[f"hidden-{name}"] = Targets(params=params, hidden=int(32 * round(fraction * hidden / 32)), align=32)
+    rows["heads-kept"] = Targets(params=params, heads_per_group=heads, align=32)
+    rows["ffn-only"] = Targets(params=params, hidden=hidden, heads_per_group=heads, align=32)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=0.8)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/budget-spread"))
+    parser.add_argument("--graph", type=Path, help="an existing no-cache export of smollm2-135m (default: export one)")
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    original = args.graph or export_graph(ALIAS, args.workdir)
+    stats, grams = statistics(original, args.workdir, args.calib_samples, args.seq_len, args.threads)
+    rotation_path = rotation_file(original, args.workdir, args.calib_samples, args.seq_len, args.threads)
+    rotation = load_rotation(rotation_path)
+    model_map = ModelMap.from_model(ir.load(original))
+    encode, bos = tokenizer(original)
+    evaluation = {data: sequences_for(data, encode, bos, samples=args.eval_samples, seq_len=args.seq_len, seed=0,
+                                      split="eval") for data in ("lambada", "wiki")}
+
+    def evaluate(path: Path) -> dict[str, float]:
+        note(f"perplexity of {path.name}")
+        return {data: perplexity(path, sequences, batch_size=4, threads=args.threads).perplexity
+                for data, sequences in evaluation.items()}
+
+    base_parameters = GraphStats.from_model(ir.load(original)).total_parameters
+    rows = [{"row": "unpruned", "parameter_ratio": 1.0, "shape": {}, **evaluate(original)}]
+    for name, targets in allocations(model_map, args.params).items():
+        targets.hidden_method = "rotate"
+        try:
+            plan = make_plan(model_map, stats, targets, rotation=rotation, rotation_file=str(rotation_path.resolve()))
+        except PanguLightError as error:
+            note(f"{name}: not plannable ({error})")
+            continue
+        out = args.workdir / f"{name.replace('/', '_')}.onnx"
+        note(f"compile {out.name}: {plan.pipeline()}")
+        build(original, plan, grams, True, rotation, out)
+        shape = {k: plan.estimate[k] for k in ("hidden", "heads_per_group", "kv_groups", "ffn", "layers")}
+        rows.append({"row": name, "parameter_ratio": GraphStats.from_model(ir.load(out)).total_parameters
+                     / base_parameters, "shape": shape, **evaluate(out)})
+        out.unlink()
+        out.with_name(out.name + ".data").unlink()
+
+    print(f"SmolLM2-135M --params {args.params} spread several ways, one-shot rotate+refit; calibration wiki "
+          f"{args.calib_samples} x {args.seq_len}; eval {args.eval_samples} x {args.seq_len} per set; load average "
+          f"at start {load_start}, at end {os.getloadavg()}")
+    print(f"{'row':<12} {'params':>6} {'lambada':>9} {'x unpr.':>7} {'wiki':>9} {'x unpr.':>7}  shape")
+    base = rows[0]
+    for r in rows:
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items() if not isinstance(v, list)) or "-"
+        ffn = r["shape"].get("ffn")
+        shape += f" ffn={min(ffn)}..{max(ffn)}" if isinstance(ffn, list) else ""
+        print(f"{r['row']:<12} {r['parameter_ratio']:>6.3f} {r['lambada']:>9.2f} "
+              f"{r['lambada'] / base['lambada']:>7.2f} {r['wiki']:>9.2f} {r['wiki'] / base['wiki']:>7.2f}  {shape}")
+    (args.workdir / "budget_spread.json").write_text(json.dumps(rows, indent=2) + "\n")
+    note(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
