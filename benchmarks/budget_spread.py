@@ -4,16 +4,34 @@ held-out perplexity of one budget split several ways, one run.
     OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/budget_spread.py \\
         [--params 0.8] [--workdir /tmp/budget-spread] [--graph orig.onnx] [--calib-samples 64] [--eval-samples 8]
 
-``--params F`` today shrinks hidden, query heads per group and FFN width by one factor r and
-solves the FFN width for the budget exactly. Every row here has the same parameter count (the
-planner solves the budget with the named axes fixed), the same statistics, Grams and rotation
+``--params F`` first shrank hidden, query heads per group and FFN width by one factor r and
+solved the FFN width for the budget exactly (``--spread even``); what this measured made the
+hidden size shrink a fifth as fast (``--spread hidden-light``, the default). Every row here has
+the same parameter count (the planner solves the budget with the named axes fixed), the same
+statistics, Grams and rotation
 (wiki calib split, as benchmarks/rotation_quality.py), the project's best one-shot pipeline
 (hidden cut by rotation, refit), and is scored on the same LAMBADA and wiki eval-split windows:
 
-    even        Targets(params=F): the planner's default
+    default     Targets(params=F): the planner's default spread (hidden-light, calib/budget.py)
+    even        Targets(params=F, spread="even"): every width by one factor (the first rule)
     hidden-H    hidden fixed at H (full, 15/16, 7/8, 3/4), heads and FFN share the rest by one factor
     heads-kept  every query head kept, hidden and FFN share the budget
     ffn-only    hidden and heads kept, the FFN width takes the whole cut
+
+Measured 2026-12-03 (AMD EPYC, 2 cores shared with three other jobs, load average 5-7; calib 64 x
+256, eval 8 x 256; perplexity x unpruned, LAMBADA / wiki; unpruned 56.57 / 27.27)::
+
+    --params 0.8   even (hidden 480, heads 3, FFN 1440)   2.97 / 2.68
+                   hidden 576 (heads 2, FFN 1152)          2.44 / 2.11
+                   hidden 544 (heads 2, FFN 1280)          2.46 / 2.25
+                   hidden 512 (heads 2, FFN 1408)          2.63 / 2.61
+                   hidden 576, heads 3 (FFN 1024)          2.88 / 2.08
+    --params 0.62  even (hidden 416, heads 2, FFN 1312)   9.61 / 9.29
+                   hidden 576 (heads 1, FFN 800)          13.26 / 7.12
+                   hidden 544 (heads 2, FFN 768)           5.61 / 4.35
+                   hidden 512 (heads 2, FFN 864)           5.99 / 4.74
+                   hidden 448 (heads 2, FFN 1152)          7.62 / 6.19
+                   hidden 576, heads 3 (FFN 544)           6.66 / 4.68
 """
 
 from __future__ import annotations
@@ -41,7 +59,7 @@ from pangu_light.passes.rewrites.rotate_hidden import load_rotation
 def allocations(model_map: ModelMap, params: float) -> dict[str, Targets]:
     hidden = model_map.hidden_size
     heads = max(l.attention.num_heads // l.attention.num_kv_heads for l in model_map.layers)
-    rows = {"even": Targets(params=params, align=32)}
+    rows = {"default": Targets(params=params, align=32), "even": Targets(params=params, align=32, spread="even")}
     for fraction, name in ((1.0, "full"), (0.9375, "15/16"), (0.875, "7/8"), (0.75, "3/4")):
         rows[f"hidden-{name}"] = Targets(params=params, hidden=int(32 * round(fraction * hidden / 32)), align=32)
     rows["heads-kept"] = Targets(params=params, heads_per_group=heads, align=32)

@@ -25,9 +25,8 @@ Choices, each by the statistics of ``calib.stats`` (higher = more important):
 - post-norm absorption (eq. 8): the calibrated s_inv of every post-norm.
 
 A parameter budget (``params``: a fraction of the current count) fixes the widths nobody
-gave: hidden, heads per group and FFN shrink by one factor r (found by bisection), then the
-FFN width, the finest axis, is solved for exactly, so the plan lands within 1% of the budget.
-``align`` rounds hidden and FFN widths to multiples of N.
+gave (``calib.budget``: heads and FFN by one factor, the hidden size more gently, then the FFN
+width solved for the budget exactly). ``align`` rounds hidden and FFN widths to multiples of N.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from pangu_light.calib.budget import resolve_shape
 from pangu_light.calib.rotation import plan_rotation
 from pangu_light.calib.stats import CalibrationStats
-from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.attention_context import attention_context
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -50,9 +49,6 @@ from pangu_light.passes.infra.plan import ClapMerge, PrunePlan
 
 __all__ = ["Targets", "make_plan"]
 
-BUDGET_TOLERANCE = 0.01
-# transformers (5.x) refuses these configs unless hidden_size % num_attention_heads == 0, even
-# with an explicit head_dim; --uniform promises a loadable standard config, so it keeps that.
 
 
 @dataclasses.dataclass
@@ -76,6 +72,7 @@ class Targets:
     absorb_post_norms: bool = False
     absorb_max_spread: float | None = None  # absorb only post-norms whose log 1/rms spread is at most this
     hidden_method: str = "select"  # "select" (S_channel) or "rotate" (leading components of a rotation)
+    spread: str = "hidden-light"  # how a budget shrinks the widths nobody gave (calib.budget)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -92,7 +89,7 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *,
     if targets.align < 1:
         raise PanguLightError(f"--align must be at least 1 (got {targets.align})")
     dropped = _layers_to_drop(model_map, stats, targets)
-    shape = _resolve_shape(model_map, targets, dropped)
+    shape = resolve_shape(model_map, targets, dropped)
     plan = PrunePlan.identity(model_map)
     plan.hidden = _top(stats.channel, shape.hidden)
     if targets.hidden_method == "rotate":
@@ -276,92 +273,6 @@ def _layers_to_drop(model_map: ModelMap, stats: CalibrationStats, targets: Targe
     if len(chosen) >= n:
         raise PanguLightError(f"dropping {len(chosen)} of {n} layers leaves no layer; keep at least one")
     return chosen
-
-
-def _per_layer(value: int | list[int] | None, default: list[int], what: str, limit: list[int]) -> list[int] | None:
-    if value is None:
-        return None
-    values = [value] * len(default) if isinstance(value, int) else list(value)
-    if len(values) != len(default):
-        raise PanguLightError(f"{what}: {len(values)} values for {len(default)} layers")
-    for index, (v, most) in enumerate(zip(values, limit)):
-        if not 1 <= v <= most:
-            raise PanguLightError(f"{what}={v} for layer {index}: it has {most}; keep between 1 and {most}")
-    return values
-
-
-def _align(width: float, align: int, most: int) -> int:
-    return int(min(most, max(align, align * round(width / align))))
-
-
-def _resolve_shape(model_map: ModelMap, targets: Targets, dropped: set[int]) -> Shape:
-    full = shape_of(model_map)
-    if targets.hidden is not None and not 1 <= targets.hidden <= full.hidden:
-        raise PanguLightError(
-            f"hidden={targets.hidden}: the model has {full.hidden} channels; keep between 1 and {full.hidden}"
-        )
-    fixed_heads = _per_layer(targets.heads_per_group, full.heads_per_group, "heads per group", full.heads_per_group)
-    fixed_groups = _per_layer(targets.kv_groups, full.kv_groups, "KV groups", full.kv_groups)
-    fixed_ffn = _per_layer(targets.ffn, full.ffn, "FFN width", full.ffn)
-    if targets.uniform:
-        for values, what in ((fixed_heads, "heads per group"), (fixed_groups, "KV groups"), (fixed_ffn, "FFN width")):
-            if values is not None and len(set(values)) > 1:
-                raise PanguLightError(f"--uniform: {what} differs between layers ({values})")
-
-    def shape_at(r: float) -> Shape:
-        heads_per_group = fixed_heads or [max(1, round(r * n)) for n in full.heads_per_group]
-        kv_groups = fixed_groups or list(full.kv_groups)
-        hidden_align = targets.align
-        if targets.uniform and model_map.family in contract.HEADS_DIVIDE_HIDDEN:
-            hidden_align = math.lcm(targets.align, heads_per_group[0] * kv_groups[0])
-        hidden = targets.hidden if targets.hidden is not None else _align(r * full.hidden, hidden_align, full.hidden)
-        if (targets.uniform and model_map.family in contract.HEADS_DIVIDE_HIDDEN
-                and hidden % (heads_per_group[0] * kv_groups[0])):
-            raise PanguLightError(
-                f"--uniform: hidden={hidden} is not a multiple of the {heads_per_group[0] * kv_groups[0]} query heads "
-                "kept per layer, which a Hugging Face config requires; choose a multiple"
-            )
-        return Shape(
-            hidden=hidden,
-            heads_per_group=heads_per_group,
-            kv_groups=kv_groups,
-            ffn=fixed_ffn or [_align(r * f, targets.align, f) for f in full.ffn],
-            dropped=dropped,
-        )
-
-    if targets.params is None:
-        return shape_at(1.0)
-    if not 0 < targets.params <= 1:
-        raise PanguLightError(f"--params {targets.params}: give the fraction of parameters to keep, in (0, 1]")
-    before = count_parameters(model_map, full)
-    budget = targets.params * before
-    smallest = count_parameters(model_map, shape_at(0.0))
-    if smallest > budget * (1 + BUDGET_TOLERANCE):
-        embedding = model_map.vocab_size * shape_at(0.0).hidden
-        raise PanguLightError(
-            f"--params {targets.params}: a budget of {budget:,.0f} parameters is below the smallest model these "
-            f"targets allow ({smallest:,}; the {model_map.vocab_size}-token embedding alone holds {embedding:,} at "
-            f"hidden {shape_at(0.0).hidden}); raise the budget or drop more layers"
-        )
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if count_parameters(model_map, shape_at(mid)) <= budget else (low, mid)
-    shape = shape_at(low)
-    if fixed_ffn is None:  # solve the FFN width (same in every layer) for the budget exactly
-        unit = count_parameters(model_map, dataclasses.replace(shape, ffn=[1] * len(full.ffn))) - count_parameters(
-            model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn))
-        )
-        rest = count_parameters(model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn)))
-        width = (budget - rest) / unit if unit else 0
-        shape.ffn = [_align(width, targets.align, f) for f in full.ffn]
-    got = count_parameters(model_map, shape)
-    if abs(got - budget) > BUDGET_TOLERANCE * budget:
-        raise PanguLightError(
-            f"--params {targets.params}: the closest plan has {got:,} parameters ({got / before:.3f} of {before:,}); "
-            f"the fixed targets leave too little room: relax --hidden/--heads-per-group/--kv-groups/--ffn or --align"
-        )
-    return shape
 
 
 def _ffn_choice(model_map: ModelMap, stats: CalibrationStats, shape: Shape, uniform: bool) -> dict[int, list[int]]:

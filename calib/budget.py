@@ -1,0 +1,135 @@
+"""The shape a set of targets resolves to: fixed widths as given, and a parameter budget spread
+over the widths nobody gave.
+
+A budget (``params``: a fraction of the current parameter count) is met by one factor r in
+[0, 1], found by bisection: query heads per group scale by r, the hidden size by
+``1 - share (1 - r)``, the FFN width by r; then the FFN width, the finest axis, is solved for
+exactly, so the plan lands within 1% of the budget. ``share`` (``Targets.spread``):
+
+    hidden-light  share = HIDDEN_SHARE (0.2): the hidden size shrinks a fifth as fast as the
+                  other axes (the default). It is the axis one-shot pruning hurts most (it
+                  narrows every layer's input and output and the embedding), measured on
+                  SmolLM2-135M, rotate + refit, LAMBADA / wiki perplexity x unpruned
+                  (benchmarks/budget_spread.py): --params 0.8: all axes by one factor
+                  (hidden 480, FFN 1440) 2.97x / 2.68x, hidden kept (heads 2 of 3, FFN 1152)
+                  2.44x / 2.11x; --params 0.62: one factor (hidden 416, heads 2, FFN 1312)
+                  9.61x / 9.29x, hidden 544 (heads 2, FFN 768) 5.61x / 4.35x;
+    even          share = 1: every axis by the same factor (the first version's rule).
+
+When the budget is below what hidden-light can reach (the hidden size never goes under
+``1 - HIDDEN_SHARE`` of itself there), the even spread is used. ``align`` rounds hidden and FFN
+widths to multiples of N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from pangu_light.core import contract
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.analysis.parameters import Shape, count_parameters, shape_of
+
+__all__ = ["BUDGET_TOLERANCE", "HIDDEN_SHARE", "SPREADS", "resolve_shape"]
+
+BUDGET_TOLERANCE = 0.01
+HIDDEN_SHARE = 0.2
+SPREADS = {"hidden-light": HIDDEN_SHARE, "even": 1.0}
+
+
+def _per_layer(value: int | list[int] | None, default: list[int], what: str, limit: list[int]) -> list[int] | None:
+    if value is None:
+        return None
+    values = [value] * len(default) if isinstance(value, int) else list(value)
+    if len(values) != len(default):
+        raise PanguLightError(f"{what}: {len(values)} values for {len(default)} layers")
+    for index, (v, most) in enumerate(zip(values, limit)):
+        if not 1 <= v <= most:
+            raise PanguLightError(f"{what}={v} for layer {index}: it has {most}; keep between 1 and {most}")
+    return values
+
+
+def _align(width: float, align: int, most: int) -> int:
+    return int(min(most, max(align, align * round(width / align))))
+
+
+def resolve_shape(model_map: ModelMap, targets, dropped: set[int]) -> Shape:
+    """The shape ``targets`` (a ``planner.Targets``) give with the layers ``dropped``."""
+    full = shape_of(model_map)
+    if targets.hidden is not None and not 1 <= targets.hidden <= full.hidden:
+        raise PanguLightError(
+            f"hidden={targets.hidden}: the model has {full.hidden} channels; keep between 1 and {full.hidden}"
+        )
+    fixed_heads = _per_layer(targets.heads_per_group, full.heads_per_group, "heads per group", full.heads_per_group)
+    fixed_groups = _per_layer(targets.kv_groups, full.kv_groups, "KV groups", full.kv_groups)
+    fixed_ffn = _per_layer(targets.ffn, full.ffn, "FFN width", full.ffn)
+    if targets.uniform:
+        for values, what in ((fixed_heads, "heads per group"), (fixed_groups, "KV groups"), (fixed_ffn, "FFN width")):
+            if values is not None and len(set(values)) > 1:
+                raise PanguLightError(f"--uniform: {what} differs between layers ({values})")
+
+    if targets.spread not in SPREADS:
+        raise PanguLightError(f"--spread {targets.spread!r}: use one of {', '.join(SPREADS)}")
+    share = SPREADS[targets.spread]
+
+    def shape_at(r: float) -> Shape:
+        heads_per_group = fixed_heads or [max(1, round(r * n)) for n in full.heads_per_group]
+        kv_groups = fixed_groups or list(full.kv_groups)
+        hidden_align = targets.align
+        # transformers (5.x) refuses these configs unless hidden_size % num_attention_heads == 0, even
+        # with an explicit head_dim; --uniform promises a loadable standard config, so it keeps that.
+        if targets.uniform and model_map.family in contract.HEADS_DIVIDE_HIDDEN:
+            hidden_align = math.lcm(targets.align, heads_per_group[0] * kv_groups[0])
+        hidden_fraction = 1 - share * (1 - r)
+        hidden = (targets.hidden if targets.hidden is not None
+                  else _align(hidden_fraction * full.hidden, hidden_align, full.hidden))
+        if (targets.uniform and model_map.family in contract.HEADS_DIVIDE_HIDDEN
+                and hidden % (heads_per_group[0] * kv_groups[0])):
+            raise PanguLightError(
+                f"--uniform: hidden={hidden} is not a multiple of the {heads_per_group[0] * kv_groups[0]} query heads "
+                "kept per layer, which a Hugging Face config requires; choose a multiple"
+            )
+        return Shape(
+            hidden=hidden,
+            heads_per_group=heads_per_group,
+            kv_groups=kv_groups,
+            ffn=fixed_ffn or [_align(r * f, targets.align, f) for f in full.ffn],
+            dropped=dropped,
+        )
+
+    if targets.params is None:
+        return shape_at(1.0)
+    if not 0 < targets.params <= 1:
+        raise PanguLightError(f"--params {targets.params}: give the fraction of parameters to keep, in (0, 1]")
+    before = count_parameters(model_map, full)
+    budget = targets.params * before
+    if share < 1 and count_parameters(model_map, shape_at(0.0)) > budget:
+        share = 1.0  # below what a light hidden cut reaches: every axis by one factor
+    smallest = count_parameters(model_map, shape_at(0.0))
+    if smallest > budget * (1 + BUDGET_TOLERANCE):
+        embedding = model_map.vocab_size * shape_at(0.0).hidden
+        raise PanguLightError(
+            f"--params {targets.params}: a budget of {budget:,.0f} parameters is below the smallest model these "
+            f"targets allow ({smallest:,}; the {model_map.vocab_size}-token embedding alone holds {embedding:,} at "
+            f"hidden {shape_at(0.0).hidden}); raise the budget or drop more layers"
+        )
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if count_parameters(model_map, shape_at(mid)) <= budget else (low, mid)
+    shape = shape_at(low)
+    if fixed_ffn is None:  # solve the FFN width (same in every layer) for the budget exactly
+        unit = count_parameters(model_map, dataclasses.replace(shape, ffn=[1] * len(full.ffn))) - count_parameters(
+            model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn))
+        )
+        rest = count_parameters(model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn)))
+        width = (budget - rest) / unit if unit else 0
+        shape.ffn = [_align(width, targets.align, f) for f in full.ffn]
+    got = count_parameters(model_map, shape)
+    if abs(got - budget) > BUDGET_TOLERANCE * budget:
+        raise PanguLightError(
+            f"--params {targets.params}: the closest plan has {got:,} parameters ({got / before:.3f} of {before:,}); "
+            f"the fixed targets leave too little room: relax --hidden/--heads-per-group/--kv-groups/--ffn or --align"
+        )
+    return shape
