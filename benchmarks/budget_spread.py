@@ -56,14 +56,14 @@ from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.rewrites.rotate_hidden import load_rotation
 
 
-def allocations(model_map: ModelMap, params: float) -> dict[str, Targets]:
+def allocations(model_map: ModelMap, params: float, align: int) -> dict[str, Targets]:
     hidden = model_map.hidden_size
     heads = max(l.attention.num_heads // l.attention.num_kv_heads for l in model_map.layers)
-    rows = {"default": Targets(params=params, align=32), "even": Targets(params=params, align=32, spread="even")}
+    rows = {"default": Targets(params=params, align=align), "even": Targets(params=params, align=align, spread="even")}
     for fraction, name in ((1.0, "full"), (0.9375, "15/16"), (0.875, "7/8"), (0.75, "3/4")):
-        rows[f"hidden-{name}"] = Targets(params=params, hidden=int(32 * round(fraction * hidden / 32)), align=32)
-    rows["heads-kept"] = Targets(params=params, heads_per_group=heads, align=32)
-    rows["ffn-only"] = Targets(params=params, hidden=hidden, heads_per_group=heads, align=32)
+        rows[f"hidden-{name}"] = Targets(params=params, hidden=int(32 * round(fraction * hidden / 32)), align=align)
+    rows["heads-kept"] = Targets(params=params, heads_per_group=heads, align=align)
+    rows["ffn-only"] = Targets(params=params, hidden=hidden, heads_per_group=heads, align=align)
     return rows
 
 
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--align", type=int, default=32, help="planner --align for every row (prune's default is 1)")
+    parser.add_argument("--rows", help="only these rows, comma-separated (default: all)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), os.getloadavg()
@@ -95,7 +97,10 @@ def main() -> None:
 
     base_parameters = GraphStats.from_model(ir.load(original)).total_parameters
     rows = [{"row": "unpruned", "parameter_ratio": 1.0, "shape": {}, **evaluate(original)}]
-    for name, targets in allocations(model_map, args.params).items():
+    chosen = allocations(model_map, args.params, args.align)
+    for name, targets in chosen.items():
+        if args.rows and name not in args.rows.split(","):
+            continue
         targets.hidden_method = "rotate"
         try:
             plan = make_plan(model_map, stats, targets, rotation=rotation, rotation_file=str(rotation_path.resolve()))

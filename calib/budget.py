@@ -2,23 +2,24 @@
 over the widths nobody gave.
 
 A budget (``params``: a fraction of the current parameter count) is met by one factor r in
-[0, 1], found by bisection: query heads per group scale by r, the hidden size by
-``1 - share (1 - r)``, the FFN width by r; then the FFN width, the finest axis, is solved for
-exactly, so the plan lands within 1% of the budget. ``share`` (``Targets.spread``):
+[0, 1], found by bisection: each width w shrinks to ``w (1 - share (1 - r))`` with its axis's
+share (``Targets.spread``); then the FFN width, the finest axis, is solved for exactly, so the
+plan lands within 1% of the budget.
 
-    hidden-light  share = HIDDEN_SHARE (0.2): the hidden size shrinks a fifth as fast as the
-                  other axes (the default). It is the axis one-shot pruning hurts most (it
-                  narrows every layer's input and output and the embedding), measured on
-                  SmolLM2-135M, rotate + refit, LAMBADA / wiki perplexity x unpruned
-                  (benchmarks/budget_spread.py): --params 0.8: all axes by one factor
-                  (hidden 480, FFN 1440) 2.97x / 2.68x, hidden kept (heads 2 of 3, FFN 1152)
-                  2.44x / 2.11x; --params 0.62: one factor (hidden 416, heads 2, FFN 1312)
-                  9.61x / 9.29x, hidden 544 (heads 2, FFN 768) 5.61x / 4.35x;
-    even          share = 1: every axis by the same factor (the first version's rule).
+    hidden-light  (the default) FFN share 1, query heads per group 3/4, hidden size 1/5: the
+                  FFN width takes most of the cut. One-shot pruning hurts the hidden size most
+                  (it narrows every layer's input and output and the embedding) and one query
+                  head of three per group much more than two; measured on SmolLM2-135M with
+                  rotate + refit, LAMBADA / wiki perplexity x unpruned (benchmarks/budget_spread.py):
+                  --params 0.8: one factor for all (hidden 480, FFN 1440) 2.97x / 2.68x, hidden
+                  576 with heads 2 of 3 and FFN 1152: 2.44x / 2.11x; --params 0.62: one factor
+                  (hidden 416, heads 2, FFN 1312) 9.61x / 9.29x, hidden 544 (heads 2, FFN 768)
+                  5.61x / 4.35x, hidden 576 (heads 1, FFN 800) 13.3x / 7.1x;
+    even          every share 1: every width by the same factor (the first version's rule).
 
-When the budget is below what hidden-light can reach (the hidden size never goes under
-``1 - HIDDEN_SHARE`` of itself there), the even spread is used. ``align`` rounds hidden and FFN
-widths to multiples of N.
+Where hidden-light cannot meet the budget (below what it reaches, no aligned width lands within
+1%, or the FFN would keep less than a quarter of its width), the even spread is used. ``align``
+rounds hidden and FFN widths to multiples of N.
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.analysis.parameters import Shape, count_parameters, shape_of
 
-__all__ = ["BUDGET_TOLERANCE", "HIDDEN_SHARE", "SPREADS", "resolve_shape"]
+__all__ = ["BUDGET_TOLERANCE", "SPREADS", "resolve_shape"]
 
 BUDGET_TOLERANCE = 0.01
-HIDDEN_SHARE = 0.2
-SPREADS = {"hidden-light": HIDDEN_SHARE, "even": 1.0}
+MIN_FFN_FRACTION = 0.25  # hidden-light never leaves the FFN less than this (else: even)
+SPREADS = {  # spread -> (hidden share, heads-per-group share); the FFN's share is 1
+    "hidden-light": (0.2, 0.75),
+    "even": (1.0, 1.0),
+}
 
 
 def _per_layer(value: int | list[int] | None, default: list[int], what: str, limit: list[int]) -> list[int] | None:
@@ -71,17 +75,16 @@ def resolve_shape(model_map: ModelMap, targets, dropped: set[int]) -> Shape:
 
     if targets.spread not in SPREADS:
         raise PanguLightError(f"--spread {targets.spread!r}: use one of {', '.join(SPREADS)}")
-    share = SPREADS[targets.spread]
 
-    def shape_at(r: float) -> Shape:
-        heads_per_group = fixed_heads or [max(1, round(r * n)) for n in full.heads_per_group]
+    def shape_at(r: float, shares: tuple[float, float]) -> Shape:
+        hidden_fraction, heads_fraction = (1 - share * (1 - r) for share in shares)
+        heads_per_group = fixed_heads or [max(1, round(heads_fraction * n)) for n in full.heads_per_group]
         kv_groups = fixed_groups or list(full.kv_groups)
         hidden_align = targets.align
         # transformers (5.x) refuses these configs unless hidden_size % num_attention_heads == 0, even
         # with an explicit head_dim; --uniform promises a loadable standard config, so it keeps that.
         if targets.uniform and model_map.family in contract.HEADS_DIVIDE_HIDDEN:
             hidden_align = math.lcm(targets.align, heads_per_group[0] * kv_groups[0])
-        hidden_fraction = 1 - share * (1 - r)
         hidden = (targets.hidden if targets.hidden is not None
                   else _align(hidden_fraction * full.hidden, hidden_align, full.hidden))
         if (targets.uniform and model_map.family in contract.HEADS_DIVIDE_HIDDEN
@@ -99,35 +102,53 @@ def resolve_shape(model_map: ModelMap, targets, dropped: set[int]) -> Shape:
         )
 
     if targets.params is None:
-        return shape_at(1.0)
+        return shape_at(1.0, SPREADS["even"])
     if not 0 < targets.params <= 1:
         raise PanguLightError(f"--params {targets.params}: give the fraction of parameters to keep, in (0, 1]")
     before = count_parameters(model_map, full)
     budget = targets.params * before
-    if share < 1 and count_parameters(model_map, shape_at(0.0)) > budget:
-        share = 1.0  # below what a light hidden cut reaches: every axis by one factor
-    smallest = count_parameters(model_map, shape_at(0.0))
-    if smallest > budget * (1 + BUDGET_TOLERANCE):
-        embedding = model_map.vocab_size * shape_at(0.0).hidden
+
+    def within(shape: Shape) -> bool:
+        return abs(count_parameters(model_map, shape) - budget) <= BUDGET_TOLERANCE * budget
+
+    def solve_ffn(shape: Shape) -> Shape:
+        if fixed_ffn is None:  # solve the FFN width (same in every layer) for the budget exactly
+            without = count_parameters(model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn)))
+            unit = count_parameters(model_map, dataclasses.replace(shape, ffn=[1] * len(full.ffn))) - without
+            width = (budget - without) / unit if unit else 0
+            shape.ffn = [_align(width, targets.align, f) for f in full.ffn]
+        return shape
+
+    def solve(shares: tuple[float, float]) -> Shape:
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if count_parameters(model_map, shape_at(mid, shares)) <= budget else (low, mid)
+        shape = solve_ffn(shape_at(low, shares))
+        # Aligned widths move in steps that can jump over the 1% window: a slightly smaller r
+        # (a narrower hidden size or fewer heads) leaves the FFN width more room to land in it.
+        for step in range(1, 41):
+            if within(shape) or low - 0.005 * step < 0:
+                break
+            shape = solve_ffn(shape_at(low - 0.005 * step, shares))
+        return shape
+
+    spread = SPREADS[targets.spread]
+    if spread != SPREADS["even"] and count_parameters(model_map, shape_at(0.0, spread)) <= budget:
+        shape = solve(spread)
+        if within(shape) and min(w / f for w, f in zip(shape.ffn, full.ffn)) >= MIN_FFN_FRACTION:
+            return shape
+    smallest = shape_at(0.0, SPREADS["even"])  # the even spread: below a light cut, or where it cannot land
+    if count_parameters(model_map, smallest) > budget * (1 + BUDGET_TOLERANCE):
+        embedding = model_map.vocab_size * smallest.hidden
         raise PanguLightError(
             f"--params {targets.params}: a budget of {budget:,.0f} parameters is below the smallest model these "
-            f"targets allow ({smallest:,}; the {model_map.vocab_size}-token embedding alone holds {embedding:,} at "
-            f"hidden {shape_at(0.0).hidden}); raise the budget or drop more layers"
+            f"targets allow ({count_parameters(model_map, smallest):,}; the {model_map.vocab_size}-token embedding "
+            f"alone holds {embedding:,} at hidden {smallest.hidden}); raise the budget or drop more layers"
         )
-    low, high = 0.0, 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if count_parameters(model_map, shape_at(mid)) <= budget else (low, mid)
-    shape = shape_at(low)
-    if fixed_ffn is None:  # solve the FFN width (same in every layer) for the budget exactly
-        unit = count_parameters(model_map, dataclasses.replace(shape, ffn=[1] * len(full.ffn))) - count_parameters(
-            model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn))
-        )
-        rest = count_parameters(model_map, dataclasses.replace(shape, ffn=[0] * len(full.ffn)))
-        width = (budget - rest) / unit if unit else 0
-        shape.ffn = [_align(width, targets.align, f) for f in full.ffn]
-    got = count_parameters(model_map, shape)
-    if abs(got - budget) > BUDGET_TOLERANCE * budget:
+    shape = solve(SPREADS["even"])
+    if not within(shape):
+        got = count_parameters(model_map, shape)
         raise PanguLightError(
             f"--params {targets.params}: the closest plan has {got:,} parameters ({got / before:.3f} of {before:,}); "
             f"the fixed targets leave too little room: relax --hidden/--heads-per-group/--kv-groups/--ffn or --align"

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.calib.budget import HIDDEN_SHARE
+from pangu_light.calib.budget import SPREADS
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
@@ -96,8 +96,8 @@ def test_budget_on_smollm2(smollm2_graph):
 
 @pytest.mark.parametrize("budget", [0.5, 0.62, 0.8])
 def test_hidden_light_spread_cuts_the_hidden_size_least(llama_map, budget):
-    """The default spread: the hidden size shrinks a fifth as fast as heads and FFN; ``even``
-    shrinks them by one factor (the first version's rule); both meet the budget."""
+    """The default spread: the hidden size shrinks a fifth as fast as the FFN, the query heads half
+    as fast; ``even`` shrinks them by one factor (the first version's rule); both meet the budget."""
     stats = fake_stats(llama_map)
     light = make_plan(llama_map, stats, Targets(params=budget, align=2))
     even = make_plan(llama_map, stats, Targets(params=budget, align=2, spread="even"))
@@ -105,7 +105,10 @@ def test_hidden_light_spread_cuts_the_hidden_size_least(llama_map, budget):
     for plan in (light, even):
         assert abs(plan.estimate["parameter_ratio"] - budget) <= 0.01 * budget
     assert len(light.hidden) > len(even.hidden)
-    assert len(light.hidden) >= (1 - HIDDEN_SHARE) * hidden - 2  # at most a fifth cut (align 2)
+    hidden_share, heads_share = SPREADS["hidden-light"]
+    assert len(light.hidden) >= (1 - hidden_share) * hidden - 2  # at most a fifth cut (align 2)
+    full_heads = [layer.attention.num_heads for layer in llama_map.layers]
+    assert all(len(p.heads) >= (1 - heads_share) * n for p, n in zip(light.layers, full_heads))
     heads = [sum(len(l.heads) for l in plan.layers) for plan in (light, even)]
     assert light.estimate["ffn"] < even.estimate["ffn"] or heads[0] < heads[1]  # they pay for the channels
 
@@ -114,7 +117,7 @@ def test_a_budget_below_the_light_spread_falls_back_to_even(llama_map):
     stats = fake_stats(llama_map)
     even = make_plan(llama_map, stats, Targets(params=0.2, spread="even"))
     light = make_plan(llama_map, stats, Targets(params=0.2))
-    assert len(light.hidden) < (1 - HIDDEN_SHARE) * llama_map.hidden_size
+    assert len(light.hidden) < (1 - SPREADS["hidden-light"][0]) * llama_map.hidden_size
     assert light.estimate == even.estimate
     with pytest.raises(PanguLightError, match="--spread 'wide': use one of hidden-light, even"):
         make_plan(llama_map, stats, Targets(params=0.8, spread="wide"))
