@@ -32,6 +32,13 @@ Measured 2026-12-03 (AMD EPYC, 2 cores shared with three other jobs, load averag
                    hidden 512 (heads 2, FFN 864)           5.99 / 4.74
                    hidden 448 (heads 2, FFN 1152)          7.62 / 6.19
                    hidden 576, heads 3 (FFN 544)           6.66 / 4.68
+
+Then with the rule this made the default, at prune's --align 1 (--rows default,even; same load)::
+
+    --params 0.8   even (hidden 500, heads 3, FFN 1333)   2.83 / 2.40
+                   default (hidden 550, heads 2, FFN 1243) 2.40 / 2.26
+    --params 0.62  even (hidden 440, heads 2, FFN 1175)   8.09 / 6.70
+                   default (hidden 524, heads 2, FFN 838)  5.91 / 4.39
 """
 
 from __future__ import annotations
