@@ -27,6 +27,7 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
@@ -78,6 +79,8 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
     quantize = options.weights != "fp32"
     record: dict[str, Any] = {"options": dataclasses.asdict(options), "io_kind": IO_KIND_PAST_PRESENT}
     if options.fuse:
+        # Pruned graphs carry values without types; onnxscript's norm rules need them.
+        common_passes.ShapeInferencePass()(model)
         gqa = FuseGQAPass({"max_length": options.max_length or _config_max_length(metadata)})
         gqa(model)
         record["fuse_gqa"] = dict(gqa.stats)
