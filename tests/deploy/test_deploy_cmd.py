@@ -69,3 +69,15 @@ def test_deploy_package_imports_neither_tools_nor_frontend():
             if name.split(".")[:2] in (["pangu_light", "tools"], ["pangu_light", "frontend"]):
                 problems.append(f"{module}:{line} imports {name}")
     assert not problems
+
+
+def test_command_fuses_by_default_and_no_fuse_keeps_the_export(exported_graph, tmp_path, capsys):
+    _, path = exported_graph("mistral", kv_cache=True)
+    assert main(["deploy", str(path), "-o", str(tmp_path / "f"), "--weights", "fp32", "--max-length", "128"]) == 0
+    assert "4 attentions -> GroupQueryAttention (gqa-shared-buffer)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "f" / "deploy.json").read_text())
+    assert record["max_length"] == 128 and record["ops_after"]["GroupQueryAttention"] == 4
+    assert main(["deploy", str(path), "-o", str(tmp_path / "n"), "--weights", "fp32", "--no-fuse"]) == 0
+    record = json.loads((tmp_path / "n" / "deploy.json").read_text())
+    assert record["io_kind"] == "past-present"
+    assert not {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} & set(record["ops_after"])
