@@ -2,6 +2,7 @@
 
     decode graph --fuse-gqa--> GroupQueryAttention per layer (rotary inside, shareable KV buffer)
                  --fold-weight-transpose--> MatMul-ready weights
+                 --pack-qkv--> one q|k|v MatMul per GQA (where nothing sits between them)
                  --fuse-norms--> (Skip)SimplifiedLayerNormalization
                  --(int8/int4) ORT quantizer--> OUTDIR/model.onnx (+ .data when large), deploy.json
 
@@ -36,6 +37,7 @@ from pangu_light.deploy.quantize import BITS, eligible_matmuls, lm_head_matmul, 
 from pangu_light.passes.deploy.fold_weight_transpose import FoldWeightTransposePass
 from pangu_light.passes.deploy.fuse_gqa import IO_KIND_GQA, FuseGQAPass
 from pangu_light.passes.deploy.fuse_norms import FuseNormsPass
+from pangu_light.passes.deploy.pack_qkv import PackQKVPass
 from pangu_light.passes.infra.graph_io import load_model, refuse_overwrite_input, save_model_atomic
 
 __all__ = ["DeployOptions", "IO_KIND_GQA", "IO_KIND_PAST_PRESENT", "WEIGHTS", "build_deployment", "deploy_graph"]
@@ -92,6 +94,9 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
     fold(model)
     record["fold_weight_transpose"] = dict(fold.stats)
     if options.fuse:
+        pack = PackQKVPass()
+        pack(model)
+        record["pack_qkv"] = dict(pack.stats)
         norms = FuseNormsPass()
         norms(model)
         record["fuse_norms"] = dict(norms.stats)

@@ -29,6 +29,8 @@ PER_LAYER = "prune-kv-groups{keep=[[0,1],[1],[0,1],[0]]},prune-ffn{keep_first=40
 NORMS_PER_LAYER = {"llama": 2, "qwen2": 2, "mistral": 2, "qwen3": 4, "gemma2": 4, "gemma3": 6, "glm4": 4}
 # GLM4's rotary is partial and interleaved, applied through a reshuffle of the table: not fused.
 NO_GQA = {"glm4"}
+# q/k norms sit between the projections and GQA: q, k, v stay three MatMuls.
+NOT_PACKED = {"qwen3", "gemma3"}
 STEPS = 5
 
 
@@ -68,6 +70,10 @@ def test_fused_fp32_equals_unfused_graph(exported_graph, family, shape, tmp_path
     assert norms == NORMS_PER_LAYER[family] * layers + 1 and "Reciprocal" not in ops
     if fused:
         assert "Softmax" not in ops
+        packed = 0 if family in NOT_PACKED else layers
+        assert record["pack_qkv"].get("packed", 0) == packed
+        # per layer: o, gate, up, down and q, k, v (or one packed qkv); plus the lm_head
+        assert ops["MatMul"] == layers * (4 + (1 if packed else 3)) + 1
         assert record["io_kind"] == IO_KIND_GQA and record["nodes_after"] < record["nodes_before"] / 3
 
     ids, mask = left_padded_batch(vocab)
