@@ -144,6 +144,7 @@ def build_deployment(source: str | Path, outdir: str | Path, options: DeployOpti
     record["source"] = str(Path(source).resolve())
     record["graph_kind"] = model.metadata_props.get(contract.GRAPH_KIND, "unknown")
     record["versions"] = _versions()
+    deployed.metadata_props[DEPLOY_KEY] = json.dumps(record, sort_keys=True)  # with the source named
     save_model_atomic(deployed, target)
     record["model"] = str(target)
     write_json(outdir / "deploy.json", record)
