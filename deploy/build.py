@@ -33,6 +33,7 @@ import onnx_ir.passes.common as common_passes
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_json
+from pangu_light.deploy.genai_package import genai_config, write_genai_package
 from pangu_light.deploy.quantize import BITS, eligible_matmuls, lm_head_matmul, name_unnamed_nodes, quantize_weights
 from pangu_light.passes.deploy.fold_weight_transpose import FoldWeightTransposePass
 from pangu_light.passes.deploy.fuse_gqa import IO_KIND_GQA, FuseGQAPass
@@ -132,8 +133,12 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
     return deployed, record
 
 
-def build_deployment(source: str | Path, outdir: str | Path, options: DeployOptions) -> dict[str, Any]:
-    """Read ``source``, write ``outdir/model.onnx`` and ``outdir/deploy.json``; returns the record."""
+def build_deployment(
+    source: str | Path, outdir: str | Path, options: DeployOptions, *, genai_tokenizer: Path | None | bool = False,
+) -> dict[str, Any]:
+    """Read ``source``, write ``outdir/model.onnx`` and ``outdir/deploy.json``; returns the record.
+    ``genai_tokenizer`` (a directory, or None for the one the graph records) also writes an ONNX
+    Runtime GenAI package (``deploy.genai_package``); False (the default) does not."""
     outdir = Path(outdir)
     target = outdir / "model.onnx"
     refuse_overwrite_input(target, source)
@@ -144,9 +149,13 @@ def build_deployment(source: str | Path, outdir: str | Path, options: DeployOpti
     record["source"] = str(Path(source).resolve())
     record["graph_kind"] = model.metadata_props.get(contract.GRAPH_KIND, "unknown")
     record["versions"] = _versions()
+    if genai_tokenizer is not False:
+        genai_config(deployed, record)  # refuse (per-layer shapes, unfused) before writing anything
     deployed.metadata_props[DEPLOY_KEY] = json.dumps(record, sort_keys=True)  # with the source named
     save_model_atomic(deployed, target)
     record["model"] = str(target)
+    if genai_tokenizer is not False:
+        record["genai_package"] = write_genai_package(outdir, deployed, record, genai_tokenizer or None)
     write_json(outdir / "deploy.json", record)
     return record
 

@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "positions (default: the model's max_position_embeddings, else 4096)",
     )
     parser.add_argument(
+        "--genai-package",
+        action="store_true",
+        help="also write an ONNX Runtime GenAI package (genai_config.json + tokenizer files) for "
+        "onnxruntime_genai.Model(OUTDIR); uniform layer shapes only",
+    )
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory for --genai-package (default: the graph's)")
+    parser.add_argument(
         "--no-fuse", action="store_true", help="keep the export's attention and norms (no GQA, no fused norms)"
     )
 
@@ -92,7 +99,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.weights == "fp32" and (args.no_quantize_lm_head or args.asymmetric):
         raise PanguLightError("--no-quantize-lm-head and --asymmetric apply to --weights int8/int4 only")
-    record = build_deployment(args.model, args.output, options)
+    if args.tokenizer and not args.genai_package:
+        raise PanguLightError("--tokenizer is read by --genai-package only")
+    record = build_deployment(
+        args.model, args.output, options, genai_tokenizer=args.tokenizer if args.genai_package else False
+    )
     fold = record["fold_weight_transpose"]
     print(
         f"{record['model']}: {args.weights}, {fold.get('transposes_removed', 0)} weight transposes folded, "
@@ -103,4 +114,7 @@ def run(args: argparse.Namespace) -> int:
         f"weights {record['weight_bytes'] / 1e6:.1f} MB"
     )
     print(f"record: {Path(args.output) / 'deploy.json'}")
+    if "genai_package" in record:
+        files = ", ".join(record["genai_package"])
+        print(f"ONNX Runtime GenAI package: {files} (onnxruntime_genai.Model('{args.output}'))")
     return 0
