@@ -4,8 +4,8 @@ instead of matching how they are written.
 
     attention_mask [1, L] of ones --(the graph's nodes upstream of cos, sin, mask)--> values
 
-The subgraph is cut out of a copy of the graph (outputs set to the wanted values, every node
-they do not depend on dropped, unread inputs removed) and run by onnx's reference evaluator
+The subgraph is cut out of the graph (the nodes the wanted values depend on, the inputs and
+initializers those read; nothing else is copied) and run by onnx's reference evaluator
 (pure numpy, no ONNX Runtime: passes must not import it). Two probes:
 
 * ``rotary_tables(model, values, length)``: a prefill of ``length`` tokens (past length 0):
@@ -23,7 +23,6 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 from onnx.reference import ReferenceEvaluator
 
 from pangu_light.core import contract
@@ -32,20 +31,41 @@ __all__ = ["mask_rows", "rotary_tables"]
 
 
 def _subgraph(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` computing only the values named ``names`` from the inputs they need."""
-    proto = ir.serde.serialize_model(model)
-    copy = ir.serde.deserialize_model(proto)
-    values = {v.name: v for node in copy.graph for v in node.outputs}
-    copy.graph.outputs.clear()
-    copy.graph.outputs.extend(values[name] for name in names)
-    common_passes.RemoveUnusedNodesPass()(copy)
-    unread = [value for value in copy.graph.inputs if not value.uses() and value not in copy.graph.outputs]
-    for value in unread:
-        copy.graph.inputs.remove(value)
-    for value in list(copy.graph.initializers.values()):
-        if not value.uses():
-            copy.graph.initializers.pop(value.name)
-    return ir.serde.serialize_model(copy)
+    """The nodes of ``model`` that the values named ``names`` depend on, with only the inputs and
+    initializers those nodes read, as a model computing ``names`` (the weights of the rest of the
+    graph are never copied: the probe of a 7B model stays small)."""
+    graph = model.graph
+    by_name = {v.name: v for node in graph for v in node.outputs}
+    needed: set[ir.Node] = set()
+    stack = [by_name[name] for name in names]
+    seen: set[ir.Value] = set()
+    while stack:
+        value = stack.pop()
+        if value is None or value in seen:
+            continue
+        seen.add(value)
+        node = value.producer()
+        if node is not None and node not in needed:
+            needed.add(node)
+            stack.extend(node.inputs)
+    nodes = [node for node in graph if node in needed]
+    read = {v for node in nodes for v in node.inputs if v is not None}
+    inputs = [v for v in graph.inputs if v in read]
+    initializers = [v for v in graph.initializers.values() if v in read and v.const_value is not None]
+    proto_graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(node) for node in nodes],
+        "attention_probe",
+        [ir.serde.serialize_value(v) for v in inputs],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names],
+        [_named(ir.serde.serialize_tensor(v.const_value), v.name) for v in initializers],
+    )
+    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+    return onnx.helper.make_model(proto_graph, opset_imports=opsets, ir_version=model.ir_version)
+
+
+def _named(tensor: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    tensor.name = name
+    return tensor
 
 
 def _feeds(proto: onnx.ModelProto, input_length: int, mask_length: int) -> dict[str, np.ndarray]:
