@@ -101,10 +101,13 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
         norms = FuseNormsPass()
         norms(model)
         record["fuse_norms"] = dict(norms.stats)
-    proto = ir.serde.serialize_model(model)
+    if quantize:  # the quantizer reads the weights from the proto: bring external data into memory
+        model = ir.external_data.load_to_model(model)
+    proto = ir.serde.serialize_model(model)  # external tensors (fp32) stay references: cheap
     eligible = eligible_matmuls(proto)
     record["eligible_matmuls"] = len(eligible)
     record["lm_head_quantized"] = False
+    deployed = model  # fp32: the rewritten graph itself (its external weights still mapped)
     if quantize:
         name_unnamed_nodes(proto)  # the quantizer excludes nodes by name
         head = lm_head_matmul(proto, contract.LOGITS)
@@ -119,7 +122,7 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
         )
         record["lm_head_quantized"] = head is not None and options.quantize_lm_head
         record["excluded_nodes"] = exclude
-    deployed = ir.serde.deserialize_model(proto)
+        deployed = ir.serde.deserialize_model(proto)
     after = _op_counts(deployed)
     record["matmul_nbits"] = after.get("MatMulNBits", 0)
     record["nodes_before"], record["nodes_after"] = sum(before.values()), sum(after.values())
