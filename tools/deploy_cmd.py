@@ -26,10 +26,12 @@ widths that are not a multiple of the block size (pruned hidden sizes) are padde
 last block. --accuracy-level 4 (default) lets the CPU kernel quantize activations to int8 too
 (fastest); 0 computes in float32 on the dequantized weights.
 
-The result runs with `pangu-light run` and in ONNX Runtime directly (com.microsoft ops are in
-every onnxruntime build). `inspect`, `diff` and `bench`'s cost model read graphs through the
-model map, which does not know MatMulNBits: bench the fp32 deployment graph, or the int graph
-with its timing only (see the deploy.json for its weight bytes).
+The result runs with `pangu-light run` and `bench` (one KV buffer per cache tensor, bound as
+past and present; bench costs it from the source graph's FLOPs and its own weight bytes) and in
+ONNX Runtime directly (com.microsoft ops are in every onnxruntime build). --genai-package also
+writes genai_config.json and the tokenizer files, so onnxruntime_genai.Model(OUTDIR) loads it
+(GenAI takes one shape for all layers: uniform graphs only). `inspect` and `diff` read graphs
+through the model map, which does not know the fused ops: use them on the source graph.
 """
 
 from __future__ import annotations
