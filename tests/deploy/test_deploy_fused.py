@@ -16,6 +16,7 @@ from test_quantize import _dequantized_reference
 from pangu_light.deploy.build import DEPLOY_KEY, DeployOptions, build_deployment
 from pangu_light.passes.deploy.fuse_gqa import IO_KIND_GQA
 from pangu_light.runtime import layout as runtime_layout
+from pangu_light.runtime.errors import RuntimeUserError
 from pangu_light.runtime.generate import generate
 from pangu_light.runtime.kv_runners import SharedRunner
 from pangu_light.runtime.layout import DecodeLayout
@@ -105,7 +106,7 @@ def test_generate_shared_buffer_loop_equals_numpy_loop(exported_graph, tmp_path)
 def test_generate_refuses_more_positions_than_the_rotary_cache(exported_graph, tmp_path):
     _, path, _ = _graph(exported_graph, "llama", "uniform", tmp_path)
     build_deployment(path, tmp_path / "d", DeployOptions(weights="fp32", max_length=16))
-    with pytest.raises(Exception, match="--max-length"):
+    with pytest.raises(RuntimeUserError, match="--max-length"):
         generate(session(tmp_path / "d" / "model.onnx"), [[5] * 10], 8)
 
 
