@@ -1,9 +1,19 @@
 """Deployment graphs side by side: decode tokens/s, prefill ms, node counts, greedy agreement and
-held-out perplexity of a decode graph and its fp32 / int8 / int4 deployments.
+held-out perplexity of a decode graph and its fp32 / int8 / int4 deployments, and of ONNX Runtime
+GenAI's own graphs of the same model (its model builder; ``pip install -e .[genai]``).
 
     python benchmarks/deploy_speed.py out/prune/original-kv.onnx [out/prune/pruned-kv.onnx]
-        -o out/deploy-bench [--threads 1,2] [--rounds 3] [--prompt 32] [--new-tokens 128]
-        [--ppl-samples 16] [--tokenizer DIR] [--json PATH]
+        -o out/deploy-bench [--weights fp32,int8,int4] [--threads 1,2] [--rounds 3] [--prompt 32]
+        [--new-tokens 128] [--ppl-samples 16] [--tokenizer DIR] [--json PATH]
+        [--genai DIR ...] [--baseline LABEL]
+
+``--genai DIR``: a directory the GenAI builder wrote (``python -m onnxruntime_genai.models.builder
+-i HF_DIR -o DIR -p fp32|int4 -e cpu``), run through onnxruntime_genai's own generator (its
+shared KV buffer, greedy, the same prompt tokens, intra-op threads set by a config overlay);
+labelled ``genai DIRNAME``. Its prefill is the ``append_tokens`` call, its decode the
+``generate_next_token`` loop (the first call uses the prefill's logits, so both loops run the
+graph new_tokens - 1 times). ``--baseline LABEL`` adds each graph's decode ratio to that row
+(median of per-round ratios), e.g. ``--baseline "genai fp32"``.
 
 For each source graph, `pangu-light deploy` builds fp32, int8 and int4 (block 32, symmetric,
 accuracy level 4, lm_head quantized). Then, per thread count, one session per graph; rounds
@@ -45,31 +55,45 @@ def main() -> int:
     parser.add_argument("--ppl-samples", type=int, default=16)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tokenizer", type=Path, help="HF model directory (default: the graph's metadata)")
+    parser.add_argument("--weights", default="fp32,int8,int4", help="deployments built of each source")
+    parser.add_argument("--genai", type=Path, action="append", default=[], help="a GenAI builder output directory")
+    parser.add_argument("--baseline", help="label of the row every decode ratio is also taken against")
     args = parser.parse_args()
 
     graphs: list[tuple[str, Path, Path]] = []  # (label, path, its source)
     for source in args.sources:
         graphs.append((source.stem, source, source))
-        for weights in ("fp32", "int8", "int4"):
+        for weights in args.weights.split(","):
             out = args.output / f"{source.stem}-{weights}"
             build_deployment(source, out, DeployOptions(weights=weights))
             graphs.append((f"{source.stem} {weights}", out / "model.onnx", source))
+    for directory in args.genai:
+        graphs.append((f"genai {directory.name}", directory / "model.onnx", args.sources[0]))
     load_start = os.getloadavg()
     rows = {label: {"path": str(path), "nodes_file": len(onnx.load(str(path), load_external_data=False).graph.node),
                     "nodes_ort": _ort_nodes(path)} for label, path, _ in graphs}
     prompt = [np.random.default_rng(0).integers(100, 10000, args.prompt).tolist()]
     for threads in [int(t) for t in args.threads.split(",")]:
-        sessions = {label: create_session(path, provider="cpu", threads=threads) for label, path, _ in graphs}
+        sessions = {
+            label: _genai_model(path.parent, threads) if label.startswith("genai ")
+            else create_session(path, provider="cpu", threads=threads)
+            for label, path, _ in graphs
+        }
         decode = {label: [] for label, _, _ in graphs}
         prefill = {label: [] for label, _, _ in graphs}
         tokens = {}
         for round_index in range(args.rounds + 1):
             for label, _, _ in graphs:
-                result = generate(sessions[label], prompt, args.new_tokens)
-                tokens[label] = result.tokens[0]
+                if label.startswith("genai "):
+                    new, prefill_s, decode_tps = _genai_generate(sessions[label], prompt[0], args.new_tokens)
+                else:
+                    result = generate(sessions[label], prompt, args.new_tokens)
+                    new, prefill_s = result.tokens[0], result.prefill_seconds
+                    decode_tps = result.decode_tokens_per_second
+                tokens[label] = new
                 if round_index:
-                    decode[label].append(result.decode_tokens_per_second)
-                    prefill[label].append(result.prefill_seconds * 1000)
+                    decode[label].append(decode_tps)
+                    prefill[label].append(prefill_s * 1000)
         for label, _, source in graphs:
             base = source.stem
             ratios = [a / b for a, b in zip(decode[label], decode[base])]
@@ -77,19 +101,64 @@ def main() -> int:
                 "decode_tokens_per_second": statistics.median(decode[label]),
                 "prefill_ms": statistics.median(prefill[label]),
                 "decode_ratio": statistics.median(ratios),
-                "same_greedy_tokens": sum(a == b for a, b in zip(tokens[label], tokens[base])),
+                "same_greedy_tokens": _same_prefix(tokens[label], tokens[base]),
             }
+            if args.baseline:
+                rows[label][f"t{threads}"]["vs_baseline"] = statistics.median(
+                    a / b for a, b in zip(decode[label], decode[args.baseline]))
     load_end = os.getloadavg()
     _print(rows, args, load_start, load_end)  # timings first: the perplexity pass takes a while
     if args.ppl_samples:
-        ppl = evaluate_graphs([str(p) for _, p, _ in graphs], data="lambada", samples=args.ppl_samples, seq_len=256,
+        ours = [(label, path) for label, path, _ in graphs if not label.startswith("genai ")]
+        ppl = evaluate_graphs([str(p) for _, p in ours], data="lambada", samples=args.ppl_samples, seq_len=256,
                               tokenizer=args.tokenizer, quiet=True)
-        for label, path, _ in graphs:
+        for label, path in ours:
             rows[label]["perplexity"] = ppl[str(path)].perplexity
             print(f"{label:34s} perplexity {rows[label]['perplexity']:.3f} (LAMBADA eval, {args.ppl_samples} x 256)")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "load": [load_start, load_end]}, indent=2) + "\n")
     return 0
+
+
+def _same_prefix(a: list[int], b: list[int]) -> int:
+    """How many greedy tokens agree before the first difference."""
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def _genai_model(directory: Path, threads: int):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(directory))
+    config.clear_providers()
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+        "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+    return og.Model(config)
+
+
+def _genai_generate(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+    """(new tokens, prefill seconds, decode tokens/s) through onnxruntime_genai's generator."""
+    import time
+
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens([prompt])
+    prefill = time.perf_counter() - start
+    tokens: list[int] = []
+    start = time.perf_counter()
+    while not generator.is_done() and len(tokens) < new_tokens:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    decode = time.perf_counter() - start
+    return tokens, prefill, (len(tokens) - 1) / decode if decode > 0 else float("nan")
 
 
 def _ort_nodes(path: Path) -> int:
@@ -104,15 +173,18 @@ def _print(rows, args, load_start, load_end) -> None:
     threads = [int(t) for t in args.threads.split(",")]
     head = f"{'graph':34s} {'nodes':>11s}"
     for t in threads:
-        head += f" | t={t}: {'tok/s':>6s} {'ratio':>5s} {'prefill':>8s} {'same':>5s}"
+        head += f" | t={t}: {'tok/s':>6s} {'ratio':>5s} {'vs base':>7s} {'prefill':>8s} {'same':>5s}"
     print(head)
     for label, row in rows.items():
         line = f"{label:34s} {row['nodes_file']:5d}/{row['nodes_ort']:5d}"
         for t in threads:
             r = row[f"t{t}"]
             line += (f" | {'':5s}{r['decode_tokens_per_second']:6.1f} {r['decode_ratio']:5.2f} "
+                     f"{r.get('vs_baseline', float('nan')):7.2f} "
                      f"{r['prefill_ms']:6.1f}ms {r['same_greedy_tokens']:3d}/{args.new_tokens}")
         print(line)
+    print(f"ratio: decode tokens/s against the row's source graph (GenAI rows: the first source); vs base: "
+          f"against {args.baseline or '-'}; same: greedy tokens equal to the source's before the first difference")
     print(f"nodes: in the file / after ONNX Runtime's optimiser; prompt {args.prompt} tokens, "
           f"{args.new_tokens} new, batch 1, greedy; medians of {args.rounds} alternating rounds; "
           f"load average {load_start[0]:.2f} -> {load_end[0]:.2f} on {os.cpu_count()} cores")

@@ -1,7 +1,16 @@
 """Build a deployment graph from one of our decode graphs and record what was done.
 
-    decode graph --fold-weight-transpose--> MatMul-ready weights --(int8/int4) ORT quantizer-->
-    OUTDIR/model.onnx (+ model.onnx.data when large) and OUTDIR/deploy.json
+    decode graph --fuse-gqa--> GroupQueryAttention per layer (rotary inside, shareable KV buffer)
+                 --fold-weight-transpose--> MatMul-ready weights
+                 --pack-qkv--> one q|k|v MatMul per GQA (where nothing sits between them)
+                 --fuse-norms--> (Skip)SimplifiedLayerNormalization
+                 --(int8/int4) ORT quantizer--> OUTDIR/model.onnx (+ .data when large), deploy.json
+
+``io_kind`` in the record tells the runtime how to feed the graph: ``gqa-shared-buffer`` when
+every layer's attention was fused (past and present may be one pre-allocated buffer of fixed
+capacity; ``runtime.generate`` binds them so), else ``past-present`` (past of P positions in,
+present of P + S out, as the export writes it). ``fuse=False`` keeps the export's attention
+and norms (the graph before this module's fusions existed).
 
 fp32 stops after the fold (the function is unchanged). int8/int4 quantize every eligible MatMul
 (the projections of every layer and, unless ``quantize_lm_head=False``, the lm_head); the
@@ -19,18 +28,25 @@ from typing import Any
 
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_json
+from pangu_light.deploy.genai_package import genai_config, write_genai_package
 from pangu_light.deploy.quantize import BITS, eligible_matmuls, lm_head_matmul, name_unnamed_nodes, quantize_weights
 from pangu_light.passes.deploy.fold_weight_transpose import FoldWeightTransposePass
+from pangu_light.passes.deploy.fuse_gqa import IO_KIND_GQA, FuseGQAPass
+from pangu_light.passes.deploy.fuse_norms import FuseNormsPass
+from pangu_light.passes.deploy.pack_qkv import PackQKVPass
 from pangu_light.passes.infra.graph_io import load_model, refuse_overwrite_input, save_model_atomic
 
-__all__ = ["DeployOptions", "WEIGHTS", "build_deployment", "deploy_graph"]
+__all__ = ["DeployOptions", "IO_KIND_GQA", "IO_KIND_PAST_PRESENT", "WEIGHTS", "build_deployment", "deploy_graph"]
 
 WEIGHTS = ("fp32", "int8", "int4")
 DEPLOY_KEY = "pangu_light.deploy"  # model metadata: the deploy.json record, as JSON
+IO_KIND_PAST_PRESENT = "past-present"
+DEFAULT_MAX_LENGTH = 4096  # rotary cache positions when the source config does not say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +57,8 @@ class DeployOptions:
     symmetric: bool = True
     accuracy_level: int = 4
     provider: str = "cpu"
+    fuse: bool = True
+    max_length: int = 0  # rotary cache positions; 0: the source config's max_position_embeddings
 
     def check(self) -> None:
         if self.weights not in WEIGHTS:
@@ -49,6 +67,8 @@ class DeployOptions:
             raise PanguLightError(
                 f"--provider {self.provider}: only cpu deployment graphs are built so far; use --provider cpu"
             )
+        if self.max_length < 0:
+            raise PanguLightError(f"--max-length {self.max_length} must be positive (or 0 for the model's own)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise PanguLightError(f"--accuracy-level {self.accuracy_level} is not one of 0-4 (MatMulNBits)")
 
@@ -60,16 +80,34 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
     metadata = {p: v for p, v in model.metadata_props.items()}
     before = _op_counts(model)
     quantize = options.weights != "fp32"
+    record: dict[str, Any] = {"options": dataclasses.asdict(options), "io_kind": IO_KIND_PAST_PRESENT}
+    if options.fuse:
+        # Pruned graphs carry values without types; onnxscript's norm rules need them.
+        common_passes.ShapeInferencePass()(model)
+        gqa = FuseGQAPass({"max_length": options.max_length or _config_max_length(metadata)})
+        gqa(model)
+        record["fuse_gqa"] = dict(gqa.stats)
+        layers = sum(1 for name in metadata_inputs(model) if name.endswith(".key"))
+        if layers and gqa.stats.get("fused", 0) == layers:
+            record["io_kind"] = IO_KIND_GQA
+            record["max_length"] = gqa.options["max_length"]
     fold = FoldWeightTransposePass({"shared": quantize and options.quantize_lm_head})
     fold(model)
-    proto = ir.serde.serialize_model(model)
+    record["fold_weight_transpose"] = dict(fold.stats)
+    if options.fuse:
+        pack = PackQKVPass()
+        pack(model)
+        record["pack_qkv"] = dict(pack.stats)
+        norms = FuseNormsPass()
+        norms(model)
+        record["fuse_norms"] = dict(norms.stats)
+    if quantize:  # the quantizer reads the weights from the proto: bring external data into memory
+        model = ir.external_data.load_to_model(model)
+    proto = ir.serde.serialize_model(model)  # external tensors (fp32) stay references: cheap
     eligible = eligible_matmuls(proto)
-    record: dict[str, Any] = {
-        "options": dataclasses.asdict(options),
-        "fold_weight_transpose": dict(fold.stats),
-        "eligible_matmuls": len(eligible),
-        "lm_head_quantized": False,
-    }
+    record["eligible_matmuls"] = len(eligible)
+    record["lm_head_quantized"] = False
+    deployed = model  # fp32: the rewritten graph itself (its external weights still mapped)
     if quantize:
         name_unnamed_nodes(proto)  # the quantizer excludes nodes by name
         head = lm_head_matmul(proto, contract.LOGITS)
@@ -84,7 +122,7 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
         )
         record["lm_head_quantized"] = head is not None and options.quantize_lm_head
         record["excluded_nodes"] = exclude
-    deployed = ir.serde.deserialize_model(proto)
+        deployed = ir.serde.deserialize_model(proto)
     after = _op_counts(deployed)
     record["matmul_nbits"] = after.get("MatMulNBits", 0)
     record["nodes_before"], record["nodes_after"] = sum(before.values()), sum(after.values())
@@ -98,8 +136,12 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
     return deployed, record
 
 
-def build_deployment(source: str | Path, outdir: str | Path, options: DeployOptions) -> dict[str, Any]:
-    """Read ``source``, write ``outdir/model.onnx`` and ``outdir/deploy.json``; returns the record."""
+def build_deployment(
+    source: str | Path, outdir: str | Path, options: DeployOptions, *, genai_tokenizer: Path | None | bool = False,
+) -> dict[str, Any]:
+    """Read ``source``, write ``outdir/model.onnx`` and ``outdir/deploy.json``; returns the record.
+    ``genai_tokenizer`` (a directory, or None for the one the graph records) also writes an ONNX
+    Runtime GenAI package (``deploy.genai_package``); False (the default) does not."""
     outdir = Path(outdir)
     target = outdir / "model.onnx"
     refuse_overwrite_input(target, source)
@@ -110,10 +152,30 @@ def build_deployment(source: str | Path, outdir: str | Path, options: DeployOpti
     record["source"] = str(Path(source).resolve())
     record["graph_kind"] = model.metadata_props.get(contract.GRAPH_KIND, "unknown")
     record["versions"] = _versions()
+    if genai_tokenizer is not False:
+        genai_config(deployed, record)  # refuse (per-layer shapes, unfused) before writing anything
+    deployed.metadata_props[DEPLOY_KEY] = json.dumps(record, sort_keys=True)  # with the source named
     save_model_atomic(deployed, target)
     record["model"] = str(target)
+    if genai_tokenizer is not False:
+        record["genai_package"] = write_genai_package(outdir, deployed, record, genai_tokenizer or None)
     write_json(outdir / "deploy.json", record)
     return record
+
+
+def metadata_inputs(model: ir.Model) -> list[str]:
+    """The past_key_values.* input names of ``model``."""
+    return [v.name for v in model.graph.inputs if v.name.startswith(contract.PAST_PREFIX)]
+
+
+def _config_max_length(metadata: dict[str, str]) -> int:
+    """max_position_embeddings of the source config recorded in the graph, else the default."""
+    try:
+        config = json.loads(metadata.get(contract.SOURCE_CONFIG, "{}"))
+    except ValueError:
+        return DEFAULT_MAX_LENGTH
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_LENGTH
 
 
 def _op_counts(model: ir.Model) -> Counter:

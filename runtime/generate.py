@@ -14,9 +14,12 @@ config (``runtime.layout.DecodeLayout``).
 
 The KV cache lives in buffers allocated once per generation on the device of the session's
 provider, sized for prompt + max_new_tokens - 1 positions, two per cache tensor: each step
-binds (IO binding) its past to one and its present to the other, then they swap. Nothing is
-allocated per step and the cache never crosses into numpy: only the token ids, the mask and
-the last position's logits do.
+binds (IO binding) its past to one and its present to the other, then they swap. A deployment
+graph whose attention is GroupQueryAttention (``pangu-light deploy``; its metadata says
+``gqa-shared-buffer``) gets one buffer per cache tensor, bound as past and present at once, and
+writes each step's positions in place (``runtime.kv_runners``). Nothing is allocated per step
+and the cache never crosses into numpy: only the token ids, the mask and the last position's
+logits do.
 
 The choice of the next token is a plug-in from ``runtime.sampling``: ``argmax_selector``
 (greedy, the default) or ``Sampling(temperature, top_k, top_p, seed)``.
@@ -31,8 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from pangu_light.core import contract
 from pangu_light.runtime.errors import RuntimeUserError
+from pangu_light.runtime.kv_runners import BoundRunner, NumpyRunner, SharedRunner
 from pangu_light.runtime.layout import DecodeLayout
 from pangu_light.runtime.sampling import Sampling, TokenSelector, argmax_selector
 
@@ -91,108 +94,6 @@ def _inference_session(session) -> tuple[ort.InferenceSession, str, int]:
     raise TypeError(f"expected an onnxruntime InferenceSession or SessionInfo, got {type(session).__name__}")
 
 
-class _BoundRunner:
-    """Runs the decode graph with IO binding into pre-allocated KV buffers.
-
-    Each layer's key and value get two buffers of ``capacity`` positions, allocated once on
-    the session's device: step t reads its past from one and the graph writes its present
-    into the other, and the next step swaps them (ping-pong). The graph's own Concat still
-    writes past + new into the present (that is the graph's contract), but nothing is
-    allocated per step, and the cache never crosses into numpy. The decode steps' logits
-    [batch, 1, vocab] go into one pre-allocated host buffer; the prefill's [batch, S, vocab]
-    are allocated by ONNX Runtime once.
-    """
-
-    def __init__(
-        self,
-        session: ort.InferenceSession,
-        layout: DecodeLayout,
-        device: str,
-        device_id: int,
-        batch: int,
-        capacity: int,
-    ):
-        self.session = session
-        self.layout = layout
-        self.device = device
-        self.device_id = device_id
-        self.batch = batch
-        self.capacity = capacity
-        self.binding = session.io_binding()
-        # (past name, present name, element type, [kv, d]) per cache tensor
-        self.tensors = []
-        for layer in layout.layers:
-            for past, present in ((layer.past_key, layer.present_key), (layer.past_value, layer.present_value)):
-                self.tensors.append((past, present, layer.dtype, (layer.kv_heads, layer.head_dim)))
-        # Two buffers per cache tensor, sized for the longest cache this generation reaches.
-        self.buffers = [
-            tuple(
-                ort.OrtValue.ortvalue_from_shape_and_type(
-                    [batch, kv, capacity, dim], dtype, device, device_id
-                )
-                for _ in range(2)
-            )
-            for _, _, dtype, (kv, dim) in self.tensors
-        ]
-        self.pointers = [(a.data_ptr(), b.data_ptr()) for a, b in self.buffers]
-        self.current = 0  # which of the two buffers holds the cache written by the last run
-        self.length = 0  # positions in the cache
-        self.step_logits = np.empty((batch, 1, layout.vocab), layout.logits_dtype) if layout.vocab else None
-        self._keep: list[np.ndarray] = []
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        binding = self.binding
-        batch, new = input_ids.shape
-        if self.length + new > self.capacity:
-            raise RuntimeUserError(
-                f"the KV buffers hold {self.capacity} positions but this step needs {self.length + new}: "
-                "a bug in the generation loop (the capacity is prompt + max_new_tokens - 1)"
-            )
-        # bind_cpu_input wraps the numpy buffer: keep the arrays alive until the run returns.
-        self._keep = [np.ascontiguousarray(input_ids), np.ascontiguousarray(attention_mask)]
-        binding.bind_cpu_input(contract.INPUT_IDS, self._keep[0])
-        binding.bind_cpu_input(contract.ATTENTION_MASK, self._keep[1])
-        step_logits = new == 1 and self.step_logits is not None
-        if step_logits:
-            binding.bind_output(
-                contract.LOGITS, "cpu", 0, self.step_logits.dtype.type, list(self.step_logits.shape),
-                self.step_logits.ctypes.data,
-            )
-        else:  # the prefill: ONNX Runtime allocates [batch, S, vocab]; bound first, so output 0
-            binding.clear_binding_outputs()
-            binding.bind_output(contract.LOGITS, "cpu")
-        read, write = self.current, 1 - self.current
-        for (past, present, dtype, (kv, dim)), pointers in zip(self.tensors, self.pointers):
-            binding.bind_input(past, self.device, self.device_id, dtype, [batch, kv, self.length, dim], pointers[read])
-            binding.bind_output(
-                present, self.device, self.device_id, dtype, [batch, kv, self.length + new, dim], pointers[write]
-            )
-        self.session.run_with_iobinding(binding)
-        self.current, self.length = write, self.length + new
-        if step_logits:
-            return self.step_logits  # overwritten by the next step: selectors must not keep it
-        return binding.get_outputs()[0].numpy()
-
-
-class _NumpyRunner:
-    """Plain ``session.run`` with numpy feeds: every step copies the whole cache out of ONNX
-    Runtime and back in. Kept as an independent reference for the bound loop."""
-
-    def __init__(self, session: ort.InferenceSession, layout: DecodeLayout, batch: int):
-        self.session = session
-        self.layout = layout
-        self.output_names = [contract.LOGITS] + [present for _, present in layout.past_to_present()]
-        self.past: dict[str, np.ndarray] = layout.empty_past(batch)
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {contract.INPUT_IDS: input_ids, contract.ATTENTION_MASK: attention_mask, **self.past}
-        values = self.session.run(self.output_names, feeds)
-        self.past = {
-            past: value for (past, _), value in zip(self.layout.past_to_present(), values[1:])
-        }
-        return values[0]
-
-
 def generate(
     session,
     input_ids: Sequence[Sequence[int]],
@@ -232,11 +133,13 @@ def generate(
     if max_new_tokens == 0:
         return GenerationResult(outputs, 0.0, 0.0, 0, batch)
 
-    if io_binding:
-        capacity = ids.shape[1] + max_new_tokens - 1  # the last chosen token is never fed
-        runner = _BoundRunner(ort_session, layout, device, device_id, batch, capacity)
+    capacity = ids.shape[1] + max_new_tokens - 1  # the last chosen token is never fed
+    if io_binding and layout.shared_buffer:
+        runner = SharedRunner(ort_session, layout, device, device_id, batch, capacity)
+    elif io_binding:
+        runner = BoundRunner(ort_session, layout, device, device_id, batch, capacity)
     else:
-        runner = _NumpyRunner(ort_session, layout, batch)
+        runner = NumpyRunner(ort_session, layout, batch)
     # The mask grows by one column of ones per step: kept in one buffer, fed as a prefix.
     full_mask = np.ones((batch, ids.shape[1] + max_new_tokens), dtype=np.int64)
     full_mask[:, : ids.shape[1]] = mask

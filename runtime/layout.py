@@ -1,10 +1,15 @@
 """The cache layout of a decode graph, read from its ONNX Runtime session: per layer the past and
 present tensor names, KV heads and head size (pruned graphs may differ per layer), and the
 zero-length past tensors a prefill is fed.
+
+A deployment graph (``pangu-light deploy``) records in its metadata (``DEPLOY_METADATA_KEY``,
+JSON) how its cache is fed: ``io_kind`` ``gqa-shared-buffer`` means past and present may be one
+buffer of fixed capacity (at most ``max_length`` positions, the rotary cache's length).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -14,7 +19,12 @@ import onnxruntime as ort
 from pangu_light.core import contract
 from pangu_light.runtime.errors import RuntimeUserError
 
-__all__ = ["DecodeLayout", "KVLayer"]
+__all__ = ["DEPLOY_METADATA_KEY", "SHARED_BUFFER_IO", "DecodeLayout", "KVLayer"]
+
+# The same strings as deploy.build.DEPLOY_KEY and passes.deploy.fuse_gqa.IO_KIND_GQA (the runtime
+# imports neither; tests/deploy/test_deploy_fused.py checks they agree).
+DEPLOY_METADATA_KEY = "pangu_light.deploy"
+SHARED_BUFFER_IO = "gqa-shared-buffer"
 
 _PAST = re.compile(rf"^{re.escape(contract.PAST_PREFIX)}(\d+)\.(key|value)$")
 _NUMPY_DTYPES = {
@@ -44,6 +54,8 @@ class DecodeLayout:
     layers: tuple[KVLayer, ...]
     vocab: int | None
     logits_dtype: type = np.float32
+    shared_buffer: bool = False  # past and present may alias one buffer (deployment GQA graphs)
+    max_length: int = 0  # positions the graph can hold (its rotary cache); 0: not bounded here
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, *, require_outputs: bool = True) -> DecodeLayout:
@@ -117,10 +129,13 @@ class DecodeLayout:
             )
         logits = outputs.get(contract.LOGITS)
         vocab = logits.shape[-1] if logits is not None else None
+        deployed = _deploy_record(session)
         return cls(
             layers=tuple(layers),
             vocab=vocab if isinstance(vocab, int) else None,
             logits_dtype=_NUMPY_DTYPES.get(logits.type, np.float32) if logits is not None else np.float32,
+            shared_buffer=deployed.get("io_kind") == SHARED_BUFFER_IO,
+            max_length=int(deployed.get("max_length") or 0),
         )
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
@@ -138,3 +153,15 @@ class DecodeLayout:
             pairs.append((layer.past_key, layer.present_key))
             pairs.append((layer.past_value, layer.present_value))
         return pairs
+
+
+def _deploy_record(session: ort.InferenceSession) -> dict:
+    """The deploy record in the graph's metadata ({} for a graph that is not a deployment)."""
+    raw = session.get_modelmeta().custom_metadata_map.get(DEPLOY_METADATA_KEY)
+    try:
+        record = json.loads(raw) if raw else {}
+    except ValueError:
+        raise RuntimeUserError(
+            f"the graph's {DEPLOY_METADATA_KEY} metadata is not JSON: rebuild it with `pangu-light deploy`"
+        ) from None
+    return record if isinstance(record, dict) else {}

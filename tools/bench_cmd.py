@@ -56,6 +56,7 @@ from pangu_light.runtime.benchmark import (
     workload_requests,
 )
 from pangu_light.runtime.errors import RuntimeUserError
+from pangu_light.runtime.layout import DEPLOY_METADATA_KEY
 from pangu_light.runtime.machine import describe_machine, load_average
 from pangu_light.runtime.session import ProviderFallbackWarning, create_session
 from pangu_light.tools.arguments import add_session_arguments, session_options_from_args
@@ -119,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
         )
     prompts = make_prompts(min(vocabs), requests, args.batch, args.seed)
 
-    costs = []
-    for path in paths:  # GraphStats at context 1: the cost model scales attention itself
-        costs.append(workload_cost(GraphStats.from_model(load_model(path), context=1), requests, args.batch))
+    costs = [_graph_cost(path, requests, args.batch) for path in paths]
 
     memory: list[dict | None] = [None] * len(paths)
     if not args.no_memory:
@@ -158,6 +157,46 @@ def run(args: argparse.Namespace) -> int:
         if args.json != "-":
             print(f"wrote {args.plot}")
     return 0
+
+
+def _graph_cost(path: str, requests, batch: int) -> dict[str, int]:
+    """The workload cost of ``path`` from its ``GraphStats`` at context 1 (the cost model scales
+    attention itself). A deployment graph (``pangu-light deploy``: fused ops and MatMulNBits the
+    model map does not read) takes the FLOPs of the decode graph it was built from, named in its
+    record, and its own weight bytes: the initializers its MatMul/MatMulNBits nodes read per token."""
+    model = load_model(path)
+    raw = model.metadata_props.get(DEPLOY_METADATA_KEY)
+    if raw is None:
+        return workload_cost(GraphStats.from_model(model, context=1), requests, batch)
+    source = json.loads(raw).get("source")
+    if not source or not Path(source).is_file():
+        raise RuntimeUserError(
+            f"{path} is a deployment graph whose source decode graph ({source}) is not there: the cost model "
+            "reads the source's FLOPs; keep the source graph, or bench the source graph instead"
+        )
+    cost = workload_cost(GraphStats.from_model(load_model(source), context=1), requests, batch)
+    weights = sum(
+        _constant_bytes(value)
+        for node in model.graph
+        if node.op_type in ("MatMul", "MatMulNBits")
+        for value in node.inputs[1:]
+    )
+    delta = weights - cost["weight_bytes"]
+    for request in requests:
+        cost["prefill_bytes"] += delta
+        cost["decode_bytes"] += (request.output_tokens - 1) * delta
+    cost["weight_bytes"] = weights
+    return cost
+
+
+def _constant_bytes(value) -> int:
+    """Bytes of a constant input (through a Transpose of one: a tied lm_head), else 0."""
+    if value is None:
+        return 0
+    producer = value.producer()
+    if value.const_value is None and producer is not None and producer.op_type == "Transpose":
+        value = producer.inputs[0]
+    return value.const_value.nbytes if value.const_value is not None else 0
 
 
 def build_report(*, args, paths, requests, sessions, fallbacks, kinds, costs, memory, rounds, load) -> dict[str, Any]:

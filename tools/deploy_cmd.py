@@ -1,4 +1,5 @@
-"""A deployment graph from a decode graph: weights laid out for MatMul, int8/int4 weight-only.
+"""A deployment graph from a decode graph: fused attention and norms, weights laid out for
+MatMul, int8/int4 weight-only.
 
     pangu-light deploy out/prune/pruned-kv.onnx -o out/deploy-int4
     pangu-light deploy out/prune/original-kv.onnx -o out/deploy-fp32 --weights fp32
@@ -8,8 +9,15 @@ Writes OUTDIR/model.onnx (with model.onnx.data beside it when the weights pass 1
 OUTDIR/deploy.json, the record of what was done (options, counts, node totals, versions; the
 same record is in the graph's pangu_light.deploy metadata).
 
-Steps: (1) fold-weight-transpose: every weight our exporter reads as Transpose(W) is stored as
-W^T, the layout MatMul reads (the function is unchanged; fp32 stops here). (2) --weights
+Steps: (1) fuse-gqa: each layer's attention becomes one com.microsoft GroupQueryAttention
+(rotary inside, from cos/sin caches of --max-length positions; KV heads and head counts per
+layer as the graph has them; sliding windows and soft-capping read off the graph), whose
+past and present may be one pre-allocated buffer (`run` and `bench` bind them so). A layer
+whose attention is not of the export's form is left as it is (GLM4's partial interleaved
+rotary). (2) fold-weight-transpose: every weight our exporter reads as Transpose(W) is stored
+as W^T, the layout MatMul reads. (3) fuse-norms: RMSNorm -> SimplifiedLayerNormalization, a
+residual Add + RMSNorm -> SkipSimplifiedLayerNormalization (onnxscript's rules); fp32 stops
+here, and --no-fuse skips (1) and (3). (4) --weights
 int8/int4: ONNX Runtime's own MatMulNBitsQuantizer (round to nearest, one scale per block of
 --block-size weights along the input dimension, symmetric unless --asymmetric) turns every
 MatMul with a constant weight into com.microsoft.MatMulNBits: all projections of every layer
@@ -18,10 +26,12 @@ widths that are not a multiple of the block size (pruned hidden sizes) are padde
 last block. --accuracy-level 4 (default) lets the CPU kernel quantize activations to int8 too
 (fastest); 0 computes in float32 on the dequantized weights.
 
-The result runs with `pangu-light run` and in ONNX Runtime directly (com.microsoft ops are in
-every onnxruntime build). `inspect`, `diff` and `bench`'s cost model read graphs through the
-model map, which does not know MatMulNBits: bench the fp32 deployment graph, or the int graph
-with its timing only (see the deploy.json for its weight bytes).
+The result runs with `pangu-light run` and `bench` (one KV buffer per cache tensor, bound as
+past and present; bench costs it from the source graph's FLOPs and its own weight bytes) and in
+ONNX Runtime directly (com.microsoft ops are in every onnxruntime build). --genai-package also
+writes genai_config.json and the tokenizer files, so onnxruntime_genai.Model(OUTDIR) loads it
+(GenAI takes one shape for all layers: uniform graphs only). `inspect` and `diff` read graphs
+through the model map, which does not know the fused ops: use them on the source graph.
 """
 
 from __future__ import annotations
@@ -59,6 +69,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MatMulNBits compute type: 4 int8 activations (default, fastest on CPU), 0 float32",
     )
     parser.add_argument("--provider", choices=("cpu",), default="cpu", help="target provider (cpu so far)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=0,
+        help="longest sequence (prompt + new tokens) the fused graph serves: the rotary cache's "
+        "positions (default: the model's max_position_embeddings, else 4096)",
+    )
+    parser.add_argument(
+        "--genai-package",
+        action="store_true",
+        help="also write an ONNX Runtime GenAI package (genai_config.json + tokenizer files) for "
+        "onnxruntime_genai.Model(OUTDIR); uniform layer shapes only",
+    )
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory for --genai-package (default: the graph's)")
+    parser.add_argument(
+        "--no-fuse", action="store_true", help="keep the export's attention and norms (no GQA, no fused norms)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,17 +96,27 @@ def run(args: argparse.Namespace) -> int:
         symmetric=not args.asymmetric,
         accuracy_level=args.accuracy_level,
         provider=args.provider,
+        fuse=not args.no_fuse,
+        max_length=args.max_length,
     )
     if args.weights == "fp32" and (args.no_quantize_lm_head or args.asymmetric):
         raise PanguLightError("--no-quantize-lm-head and --asymmetric apply to --weights int8/int4 only")
-    record = build_deployment(args.model, args.output, options)
+    if args.tokenizer and not args.genai_package:
+        raise PanguLightError("--tokenizer is read by --genai-package only")
+    record = build_deployment(
+        args.model, args.output, options, genai_tokenizer=args.tokenizer if args.genai_package else False
+    )
     fold = record["fold_weight_transpose"]
     print(
         f"{record['model']}: {args.weights}, {fold.get('transposes_removed', 0)} weight transposes folded, "
         f"{record['matmul_nbits']} of {record['eligible_matmuls']} eligible MatMuls -> MatMulNBits "
         f"(lm_head {'quantized' if record['lm_head_quantized'] else 'float32'}), "
-        f"nodes {record['nodes_before']} -> {record['nodes_after']}, "
+        f"{record.get('fuse_gqa', {}).get('fused', 0)} attentions -> GroupQueryAttention "
+        f"({record['io_kind']}), nodes {record['nodes_before']} -> {record['nodes_after']}, "
         f"weights {record['weight_bytes'] / 1e6:.1f} MB"
     )
     print(f"record: {Path(args.output) / 'deploy.json'}")
+    if "genai_package" in record:
+        files = ", ".join(record["genai_package"])
+        print(f"ONNX Runtime GenAI package: {files} (onnxruntime_genai.Model('{args.output}'))")
     return 0

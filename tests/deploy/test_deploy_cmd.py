@@ -69,3 +69,31 @@ def test_deploy_package_imports_neither_tools_nor_frontend():
             if name.split(".")[:2] in (["pangu_light", "tools"], ["pangu_light", "frontend"]):
                 problems.append(f"{module}:{line} imports {name}")
     assert not problems
+
+
+def test_command_fuses_by_default_and_no_fuse_keeps_the_export(exported_graph, tmp_path, capsys):
+    _, path = exported_graph("mistral", kv_cache=True)
+    assert main(["deploy", str(path), "-o", str(tmp_path / "f"), "--weights", "fp32", "--max-length", "128"]) == 0
+    assert "4 attentions -> GroupQueryAttention (gqa-shared-buffer)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "f" / "deploy.json").read_text())
+    assert record["max_length"] == 128 and record["ops_after"]["GroupQueryAttention"] == 4
+    assert main(["deploy", str(path), "-o", str(tmp_path / "n"), "--weights", "fp32", "--no-fuse"]) == 0
+    record = json.loads((tmp_path / "n" / "deploy.json").read_text())
+    assert record["io_kind"] == "past-present"
+    assert not {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} & set(record["ops_after"])
+
+
+def test_bench_reads_deployment_graphs(exported_graph, tmp_path):
+    """`bench` runs fused deployment graphs (the shared-buffer loop, batch 2) and costs them from
+    their source graph's FLOPs and their own per-token weight bytes (int4: about a quarter)."""
+    _, path = exported_graph("qwen2", kv_cache=True)
+    for weights in ("fp32", "int4"):
+        assert main(["deploy", str(path), "-o", str(tmp_path / weights), "--weights", weights]) == 0
+    graphs = [str(path), str(tmp_path / "fp32" / "model.onnx"), str(tmp_path / "int4" / "model.onnx")]
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", *graphs, "--workload", "decode", "--scale", "64", "--batch", "2", "--repeats", "1",
+                 "--warmup", "0", "--no-memory", "--threads", "1", "--json", str(report_path)]) == 0
+    costs = [graph["cost"] for graph in json.loads(report_path.read_text())["graphs"]]
+    assert costs[0]["decode_flops"] == costs[1]["decode_flops"] == costs[2]["decode_flops"]
+    assert abs(costs[1]["weight_bytes"] / costs[0]["weight_bytes"] - 1) < 0.02  # MatMul weights only, no norms
+    assert 0.1 < costs[2]["weight_bytes"] / costs[0]["weight_bytes"] < 0.35

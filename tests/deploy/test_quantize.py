@@ -2,7 +2,8 @@
 multiple of the block size included), each dequantized weight is within half a block scale of
 the float32 weight, and the quantized graph computes what the float32 graph computes with those
 dequantized weights (accuracy_level 0: float32 compute), prefill and 4 decode steps, batch 3
-left-padded."""
+left-padded. Built with ``fuse=False`` (the export's seven MatMuls per layer); the fused and
+packed graphs are quantized in ``test_deploy_fused.py``."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def _dequantized_reference(path, out) -> None:
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_quantized_graph_equals_dequantized_fp32_graph(weights, symmetric, pruned_llama, tmp_path):
     vocab, path = pruned_llama
-    options = DeployOptions(weights=weights, accuracy_level=0, symmetric=symmetric)
+    options = DeployOptions(weights=weights, accuracy_level=0, symmetric=symmetric, fuse=False)
     record = build_deployment(path, tmp_path / "d", options)
     deployed = tmp_path / "d" / "model.onnx"
     # every weight MatMul of the pruned graph (7 per layer x 4 layers + the tied lm_head)
@@ -116,7 +117,7 @@ def test_dequantized_weight_error_bound(bits, symmetric, pruned_llama):
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied and untied lm_head
 def test_lm_head_kept_float32_on_request(family, exported_graph, tmp_path):
     _, path = exported_graph(family, kv_cache=True)
-    record = build_deployment(path, tmp_path / "d", DeployOptions(weights="int4", quantize_lm_head=False))
+    record = build_deployment(path, tmp_path / "d", DeployOptions(weights="int4", quantize_lm_head=False, fuse=False))
     model = onnx.load(str(tmp_path / "d" / "model.onnx"))
     producers = {o: n for n in model.graph.node for o in n.output}
     assert producers["logits"].op_type == "MatMul"

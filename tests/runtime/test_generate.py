@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from pangu_light.passes.infra.pipeline import format_value
-from pangu_light.runtime import generate as generate_module
+from pangu_light.runtime import kv_runners
 from pangu_light.runtime.errors import RuntimeUserError
 from pangu_light.runtime.generate import generate, greedy_generate, left_pad
 from pangu_light.runtime.layout import DecodeLayout
@@ -115,8 +115,8 @@ def test_kv_cache_is_written_into_the_preallocated_buffers(exported_graph):
     ids, mask = left_pad(PROMPTS, 0)
     batch, length = ids.shape
     steps = 5
-    bound = generate_module._BoundRunner(info.session, layout, "cpu", 0, batch, length + steps)
-    plain = generate_module._NumpyRunner(info.session, layout, batch)
+    bound = kv_runners.BoundRunner(info.session, layout, "cpu", 0, batch, length + steps)
+    plain = kv_runners.NumpyRunner(info.session, layout, batch)
     pointers = [tuple(value.data_ptr() for value in pair) for pair in bound.buffers]
     token = None
     for step in range(steps + 1):
