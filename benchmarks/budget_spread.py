@@ -17,6 +17,8 @@ statistics, Grams and rotation
     hidden-H    hidden fixed at H (full, 15/16, 7/8, 3/4), heads and FFN share the rest by one factor
     heads-kept  every query head kept, hidden and FFN share the budget
     ffn-only    hidden and heads kept, the FFN width takes the whole cut
+    default+flap-heads  the default spread, query heads ranked by FLAP's fluctuation metric
+                (variance of each head's o_proj input times its weight columns' norm)
 
 Measured 2026-12-03 (AMD EPYC, 2 cores shared with three other jobs, load average 5-7; calib 64 x
 256, eval 8 x 256; perplexity x unpruned, LAMBADA / wiki; unpruned 56.57 / 27.27)::
@@ -39,6 +41,12 @@ Then with the rule this made the default, at prune's --align 1 (--rows default,e
                    default (hidden 550, heads 2, FFN 1243) 2.40 / 2.26
     --params 0.62  even (hidden 440, heads 2, FFN 1175)   8.09 / 6.70
                    default (hidden 524, heads 2, FFN 838)  5.91 / 4.39
+
+Query heads ranked by FLAP's fluctuation metric instead of S_head, the default spread
+(--rows default,default+flap-heads; same load): mixed, so S_head stays the default ranking::
+
+    --params 0.8   S_head 2.40 / 2.26    FLAP 3.63 / 2.19
+    --params 0.62  S_head 5.91 / 4.39    FLAP 7.40 / 4.08
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from rotation_quality import build, rotation_file
 
 from pangu_light.calib.evaluate import perplexity
 from pangu_light.calib.planner import Targets, make_plan
+from pangu_light.calib.refit_plan import fluctuation_ranking
 from pangu_light.calib.text import sequences_for
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_stats import GraphStats
@@ -66,7 +75,8 @@ from pangu_light.passes.rewrites.rotate_hidden import load_rotation
 def allocations(model_map: ModelMap, params: float, align: int) -> dict[str, Targets]:
     hidden = model_map.hidden_size
     heads = max(l.attention.num_heads // l.attention.num_kv_heads for l in model_map.layers)
-    rows = {"default": Targets(params=params, align=align), "even": Targets(params=params, align=align, spread="even")}
+    rows = {"default": Targets(params=params, align=align), "even": Targets(params=params, align=align, spread="even"),
+            "default+flap-heads": Targets(params=params, align=align)}  # heads ranked by FLAP's fluctuation
     for fraction, name in ((1.0, "full"), (0.9375, "15/16"), (0.875, "7/8"), (0.75, "3/4")):
         rows[f"hidden-{name}"] = Targets(params=params, hidden=int(32 * round(fraction * hidden / 32)), align=align)
     rows["heads-kept"] = Targets(params=params, heads_per_group=heads, align=align)
@@ -109,8 +119,9 @@ def main() -> None:
         if args.rows and name not in args.rows.split(","):
             continue
         targets.hidden_method = "rotate"
+        ranking = fluctuation_ranking(stats, grams, model_map) if name.endswith("+flap-heads") else stats
         try:
-            plan = make_plan(model_map, stats, targets, rotation=rotation, rotation_file=str(rotation_path.resolve()))
+            plan = make_plan(model_map, ranking, targets, rotation=rotation, rotation_file=str(rotation_path.resolve()))
         except PanguLightError as error:
             note(f"{name}: not plannable ({error})")
             continue
