@@ -30,6 +30,9 @@ PASSES: dict[str, str | type[PanguPass]] = {
     "drop-post-norm": "pangu_light.passes.rewrites.drop_post_norm:DropPostNormPass",
     "set-projection": "pangu_light.passes.rewrites.set_projection:SetProjectionPass",
     "fold-weight-transpose": "pangu_light.passes.deploy.fold_weight_transpose:FoldWeightTransposePass",
+    "fuse-gqa": "pangu_light.passes.deploy.fuse_gqa:FuseGQAPass",
+    "pack-qkv": "pangu_light.passes.deploy.pack_qkv:PackQKVPass",
+    "fuse-norms": "pangu_light.passes.deploy.fuse_norms:FuseNormsPass",
 }
 
 

@@ -237,5 +237,7 @@ def test_registry_resolves_strings_and_checks_names(monkeypatch):
 
 def test_registry_lists_the_planned_passes_sorted():
     names = registry.available_passes()
-    assert {"drop-layers", "slice-hidden"} <= set(names)
+    assert {"drop-layers", "slice-hidden", "fuse-gqa", "pack-qkv", "fuse-norms"} <= set(names)
+    for name in names:  # every entry resolves to a pass class of that name
+        assert registry.get_pass(name).name == name
     assert names == sorted(names)
