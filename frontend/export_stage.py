@@ -10,9 +10,7 @@ weights file to file; a structure traced before for the same config is reused
 (``structure_cache``). Other checkpoints are loaded in float32 and traced as before. Each graph
 gets the tokenizer directory and the model spec in its metadata, its model map is derived (the
 check that passes can read it) and it is saved atomically (weights in a side file above
-``graph_io.EXTERNAL_DATA_THRESHOLD_BYTES``). The second graph kind of one run holds the same
-parameters: its weights file is a hard link to the first's (``graph_io.save_model_sharing_weights``),
-so the weights are written once.
+``graph_io.EXTERNAL_DATA_THRESHOLD_BYTES``).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from pangu_light.frontend.random_models import is_random_dir, random_tensor
 from pangu_light.frontend.structure_cache import load_structure, store_structure, structure_key
 from pangu_light.frontend.weights import attach_weights, empty_model, safetensors_index, safetensors_source
 from pangu_light.passes.analysis.model_map import ModelMap
-from pangu_light.passes.infra.graph_io import refuse_overwrite_input, save_model_atomic, save_model_sharing_weights
+from pangu_light.passes.infra.graph_io import refuse_overwrite_input, save_model_atomic
 
 __all__ = ["export_graphs"]
 
@@ -73,7 +71,6 @@ def export_graphs(
     n_params = sum(p.numel() for p in hf_model.parameters())
     aliases = _parameter_aliases(hf_model)
     results = {}
-    donor: Path | None = None
     for kv_cache, output in outputs.items():
         kind = "decode (KV cache)" if kv_cache else "no-cache"
         note(f"exporting the {kind} graph of {n_params / 1e6:.1f}M parameters")
@@ -88,13 +85,8 @@ def export_graphs(
                 f"the exported graph is not one the passes can read ({error}); this is a bug in "
                 "pangu-light's exporter, please report it with the model's config.json"
             ) from None
-        if donor is None:
-            note(f"saving {output}")
-            save_model_atomic(ir_model, output)
-            donor = output
-        else:  # the same parameters: a hard link to the first graph's weights file, not a copy
-            note(f"saving {output} (its weights file is a link to {donor.name}'s)")
-            save_model_sharing_weights(ir_model, output, donor, aliases)
+        note(f"saving {output}")
+        save_model_atomic(ir_model, output)
         results[kv_cache] = (ir_model, model_map)
     return results
 

@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -36,7 +36,6 @@ __all__ = [
     "load_model_metadata",
     "refuse_overwrite_input",
     "save_model_atomic",
-    "save_model_sharing_weights",
 ]
 
 # Graphs above this size keep their weights in a side file: an embedded graph is built whole
@@ -139,54 +138,6 @@ def save_model_atomic(model: ir.Model, path: str | os.PathLike, *, external: boo
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.parent) as staging:
         data_name = f"{path.name}.{secrets.token_hex(4)}.data"
         ir.save(model, Path(staging) / path.name, external_data=data_name)
-        os.replace(Path(staging) / data_name, path.parent / data_name)
-        os.replace(Path(staging) / path.name, path)
-    _remove_stale_data(path, keep=data_name)
-    return path
-
-
-def save_model_sharing_weights(model: ir.Model, path: str | os.PathLike, donor: str | os.PathLike,
-                               names: Iterable[str]) -> Path:
-    """Write ``model`` to ``path`` like ``save_model_atomic``, but its initializers named in
-    ``names`` (the caller guarantees they hold the same values as the ``donor`` graph's of those
-    names, e.g. the parameters of two graph kinds of one export) reference the donor's weights
-    file through a hard link, ``<name>.<random>.data``, instead of a copy: no weight byte is
-    read or written, and either graph can be deleted or rewritten without the other. The other
-    initializers are embedded. Falls back to ``save_model_atomic`` when the donor keeps its
-    weights embedded, in several files, or the file system refuses the link."""
-    path = Path(path)
-    donor_model = ir.load(donor)
-    shared: dict[str, ir.ExternalTensor] = {}
-    for name in names:
-        mine, theirs = model.graph.initializers.get(name), donor_model.graph.initializers.get(name)
-        tensor = theirs.const_value if theirs is not None else None
-        if mine is None or not isinstance(tensor, ir.ExternalTensor) or tensor.dtype != mine.dtype:
-            continue
-        if tuple(tensor.shape) == tuple(mine.shape):
-            shared[name] = tensor
-    files = {Path(t.base_dir) / t.location for t in shared.values()}
-    if len(files) != 1:
-        return save_model_atomic(model, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data_name = f"{path.name}.{secrets.token_hex(4)}.data"
-    kept = {name: value.const_value for name, value in model.graph.initializers.items()}
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.parent) as staging:
-        try:
-            os.link(next(iter(files)), Path(staging) / data_name)
-        except OSError:
-            return save_model_atomic(model, path)
-        try:
-            for name, value in model.graph.initializers.items():
-                tensor = shared.get(name)
-                if tensor is not None:
-                    value.const_value = ir.ExternalTensor(data_name, tensor.offset, tensor.length, tensor.dtype,
-                                                          shape=tensor.shape, name=name, base_dir=path.parent)
-                elif isinstance(value.const_value, ir.ExternalTensor):  # mapped from elsewhere: embed
-                    value.const_value = ir.Tensor(value.const_value.numpy(), name=name)
-            ir.save(model, Path(staging) / path.name)  # shared tensors keep the link's name and offsets
-        finally:
-            for name, tensor in kept.items():
-                model.graph.initializers[name].const_value = tensor
         os.replace(Path(staging) / data_name, path.parent / data_name)
         os.replace(Path(staging) / path.name, path)
     _remove_stale_data(path, keep=data_name)

@@ -94,32 +94,3 @@ def test_a_checkpoint_without_safetensors_is_loaded(exported_graph, tmp_path, st
     export_graphs(str(tmp_path / "hf"), {False: tmp_path / "m.onnx"}, progress=notes.append)
     assert any(n.startswith("loading") and "(float32)" in n for n in notes)
     assert _initializers(load_model(tmp_path / "m.onnx")) == _initializers(load_model(reference_path))
-
-
-def test_second_graph_kind_links_the_first_weights_file(exported_graph, tmp_path, structure_cache, monkeypatch):
-    """Both kinds in one run with external data: the decode graph's weights file is a hard link to
-    the no-cache graph's (written once), its initializers equal the decode graph's exported alone
-    byte for byte, and it stays whole when the no-cache pair is removed."""
-    from pangu_light.passes.infra.graph_io import THRESHOLD_ENV, data_files
-
-    monkeypatch.setenv(THRESHOLD_ENV, "0")
-    model, _ = exported_graph("llama")
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
-    outputs = {False: tmp_path / "model.onnx", True: tmp_path / "decode.onnx"}
-    notes: list[str] = []
-    export_graphs(str(tmp_path / "hf"), outputs, progress=notes.append)
-    assert any("is a link to model.onnx's" in n for n in notes)
-    (first,), (second,) = data_files(outputs[False]), data_files(outputs[True])
-    assert first.stat().st_ino == second.stat().st_ino and second.stat().st_nlink == 2
-    _, reference_path = exported_graph("llama", kv_cache=True)
-    reference = load_model(reference_path)
-    donor = {n: v.const_value for n, v in load_model(outputs[False]).graph.initializers.items()}
-    linked = {n: v.const_value for n, v in load_model(outputs[True]).graph.initializers.items()
-              if isinstance(v.const_value, ir.ExternalTensor)}
-    assert linked and all(donor[n].offset == t.offset and donor[n].length == t.length for n, t in linked.items())
-    assert set(linked) == {n for n, t in donor.items() if isinstance(t, ir.ExternalTensor)}  # every parameter
-    first.unlink()
-    outputs[False].unlink()
-    decode = load_model(outputs[True])
-    assert _nodes(decode) == _nodes(reference) and _initializers(decode) == _initializers(reference)
-    assert data_files(outputs[True]) == [second] and second.stat().st_nlink == 1
