@@ -1,20 +1,26 @@
 """The calibration batch size that fits a memory budget (``calibrate --max-memory 4G``).
 
-Calibration holds the graph's weights once (ONNX Runtime's session) and, while a batch runs,
-the activations of one layer at a time for every sequence of the batch (inference frees each
-intermediate after its last reader), plus a fixed runtime overhead::
+Calibration holds the graph's weights once (ONNX Runtime's session), a fixed runtime overhead,
+and per sequence of the batch the activations ONNX Runtime keeps while the batch runs::
 
     peak(B) ~ weights + overhead + B * per_sequence
 
-    per_sequence = 4 bytes * L * max over layers of (3 * n_heads * L      scores, mask, softmax
-                                                    + 6 * F               gate, up, act, product, taps
-                                                    + 12 * max(H, n*d))   residual, norms, q/k/v, context, taps
+    per_sequence = 4 bytes * L * ( 2 * sum over layers of (5 * max(H, n*d) + F)      tapped values
+                                 + max over layers of (3 * n_heads * L          scores, mask, softmax
+                                                       + 6 * F + 12 * max(H, n*d)) )   one layer's work
 
 for L tokens per sequence (float32 activations, the eager attention's [n_heads, L, L] scores).
-The tap outputs are per sequence and small (one row of H, n or F values per tapped value);
-the statistics are accumulated per batch in float64, so the batch size changes the result only
-by float64 rounding. The estimate is deliberately on the safe side; it is printed before the
-run starts, so a user can see what it assumed.
+The first term is there because ONNX Runtime keeps the values the taps read (each layer's norm
+outputs, attention context, FFN activation, input and output) of every layer until the taps'
+reductions run, whatever the stored node order, and its arena holds about two such sets once
+more than one batch has run. Measured on SmolLM2-135M at L = 256 (peak RSS, 8 or 16 sequences):
+0.88 GB + 0.26 GB per sequence of the batch over several batches (one batch of 8: 0.13 GB per
+sequence); this estimate says 0.50 GB of weights + 0.63 GB + 0.28 GB per sequence. The
+statistics are accumulated per batch in float64; the batch size changes the result only by
+rounding: ONNX Runtime's float32 kernels round per-sample sums differently for another batch
+shape (SmolLM2-135M, batch 3 against 4: 7e-8 relative at most; the tiny test models: float64
+rounding only). The estimate is printed before the run starts, so a user can see what it
+assumed; it is a model of one runtime's allocator, checked on one model, not a guarantee.
 """
 
 from __future__ import annotations
@@ -27,9 +33,9 @@ from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = ["MemoryEstimate", "RUNTIME_OVERHEAD_BYTES", "estimate_calibration_memory", "format_size", "parse_size"]
 
-# Python, NumPy, ONNX Runtime's libraries and arena, the tokenizer: what a calibrate process of
-# the smallest graph holds besides weights and activations (measured: ~0.3 GB; rounded up).
-RUNTIME_OVERHEAD_BYTES = 512 * 2**20
+# Python, NumPy, ONNX Runtime's libraries and arena, the tokenizer and corpus: what a calibrate
+# process holds besides weights and activations (SmolLM2-135M, 16 x 256: ~0.4 GB; rounded up).
+RUNTIME_OVERHEAD_BYTES = 640 * 2**20
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -83,9 +89,10 @@ class MemoryEstimate:
 
 def estimate_calibration_memory(model_map: ModelMap, weight_bytes: int, seq_len: int) -> MemoryEstimate:
     """The estimate above for a graph whose initializers hold ``weight_bytes``."""
-    widest = 0
+    widest, tapped = 0, 0
     for layer in model_map.layers:
         attention = layer.attention
         width = max(model_map.hidden_size, attention.num_heads * attention.head_dim)
+        tapped += 5 * width + layer.ffn.intermediate_size
         widest = max(widest, 3 * attention.num_heads * seq_len + 6 * layer.ffn.intermediate_size + 12 * width)
-    return MemoryEstimate(weight_bytes, RUNTIME_OVERHEAD_BYTES, 4 * seq_len * widest, seq_len)
+    return MemoryEstimate(weight_bytes, RUNTIME_OVERHEAD_BYTES, 4 * seq_len * (2 * tapped + widest), seq_len)

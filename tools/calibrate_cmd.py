@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-memory", metavar="SIZE",
         help="pick the batch size to fit SIZE (e.g. 4G, 512M): estimated from the graph's weights, a runtime "
         "overhead and the activations of one sequence (printed before the run starts); overrides --batch-size. "
-        "The statistics are summed per batch in float64, so the batch size changes them only by rounding",
+        "The statistics are summed per batch in float64; another batch size changes them only by float32 rounding",
     )
     parser.add_argument(
         "--aggregation", choices=("paper", "minitron"), default="paper",
