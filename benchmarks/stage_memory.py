@@ -14,6 +14,8 @@ another and reads each process's peak RSS (``os.wait4``: the child's own ``ru_ma
     eval       pruned.onnx --data lambada --samples 8 --seq-len 256
     run        pruned-kv.onnx --max-new-tokens 16
 
+A stage whose resident memory passes ``--max-rss`` (default 12G) is killed and recorded as such,
+with the memory measured then, so a model too big for the machine shows the stage that failed.
 ``--retrace`` makes the export trace again (a cold export; otherwise a structure traced before
 for the model's config is reused). Prints a table and writes ``stage_memory.json`` (with the
 machine, the load averages before and after, and every command line). Run it once, on a quiet
@@ -53,20 +55,45 @@ def _stages(model: str, work: Path, retrace: bool, drop: int) -> list[tuple[str,
     ]
 
 
-def _measure(arguments: list[str], log: Path) -> dict:
+def _measure(arguments: list[str], log: Path, max_rss: int | None) -> dict:
+    """Run one command; its wall time and peak RSS (``wait4``). With ``max_rss`` the child's RSS
+    is polled (``/proc``, every 0.2 s) and the child killed when it passes the limit: the row
+    then says so and holds the RSS measured at that moment."""
     command = [sys.executable, "-m", "pangu_light.tools.cli", *arguments]
     start = time.perf_counter()
+    killed_at = None
     with open(log, "ab") as out:
         out.write(("\n$ " + " ".join(command) + "\n").encode())
         out.flush()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
-    return {
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG if max_rss else 0)
+            if pid:
+                break
+            rss = _rss(process.pid)
+            if rss is not None and rss > max_rss and killed_at is None:
+                killed_at = rss
+                process.kill()
+            time.sleep(0.2)
+    row = {
         "seconds": round(time.perf_counter() - start, 1),
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "exit_status": os.waitstatus_to_exitcode(status),
         "command": " ".join(arguments),
     }
+    if killed_at is not None:
+        row["killed_over_max_rss_at_bytes"] = killed_at
+    return row
+
+
+def _rss(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _weight_bytes(graph: Path) -> int:
@@ -87,7 +114,12 @@ def main() -> int:
     parser.add_argument("-o", "--output", type=Path, required=True, help="work and result directory")
     parser.add_argument("--drop-layers", type=int, default=2, help="layers the plan drops (default 2)")
     parser.add_argument("--retrace", action="store_true", help="cold export: trace even if a structure is cached")
+    parser.add_argument("--max-rss", default="12G",
+                        help="kill a stage whose RSS passes this (default 12G; 0: no limit); the row says so")
     args = parser.parse_args()
+    from pangu_light.calib.memory import parse_size
+
+    max_rss = parse_size(args.max_rss) or None
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "python": platform.python_version()},
               "load_average_start": os.getloadavg(), "models": {}}
@@ -96,7 +128,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         rows = {}
         for name, arguments in _stages(model, work, args.retrace, args.drop_layers):
-            rows[name] = _measure(arguments, work / "log.txt")
+            rows[name] = _measure(arguments, work / "log.txt", max_rss)
             print(f"{model:20s} {name:20s} {rows[name]['seconds']:8.1f} s "
                   f"{rows[name]['peak_rss_bytes'] / 2**30:7.2f} GiB  exit {rows[name]['exit_status']}", flush=True)
             if rows[name]["exit_status"] != 0:

@@ -24,9 +24,12 @@ accumulates batches in float64.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import secrets
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -168,24 +171,51 @@ def run_tapped(
 ) -> list[str]:
     """Run a tapped ``model`` (it is consumed: its unused nodes, e.g. the lm_head, are removed)
     over (input_ids, attention_mask) ``batches``, calling ``consume(outputs by name, mask)`` per
-    batch; a decode graph runs with an empty past. ONNX Runtime reads models from files, so the
-    graph is written to a temporary directory, removed afterwards. Returns the providers used."""
+    batch; a decode graph runs with an empty past. Returns the providers used.
+
+    ONNX Runtime reads models from files. A graph loaded from a file with external data keeps
+    its weights there: the tapped graph (nodes and the taps' small constants only) is written
+    beside that data file, referencing it, and removed once the session holds the weights, so
+    no weight is copied. A graph whose weights are in memory is written whole to a temporary
+    directory instead."""
     from pangu_light.runtime.layout import DecodeLayout
     from pangu_light.runtime.session import create_session
 
     common_passes.RemoveUnusedNodesPass()(model)
     decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
-    with tempfile.TemporaryDirectory(prefix="pangu-light-tapped-") as workdir:
-        tapped = Path(workdir) / "tapped.onnx"
-        ir.save(model, tapped, external_data="tapped.onnx.data")
+    with _tapped_file(model) as tapped:
         del model
         info = create_session(tapped, provider=provider, threads=threads)
-        cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
-        for input_ids, mask in batches:
-            feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), mask_name: mask.astype(np.int64)}
-            if cache is not None:
-                feeds.update(cache.empty_past(input_ids.shape[0]))
-            consume(dict(zip(names, info.session.run(names, feeds))), mask)
-            if on_batch is not None:
-                on_batch(int(mask.sum()))
+    cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
+    for input_ids, mask in batches:
+        feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), mask_name: mask.astype(np.int64)}
+        if cache is not None:
+            feeds.update(cache.empty_past(input_ids.shape[0]))
+        consume(dict(zip(names, info.session.run(names, feeds))), mask)
+        if on_batch is not None:
+            on_batch(int(mask.sum()))
     return info.providers_in_use
+
+
+@contextlib.contextmanager
+def _tapped_file(model: ir.Model) -> Iterator[Path]:
+    """The path of ``model`` saved for ONNX Runtime, removed on exit (see ``run_tapped``)."""
+    base_dirs = {
+        Path(value.const_value.base_dir).resolve()
+        for value in model.graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    if len(base_dirs) == 1:
+        (base_dir,) = base_dirs
+        if os.access(base_dir, os.W_OK):
+            path = base_dir / f".pangu-light-tapped-{secrets.token_hex(4)}.onnx"
+            try:
+                ir.save(model, path)  # external tensors keep their file and offsets
+                yield path
+            finally:
+                path.unlink(missing_ok=True)
+            return
+    with tempfile.TemporaryDirectory(prefix="pangu-light-tapped-") as workdir:
+        path = Path(workdir) / "tapped.onnx"
+        ir.save(model, path, external_data="tapped.onnx.data")
+        yield path

@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_text_arguments(parser, role="calib", samples=DEFAULT_SAMPLES, seq_len=DEFAULT_SEQ_LEN)
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per ONNX Runtime call (default 4)")
     parser.add_argument(
+        "--max-memory", metavar="SIZE",
+        help="pick the batch size to fit SIZE (e.g. 4G, 512M): estimated from the graph's weights, a runtime "
+        "overhead and the activations of one sequence (printed before the run starts); overrides --batch-size. "
+        "The statistics are summed per batch in float64; another batch size changes them only by float32 rounding",
+    )
+    parser.add_argument(
         "--aggregation", choices=("paper", "minitron"), default="paper",
         help="paper: sum over all tokens (default); minitron: mean over each sequence, L2 over sequences",
     )
@@ -50,12 +56,15 @@ def run(args: argparse.Namespace) -> int:
     if args.output.suffix != ".npz":
         raise PanguLightError(f"the statistics file must end in .npz (got {args.output})")
     from pangu_light.calib.calibrate import calibrate_graph
+    from pangu_light.calib.memory import parse_size
+
+    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
 
     start = time.perf_counter()
     stats = calibrate_graph(
         args.model, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         batch_size=args.batch_size, aggregation=args.aggregation, provider=args.provider,
-        threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
+        threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet, max_memory=max_memory,
     )
     stats.save(args.output)
     seconds = time.perf_counter() - start

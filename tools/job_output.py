@@ -11,7 +11,7 @@ from pathlib import Path
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 
-__all__ = ["export_once", "job_notes", "output_directory"]
+__all__ = ["export_kinds", "export_once", "job_notes", "output_directory"]
 
 
 def output_directory(out: Path) -> Path:
@@ -34,12 +34,23 @@ def job_notes(quiet: bool) -> Callable[[str], None]:
 
 def export_once(model: str, path: Path, *, kv_cache: bool, note: Callable[[str], None]) -> Path:
     """``path``, exported from ``model`` unless a graph exported from the same model is there."""
-    from pangu_light.frontend.export import export_to_file
+    return export_kinds(model, {kv_cache: path}, note=note)[kv_cache]
+
+
+def export_kinds(model: str, paths: dict[bool, Path], *, note: Callable[[str], None]) -> dict[bool, Path]:
+    """``paths`` (``{kv_cache: path}``), each exported from ``model`` unless a graph exported
+    from the same model is there; the missing kinds are exported in one run (the model is
+    resolved and checked once: ``export_stage.export_graphs``)."""
+    from pangu_light.frontend.export_stage import export_graphs
     from pangu_light.passes.infra.graph_io import load_model_metadata
 
-    if path.is_file() and load_model_metadata(path).get(contract.SOURCE_MODEL) == str(model):
-        note(f"reusing {path} (exported from {model})")
-        return path
-    note(f"exporting {model} -> {path}")
-    export_to_file(model, path, kv_cache=kv_cache, progress=note)
-    return path
+    missing = {}
+    for kv_cache, path in paths.items():
+        if path.is_file() and load_model_metadata(path).get(contract.SOURCE_MODEL) == str(model):
+            note(f"reusing {path} (exported from {model})")
+        else:
+            missing[kv_cache] = path
+    if missing:
+        note(f"exporting {model} -> {', '.join(str(p) for p in missing.values())}")
+        export_graphs(model, missing, progress=note)
+    return dict(paths)

@@ -31,7 +31,7 @@ from pangu_light.core.files import write_json
 from pangu_light.frontend.loading import DEFAULT_MODEL
 from pangu_light.reports.prune import describe_plan, summary_table
 from pangu_light.tools.arguments import add_target_arguments, add_text_arguments, targets_from_args
-from pangu_light.tools.job_output import export_once, job_notes, output_directory
+from pangu_light.tools.job_output import export_kinds, job_notes, output_directory
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -73,11 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pangu_light.calib.calibrate import calibrate_graph, collect_graph_grams
+    from pangu_light.calib.calibrate import collect_graph_all
     from pangu_light.calib.evaluate import evaluate_graphs
     from pangu_light.calib.planner import make_plan
     from pangu_light.calib.refit_plan import refit_for_plan
-    from pangu_light.calib.rotation import collect_graph_rotation, resolve_hidden_method
+    from pangu_light.calib.rotation import resolve_hidden_method
     from pangu_light.core.paths import record_path
     from pangu_light.passes.analysis.graph_stats import GraphStats
     from pangu_light.passes.analysis.model_map import ModelMap
@@ -96,35 +96,26 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     note = job_notes(args.quiet)
 
-    def exported(name: str, kv_cache: bool) -> Path:
-        return export_once(args.model, out / name, kv_cache=kv_cache, note=note)
-
-    original = exported("original.onnx", kv_cache=False)
-    note("calibrating")
-    stats = calibrate_graph(
-        original,
-        data=args.data,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        aggregation=args.aggregation,
-        threads=args.threads,
-        tokenizer=args.tokenizer,
-        quiet=args.quiet,
-    )
-    stats.save(out / "stats.npz")
+    # Both graph kinds in one export run (the model resolved and checked once).
+    graphs = {False: out / "original.onnx", **({} if args.no_kv_cache else {True: out / "original-kv.onnx"})}
+    export_kinds(args.model, graphs, note=note)
+    original = graphs[False]
 
     model = load_model(original)
     model_map = ModelMap.from_model(model)
     targets.hidden_method = resolve_hidden_method(args.hidden_method, model_map, targets)
-    rotation = None
-    if targets.hidden_method == "rotate":
-        note("collecting the residual stream's rotation (PCA of unit-normalised tokens)")
-        rotation = collect_graph_rotation(
-            original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-            batch_size=args.batch_size, threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
-        )
+    refit = args.refit != "none"
+    wanted = ["statistics", *(["the refit's Gram matrices"] if refit else []),
+              *(["the residual stream's rotation"] if targets.hidden_method == "rotate" else [])]
+    note(f"calibrating: {', '.join(wanted)} (one pass)")
+    collected = collect_graph_all(
+        original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        batch_size=args.batch_size, grams=refit, rotation=targets.hidden_method == "rotate",
+        aggregation=args.aggregation, threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
+    )
+    stats, rotation = collected.stats, collected.rotation
+    stats.save(out / "stats.npz")
+    if rotation is not None:
         save_rotation(out / "rotation.npz", rotation)
     plan = make_plan(model_map, stats, targets, rotation=rotation,
                      rotation_file=str((out / "rotation.npz").resolve()))
@@ -150,13 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
     original_stats = GraphStats.from_model(model)  # before the passes rewrite it in place
     pruned_model = compile_with_plan(model, original, out / "pruned.onnx")
-    refit = args.refit != "none"
     if refit:
-        note("collecting the projection inputs' Gram matrices for the refit")
-        grams = collect_graph_grams(
-            original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-            batch_size=args.batch_size, threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
-        )
+        grams, collected.grams = collected.grams, None
         source = load_model(original)
         basis = None
         if plan.hidden_method == "rotate":
@@ -171,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     rows = {"original": original_stats, "pruned": GraphStats.from_model(pruned_model)}
     del model, pruned_model
     if not args.no_kv_cache:
-        original_kv = exported("original-kv.onnx", kv_cache=True)
+        original_kv = graphs[True]
         refit_and_save(compile_with_plan(load_model(original_kv), original_kv, out / "pruned-kv.onnx"),
                        out / "pruned-kv.onnx")
 
