@@ -219,7 +219,7 @@ def header(title: str, report: dict, args: argparse.Namespace) -> list[str]:
 
 def row_table(rows: dict[str, dict]) -> list[str]:
     """| row | parameters | held-out perplexity | task metrics... | for scored rows."""
-    from pangu_light.calib.scoring import markdown_table
+    from pangu_light.calib.scoring import format_perplexity, markdown_table
 
     if all("lm_eval" in r for r in rows.values()):
         tasks = markdown_table({name: r["lm_eval"]["results"] for name, r in rows.items()}).splitlines()
@@ -228,7 +228,7 @@ def row_table(rows: dict[str, dict]) -> list[str]:
     lines = ["| row | parameters | held-out perplexity" + tasks[0].removeprefix("| model"), tasks[1] + "---|---|"]
     for line, (name, r) in zip(tasks[2:], rows.items(), strict=True):
         share, ppl = 100 * r["parameter_fraction"], r["perplexity"]["perplexity"]
-        lines.append(f"| {name} | {r['parameters']:,} ({share:.1f}%) | {ppl:.2f} |"
+        lines.append(f"| {name} | {r['parameters']:,} ({share:.1f}%) | {format_perplexity(ppl)} |"
                      + line.removeprefix(f"| {name} |"))
     return lines
 
