@@ -16,6 +16,8 @@ module):
                     then KD; or ``distill``), the same budget for every row, one teacher cache
     latency         benchmarks/ort_latency.py --json: graphs run alternately in one process, medians
 
+Every scored row is also appended to WORKDIR/scored-rows.jsonl as soon as it is known, so a run
+that dies part-way (a killed process, a full disk) keeps what it measured.
 ``header`` records the command, machine, load average, library versions and time of a run.
 """
 
@@ -171,6 +173,8 @@ class Scorer:
                                   progress=not self.args.quiet, label=label)
             row["lm_eval"] = model_report(results, self.items, {"model": graph.name, "backend": "onnxruntime",
                                                                 "limit": self.args.limit})
+        with open(self.args.workdir / "scored-rows.jsonl", "a", encoding="utf-8") as log:  # survives a crash
+            log.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "label": label, **row}) + "\n")
         return row
 
 

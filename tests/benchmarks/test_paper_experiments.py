@@ -95,6 +95,8 @@ def test_table3_every_row_one_shot(tiny, tmp_path):
         assert f"| {row['perplexity']['perplexity']:.2f} |" in line
         assert f"{100 * row['lm_eval']['results']['winogrande']['acc,none']:.1f} ±" in line
     assert [p.name for p in tiny[1].glob("*.onnx")] != [] and not list(tiny[1].glob("rotate-refit.onnx"))
+    logged = [json.loads(line) for line in (tiny[1] / "scored-rows.jsonl").read_text().splitlines()]
+    assert [entry["perplexity"] for entry in logged[-5:]] == [r["perplexity"] for r in rows.values()]
 
 
 def test_table3_recovery_row_is_the_recovered_graph(tiny, tmp_path):
