@@ -15,9 +15,10 @@ per graph under ``lm_eval``). Exports, statistics and graphs go to ``--workdir``
 OUTPUT/work; the exports are reused by later runs, pruned graphs deleted unless ``--keep``).
 
 Budgets: ``--limit`` items per task (every graph scores the same items) and ``--recover-minutes``
-of recovery per row (table3, table4; 0 skips recovery). A first look on a 2-core CPU:
-``--limit 50 --eval-samples 8 --calib-samples 16 --recover-minutes 1``; see docs/results.md for
-what was run and how long it took.
+of recovery per row (table3, table4; 0 skips recovery). What ran on a shared 2-core CPU (each
+experiment 4-14 minutes one-shot): ``--calib-samples 16 --eval-samples 8 --tasks
+lambada,piqa,winogrande --limit 20``; recovery there costs minutes of set-up per row on top of its
+budget (``--recover-with distill`` is the cheaper one); see docs/results.md for the numbers.
 """
 
 from __future__ import annotations
