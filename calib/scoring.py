@@ -38,6 +38,7 @@ from pangu_light.core.errors import PanguLightError
 
 __all__ = [
     "Encode",
+    "format_perplexity",
     "LogitsFn",
     "TaskScores",
     "loglikelihoods",
@@ -254,6 +255,12 @@ def score_tasks(
                        progress=progress, label=label)
 
 
+def format_perplexity(value: float) -> str:
+    """Two decimals, or three significant digits once a perplexity passes a million (a broken
+    model's 1e120 stays one short cell)."""
+    return f"{value:.2f}" if abs(value) < 1e6 else f"{value:.3g}"
+
+
 def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """One row per model (name -> its ``score_tasks`` results), one column per task metric:
     accuracies as percentages with their standard error, perplexity as a number."""
@@ -273,7 +280,7 @@ def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
             if value is None:
                 cells.append("")
             elif metric == "perplexity":
-                cells.append(f"{value:.2f}")
+                cells.append(format_perplexity(value))
             else:
                 cells.append(f"{100 * value:.1f} ± {100 * metrics[f'{metric}_stderr,none']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")

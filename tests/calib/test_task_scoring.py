@@ -11,6 +11,7 @@ import torch
 
 from pangu_light.calib import tasks
 from pangu_light.calib.scoring import (
+    format_perplexity,
     loglikelihoods,
     markdown_table,
     ort_logits,
@@ -179,6 +180,14 @@ def test_long_requests_are_cut_from_the_left_as_lm_eval_does():
     assert got != loglikelihoods(prefix_logits, [long, short])  # the cut matters here
     with pytest.raises(PanguLightError, match="continuation of 7 tokens does not fit the model's 5 positions"):
         loglikelihoods(prefix_logits, [([1], [1] * 7)], max_length=5)
+
+
+def test_perplexity_cells_stay_short():
+    assert format_perplexity(57.891) == "57.89"
+    assert format_perplexity(834681.87) == "834681.87"
+    assert format_perplexity(3.2348e128) == "3.23e+128"  # a broken model's perplexity, one cell
+    table = markdown_table({"m": {"lambada": {"perplexity,none": 8.486e127}}})
+    assert table.splitlines()[2] == "| m | 8.49e+127 |"
 
 
 def test_task_names():
