@@ -61,6 +61,21 @@ def tokenizer(graph: Path):
     return graph_tokenizer(graph, metadata, Path(resolve_model(ALIAS)))
 
 
+def held_out_perplexities(graph: Path, samples: int, seq_len: int, threads: int):
+    """``evaluate(path) -> {"lambada": ppl, "wiki": ppl}`` on the same eval-split windows of
+    ``graph``'s tokenizer for every graph it is given."""
+    encode, bos = tokenizer(graph)
+    evaluation = {data: sequences_for(data, encode, bos, samples=samples, seq_len=seq_len, seed=0, split="eval")
+                  for data in ("lambada", "wiki")}
+
+    def evaluate(path: Path) -> dict[str, float]:
+        note(f"perplexity of {path.name}")
+        return {data: perplexity(path, sequences, batch_size=4, threads=threads).perplexity
+                for data, sequences in evaluation.items()}
+
+    return evaluate
+
+
 def statistics(graph: Path, workdir: Path, samples: int, seq_len: int, threads: int):
     stats_path, gram_path = workdir / "stats.npz", workdir / "gram.npz"
     if not (stats_path.exists() and gram_path.exists()):
@@ -105,14 +120,7 @@ def main() -> None:
     model_map = ModelMap.from_model(ir.load(original))
     flap_stats = fluctuation_ranking(stats, grams, model_map, heads=True)
 
-    encode, bos = tokenizer(original)
-    evaluation = {data: sequences_for(data, encode, bos, samples=args.eval_samples, seq_len=args.seq_len, seed=0,
-                                      split="eval") for data in ("lambada", "wiki")}
-
-    def evaluate(path: Path) -> dict[str, float]:
-        note(f"perplexity of {path.name}")
-        return {data: perplexity(path, sequences, batch_size=4, threads=args.threads).perplexity
-                for data, sequences in evaluation.items()}
+    evaluate = held_out_perplexities(original, args.eval_samples, args.seq_len, args.threads)
 
     base_parameters = GraphStats.from_model(ir.load(original)).total_parameters
     results = {("unpruned", ""): evaluate(original)}

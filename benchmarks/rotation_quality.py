@@ -37,9 +37,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 from common import export_graph, note
-from refit_quality import ALIAS, statistics, tokenizer
+from refit_quality import ALIAS, held_out_perplexities, statistics, tokenizer
 
-from pangu_light.calib.evaluate import perplexity
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.refit_plan import refit_and_set
 from pangu_light.calib.rotation import collect_rotation
@@ -96,14 +95,7 @@ def main() -> None:
     rotation = load_rotation(rotation_path)
     model_map = ModelMap.from_model(ir.load(original))
 
-    encode, bos = tokenizer(original)
-    evaluation = {data: sequences_for(data, encode, bos, samples=args.eval_samples, seq_len=args.seq_len, seed=0,
-                                      split="eval") for data in ("lambada", "wiki")}
-
-    def evaluate(path: Path) -> dict[str, float]:
-        note(f"perplexity of {path.name}")
-        return {data: perplexity(path, sequences, batch_size=4, threads=args.threads).perplexity
-                for data, sequences in evaluation.items()}
+    evaluate = held_out_perplexities(original, args.eval_samples, args.seq_len, args.threads)
 
     base_parameters = GraphStats.from_model(ir.load(original)).total_parameters
     results = {("unpruned", "-"): evaluate(original)}
