@@ -4,8 +4,9 @@ co-design, section 4.1, measured on this machine instead of simulated):
     pangu-light search smollm2-135m --target-speedup 1.6 -o out/search
     pangu-light search smollm2-135m --target-speedup 1.6 --workload decode --budget-minutes 20 -o out/s
 
-Exports the model (original.onnx, original-kv.onnx in OUTDIR, reused), calibrates it (the
-statistics and the refit's Gram matrices), and makes candidate shapes: a uniform grid (hidden x
+Exports the model (original.onnx, original-kv.onnx in OUTDIR, reused), calibrates it in one pass
+(the statistics, the refit's Gram matrices and, with rotation, the residual stream's basis), and
+makes candidate shapes: a uniform grid (hidden x
 FFN width x query heads per group x KV groups x layers dropped, widths aligned to --align) and
 the planner's --params spreads. Their speed is measured on --provider with the real graph
 structure through the `bench` machinery (the unpruned graph alongside, paired per round) and
@@ -116,35 +117,27 @@ def _earlier_calibration(out: Path, original: Path, args: argparse.Namespace):
     return stats, grams
 
 
-def _rotation(out: Path, original: Path, args: argparse.Namespace, note):
-    """The residual stream's rotation over the calibration text: OUTDIR's rotation.npz when an
-    earlier search made it from the same graph and text, else collected and saved there."""
-    from pangu_light.calib.rotation import collect_graph_rotation
-    from pangu_light.passes.surgery.rotation_basis import load_rotation, save_rotation
+def _earlier_rotation(out: Path, original: Path, args: argparse.Namespace):
+    """OUTDIR's rotation.npz when an earlier search made it from the same graph and text, else None."""
+    from pangu_light.passes.surgery.rotation_basis import load_rotation
 
+    if not (out / "rotation.npz").is_file():
+        return None
+    earlier = load_rotation(out / "rotation.npz")
     wanted = {"graph": str(Path(original).resolve()), "data": args.data, "seq_len": args.seq_len, "seed": args.seed}
-    if (out / "rotation.npz").is_file():
-        earlier = load_rotation(out / "rotation.npz")
-        if all(str(earlier.meta.get(k)) == str(v) for k, v in wanted.items()) and (
-                args.samples is None or earlier.meta.get("samples") == args.samples):
-            note(f"reusing {out / 'rotation.npz'} (same graph and text)")
-            return earlier
-    note("collecting the residual stream's rotation (PCA of unit-normalised tokens)")
-    rotation = collect_graph_rotation(original, data=args.data, samples=args.samples, seq_len=args.seq_len,
-                                      seed=args.seed, batch_size=4, threads=args.threads, tokenizer=args.tokenizer,
-                                      quiet=args.quiet)
-    save_rotation(out / "rotation.npz", rotation)
-    return rotation
+    same = all(str(earlier.meta.get(k)) == str(v) for k, v in wanted.items())
+    return earlier if same and (args.samples is None or earlier.meta.get("samples") == args.samples) else None
 
 
 def run(args: argparse.Namespace) -> int:
-    from pangu_light.calib.calibrate import calibrate_graph, collect_graph_grams
+    from pangu_light.calib.calibrate import collect_graph_all
     from pangu_light.calib.planner import Targets
     from pangu_light.calib.rotation import resolve_hidden_method
     from pangu_light.calib.text import graph_tokenizer, sequences_for
     from pangu_light.passes.analysis.model_map import ModelMap
     from pangu_light.passes.infra.graph_io import load_model, load_model_metadata
     from pangu_light.passes.infra.plan import PrunePlan
+    from pangu_light.passes.surgery.rotation_basis import save_rotation
     from pangu_light.reports.search_report import markdown_table, plot_front
     from pangu_light.search.candidates import generate_candidates
     from pangu_light.search.driver import SearchConfig, json_ready, pareto_front, run_search
@@ -181,17 +174,25 @@ def run(args: argparse.Namespace) -> int:
     else:
         original = exported("original.onnx", kv_cache=False)
         timing_graph = exported("original-kv.onnx", kv_cache=True) if decodes else original
-    text = dict(data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=4,
-                threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet)
+    model_map = ModelMap.from_model(load_model(original))
+    hidden_method = resolve_hidden_method(args.hidden_method, model_map, Targets(params=0.5))
+    rotates = hidden_method == "rotate"
     stats, grams = _earlier_calibration(out, original, args)
-    if stats is None or grams is None:
-        note("calibrating (statistics and the refit's Gram matrices)")
-        stats = calibrate_graph(original, **text)
-        grams = collect_graph_grams(original, **text)
+    rotation = _earlier_rotation(out, original, args) if rotates else None
+    if stats is None or grams is None or (rotates and rotation is None):
+        note(f"calibrating: statistics, the refit's Gram matrices{', the rotation' if rotates else ''} (one pass)")
+        collected = collect_graph_all(
+            original, data=args.data, samples=args.samples, seq_len=args.seq_len, seed=args.seed, batch_size=4,
+            grams=True, rotation=rotates, threads=args.threads, tokenizer=args.tokenizer, quiet=args.quiet,
+        )
+        stats, grams, rotation = collected.stats, collected.grams, collected.rotation
         stats.save(out / "stats.npz")
         grams.save(out / "grams.npz")
+        if rotates:
+            save_rotation(out / "rotation.npz", rotation)
     else:
-        note(f"reusing {out / 'stats.npz'} and {out / 'grams.npz'} (same graph and text)")
+        note(f"reusing the calibration in {out} (stats.npz, grams.npz{', rotation.npz' if rotates else ''}: "
+             "same graph and text)")
     encode, bos = graph_tokenizer(original, load_model_metadata(original), args.tokenizer)
     proxy_sequences = sequences_for(args.data, encode, bos, samples=args.proxy_samples, seq_len=args.proxy_seq_len,
                                     seed=args.seed + 1, split="calib")
@@ -200,9 +201,6 @@ def run(args: argparse.Namespace) -> int:
     if args.heldout_samples:
         eval_sequences = sequences_for(args.eval_data, encode, bos, samples=args.heldout_samples,
                                        seq_len=2 * args.proxy_seq_len, seed=args.seed, split="eval")
-    model_map = ModelMap.from_model(load_model(original))
-    hidden_method = resolve_hidden_method(args.hidden_method, model_map, Targets(params=0.5))
-    rotation = _rotation(out, original, args, note) if hidden_method == "rotate" else None
     candidates = generate_candidates(model_map, stats, align=args.align, hidden_method=hidden_method,
                                      rotation=rotation, rotation_file=str((out / "rotation.npz").resolve()))
     note(f"{len(candidates)} candidate shapes")

@@ -56,5 +56,5 @@ def test_search_writes_a_plan_compile_accepts(args, exported_graph, tmp_path, ca
     assert main(again) == 0
     printed = capsys.readouterr()
     assert "measured 0 new shapes" in printed.out
-    assert "reusing" in printed.err and "rotation.npz (same graph and text)" in printed.err
+    assert "reusing the calibration" in printed.err and "rotation.npz: same graph and text" in printed.err
     assert json.loads((run / "search.json").read_text())["chosen"]["label"] == chosen["label"]
