@@ -108,21 +108,22 @@ def run_search(
         bar.set_description(f"search: {what}")
         bar.refresh()
 
-    def measure(group: list[Candidate]) -> None:
-        todo = [c for c in group if c.key not in table]
-        if not todo:
-            return
-        step(len(todo), f"measuring {len(todo)} shapes")
-        paths = []
-        for c in todo:
-            paths.append(compile_candidate(timing_graph, c.plan, work / f"time-{len(paths)}.onnx"))
+    def timed(group: list[Candidate], repeats: int, what: str) -> list[dict[str, Any]]:
+        """Each shape of ``group`` compiled and its speedup measured over ``repeats`` rounds."""
+        step(len(group), what)
+        paths = [compile_candidate(timing_graph, c.plan, work / f"time-{i}.onnx") for i, c in enumerate(group)]
         results = measure_speedups(timing_graph, paths, config.requests, batch=config.batch,
-                                   repeats=config.repeats, session_options=config.session_options)
-        for c, result in zip(todo, results):
-            table.record(c.key, {**result, "label": c.label})
+                                   repeats=repeats, session_options=config.session_options)
         for p in paths:
             _remove_graph(p)
-        bar.update(len(todo))
+        bar.update(len(group))
+        return results
+
+    def measure(group: list[Candidate]) -> None:
+        todo = [c for c in group if c.key not in table]
+        if todo:
+            for c, result in zip(todo, timed(todo, config.repeats, f"measuring {len(todo)} shapes")):
+                table.record(c.key, {**result, "label": c.label})
 
     def proxy(c: Candidate, cached_only: bool = False) -> None:
         if c.key in proxies:
@@ -148,18 +149,12 @@ def run_search(
 
     def remeasure(group: list[Candidate]) -> None:
         """Measure ``group`` again (twice the rounds) and pool the rounds with the earlier ones."""
-        step(len(group), f"measuring {len(group)} shapes near the target again")
-        paths = [compile_candidate(timing_graph, c.plan, work / f"again-{i}.onnx") for i, c in enumerate(group)]
-        results = measure_speedups(timing_graph, paths, config.requests, batch=config.batch,
-                                   repeats=2 * config.repeats, session_options=config.session_options)
+        results = timed(group, 2 * config.repeats, f"measuring {len(group)} shapes near the target again")
         for c, result in zip(group, results):
             earlier = table.speedup(c.key)
             pooled = Stat.of([*earlier["samples"], *result["samples"]]).to_json()
             table.record(c.key, {**earlier, **pooled, "remeasured": True}, new=False)
             remeasured.append(c.key)
-        for p in paths:
-            _remove_graph(p)
-        bar.update(len(group))
 
     def fitted() -> tuple[CostModel, list[float]]:
         keys = [k for k in table.entries if k in rows_by_key]

@@ -100,6 +100,13 @@ def _check_provider(provider: str) -> None:
         )
 
 
+def _made_here(meta: dict, original: Path, args: argparse.Namespace) -> bool:
+    """Whether a calibration output (its ``meta``) came from ``original`` and this search's text."""
+    wanted = {"graph": str(Path(original).resolve()), "data": args.data, "samples": args.samples,
+              "seq_len": args.seq_len, "seed": args.seed}
+    return all(str(meta.get(k)) == str(v) for k, v in wanted.items() if k != "samples" or v is not None)
+
+
 def _earlier_calibration(out: Path, original: Path, args: argparse.Namespace):
     """The statistics and Grams an earlier search wrote to OUTDIR, when made from the same graph
     and the same calibration text; else (None, None)."""
@@ -109,11 +116,8 @@ def _earlier_calibration(out: Path, original: Path, args: argparse.Namespace):
     if not ((out / "stats.npz").is_file() and (out / "grams.npz").is_file()):
         return None, None
     stats, grams = CalibrationStats.load(out / "stats.npz"), GramStats.load(out / "grams.npz")
-    wanted = {"graph": str(Path(original).resolve()), "data": args.data, "samples": args.samples,
-              "seq_len": args.seq_len, "seed": args.seed}
-    for meta in (stats.meta, grams.meta):
-        if any(str(meta.get(k)) != str(v) for k, v in wanted.items() if k != "samples" or v is not None):
-            return None, None
+    if not (_made_here(stats.meta, original, args) and _made_here(grams.meta, original, args)):
+        return None, None
     return stats, grams
 
 
@@ -124,9 +128,7 @@ def _earlier_rotation(out: Path, original: Path, args: argparse.Namespace):
     if not (out / "rotation.npz").is_file():
         return None
     earlier = load_rotation(out / "rotation.npz")
-    wanted = {"graph": str(Path(original).resolve()), "data": args.data, "seq_len": args.seq_len, "seed": args.seed}
-    same = all(str(earlier.meta.get(k)) == str(v) for k, v in wanted.items())
-    return earlier if same and (args.samples is None or earlier.meta.get("samples") == args.samples) else None
+    return earlier if _made_here(earlier.meta, original, args) else None
 
 
 def run(args: argparse.Namespace) -> int:
