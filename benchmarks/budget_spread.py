@@ -79,6 +79,7 @@ def allocations(model_map: ModelMap, params: float, align: int) -> dict[str, Tar
         rows[f"hidden-{name}"] = Targets(params=params, hidden=int(32 * round(fraction * hidden / 32)), align=align)
     rows["heads-kept"] = Targets(params=params, heads_per_group=heads, align=align)
     rows["ffn-only"] = Targets(params=params, hidden=hidden, heads_per_group=heads, align=align)
+    rows["sensitivity"] = Targets(params=params, align=align, spread="sensitivity")
     return rows
 
 
@@ -112,7 +113,8 @@ def main() -> None:
         targets.hidden_method = "rotate"
         ranking = fluctuation_ranking(stats, grams, model_map) if name.endswith("+flap-heads") else stats
         try:
-            plan = make_plan(model_map, ranking, targets, rotation=rotation, rotation_file=str(rotation_path.resolve()))
+            plan = make_plan(model_map, ranking, targets, rotation=rotation, rotation_file=str(rotation_path.resolve()),
+                             grams=grams)
         except PanguLightError as error:
             note(f"{name}: not plannable ({error})")
             continue

@@ -15,7 +15,9 @@ plan lands within 1% of the budget.
                   576 with heads 2 of 3 and FFN 1152: 2.44x / 2.11x; --params 0.62: one factor
                   (hidden 416, heads 2, FFN 1312) 9.61x / 9.29x, hidden 544 (heads 2, FFN 768)
                   5.61x / 4.35x, hidden 576 (heads 1, FFN 800) 13.3x / 7.1x;
-    even          every share 1: every width by the same factor (the first version's rule).
+    even          every share 1: every width by the same factor (the first version's rule);
+    sensitivity   hidden-light's hidden size; query heads and FFN width then moved between layers
+                  to where the refit loses least (calib.sensitivity; needs the Gram statistics).
 
 Where hidden-light cannot meet the budget (below what it reaches, no aligned width lands within
 1%, or the FFN would keep less than a quarter of its width), the even spread is used. ``align``
@@ -39,6 +41,7 @@ MIN_FFN_FRACTION = 0.25  # hidden-light never leaves the FFN less than this (els
 SPREADS = {  # spread -> (hidden share, heads-per-group share); the FFN's share is 1
     "hidden-light": (0.2, 0.75),
     "even": (1.0, 1.0),
+    "sensitivity": (0.2, 0.75),  # hidden-light's hidden size; heads and FFN then by calib.sensitivity
 }
 
 
@@ -75,6 +78,9 @@ def resolve_shape(model_map: ModelMap, targets, dropped: set[int]) -> Shape:
 
     if targets.spread not in SPREADS:
         raise PanguLightError(f"--spread {targets.spread!r}: use one of {', '.join(SPREADS)}")
+    if targets.spread == "sensitivity" and (targets.params is None or targets.uniform or fixed_heads or fixed_ffn):
+        raise PanguLightError("--spread sensitivity spreads a --params budget's heads and FFN width over the layers: "
+                              "give --params, and neither --uniform, --heads-per-group nor --ffn")
 
     def shape_at(r: float, shares: tuple[float, float]) -> Shape:
         hidden_fraction, heads_fraction = (1 - share * (1 - r) for share in shares)

@@ -40,6 +40,7 @@ import numpy as np
 
 from pangu_light.calib.budget import resolve_shape
 from pangu_light.calib.rotation import plan_rotation
+from pangu_light.calib.sensitivity import sensitivity_shape
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.attention_context import attention_context
@@ -82,14 +83,18 @@ class Targets:
 
 
 def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *, rotation=None,
-              rotation_file: str | None = None) -> PrunePlan:
+              rotation_file: str | None = None, grams=None) -> PrunePlan:
     """Turn ``targets`` into a validated plan; impossible targets are PanguLightErrors. ``rotation``
-    (a ``rotate_hidden.Rotation``, saved at ``rotation_file``) is needed with hidden_method rotate."""
+    (a ``rotate_hidden.Rotation``, saved at ``rotation_file``) is needed with hidden_method rotate,
+    ``grams`` (``calib.gram.GramStats`` of this graph) with spread sensitivity."""
     _check_stats(model_map, stats)
     if targets.align < 1:
         raise PanguLightError(f"--align must be at least 1 (got {targets.align})")
     dropped = _layers_to_drop(model_map, stats, targets)
     shape = resolve_shape(model_map, targets, dropped)
+    if targets.spread == "sensitivity":
+        shape = sensitivity_shape(model_map, stats, grams, shape,
+                                  targets.params * count_parameters(model_map, shape_of(model_map)))
     plan = PrunePlan.identity(model_map)
     plan.hidden = _top(stats.channel, shape.hidden)
     if targets.hidden_method == "rotate":
@@ -106,7 +111,8 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *,
             for g in layer_plan.kv_groups
             for r in _top(heads[g * rep : (g + 1) * rep], shape.heads_per_group[layer.index])
         )
-    spread_ffn = not targets.uniform and targets.ffn is None  # a width the user gave is kept per layer
+    # a width the user gave, or the sensitivity spread chose, is kept per layer
+    spread_ffn = not targets.uniform and targets.ffn is None and targets.spread != "sensitivity"
     for index, keep in _ffn_choice(model_map, stats, shape, not spread_ffn).items():
         plan.layers[index].ffn = keep
     plan.drop_layers = sorted(dropped)

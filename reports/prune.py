@@ -17,7 +17,11 @@ def describe_plan(plan) -> str:
         f"hidden {plan.hidden_size} -> {e['hidden']}; layers {len(plan.shapes)} -> {e['layers']}"
         + (f" (drop {plan.drop_layers})" if plan.drop_layers else ""),
         f"heads per group -> {e['heads_per_group']}; KV groups -> {e['kv_groups']}; FFN -> {e['ffn']}",
-        f"SLNP {'on' if plan.slnp else 'off'}; CLAP {'on' if plan.clap else 'off'}"
+        f"hidden by {plan.hidden_method}; "
+        # a rotate plan corrects each norm itself (calib.rotation); SLNP does not apply to it
+        + (f"SLNP {'on' if plan.slnp else 'off'}; " if plan.hidden_method != "rotate" else "")
+        + f"CLAP {'on' if plan.clap else 'off'}"
+        + (f"; spread {plan.targets['spread']}" if plan.targets.get("params") is not None else "")
         + (f"; absorb {len(plan.post_norm_s_inv)} post-norms" if plan.absorb_post_norms else ""),
     ]
     return "\n".join(lines)

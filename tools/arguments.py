@@ -131,10 +131,12 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "--params", type=float, metavar="F", help="keep a fraction F of the parameters; the planner picks the widths"
     )
     group.add_argument(
-        "--spread", choices=("hidden-light", "even"), default="hidden-light",
+        "--spread", choices=("hidden-light", "even", "sensitivity"), default="hidden-light",
         help="how --params shrinks the widths you did not give: hidden-light (default) cuts the FFN width most, "
         "query heads per group three quarters as fast and the hidden size a fifth as fast (one-shot, the hidden "
-        "size is the axis that hurts most); even cuts every width by the same factor",
+        "size is the axis that hurts most); even cuts every width by the same factor; sensitivity keeps "
+        "hidden-light's hidden size and gives each layer the heads and FFN width where the refit loses least "
+        "(needs the refit's Gram statistics: prune's default --refit refit)",
     )
     group.add_argument(
         "--uniform", action="store_true", help="the same shape in every layer (a standard Hugging Face config)"

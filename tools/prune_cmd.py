@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if rotation is not None:
         save_rotation(out / "rotation.npz", rotation)
     plan = make_plan(model_map, stats, targets, rotation=rotation,
-                     rotation_file=str((out / "rotation.npz").resolve()))
+                     rotation_file=str((out / "rotation.npz").resolve()), grams=collected.grams)
     plan.targets["refit"] = args.refit
     plan.source["graph"] = record_path(original, out / "plan.json")
     plan.save(out / "plan.json")

@@ -157,6 +157,18 @@ def test_prune_refits_the_projections_that_lost_inputs(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "refit" / "summary.json").read_text())["refit"] == "refit"
 
 
+def test_prune_spreads_by_sensitivity(tiny_dir, tmp_path):
+    """--spread sensitivity reaches the planner with the Grams prune collected (the spread itself is
+    checked in tests/calib/test_sensitivity.py); without a refit it is one clear line."""
+    out = tmp_path / "job"
+    args = [str(tiny_dir[0]), "--params", "0.7", "--spread", "sensitivity", *CALIB, "--no-eval"]
+    assert main(["prune", *args, "-o", str(out)]) == 0
+    plan = load_plan(out / "plan.json")
+    assert plan.targets["spread"] == "sensitivity"
+    assert abs(plan.estimate["parameter_ratio"] - 0.7) <= 0.01
+    assert main(["prune", *args, "--refit", "none", "-o", str(tmp_path / "plain")]) == 2
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

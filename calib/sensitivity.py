@@ -1,0 +1,175 @@
+"""Sensitivity spread: query heads and FFN width per layer from what each layer loses under refit.
+
+A uniform budget gives every layer the same heads per group and the same FFN width; layers are
+not equally sensitive. This spread keeps the budget's hidden size and parameter count and moves
+heads and FFN neurons to where removing them costs least, cost measured on the calibration
+tokens as the output error the refit (``calib.refit``) leaves.
+
+For a projection y = x W (o_proj: x the attention context; down_proj: x = act(gate) * up) with
+inputs ranked in the planner's order (query heads: best of every group first, then second best
+...; neurons: by S_ffn), C = G / N (``calib.gram``) and C' = C in that order + ridge, Cholesky
+C' = L L^T, the least-squares fit of y from the first f inputs leaves, per token::
+
+    R(f) = tr(W^T C W) - sum_{i < f} || (L^-1 C' W')_i ||^2        W' = W in the same order
+
+(Gram-Schmidt of the inputs in ranked order: row i of L^-1 C' W' is what input i explains beyond
+the ones before it), so one factorisation gives the cost of every width. Costs of different
+layers are made comparable as the error's share of what the layer writes to the residual stream,
+weighted by how much the layer changes the stream (Block Influence, eq. 4: BI_l ~ ||branch||^2 /
+||stream||^2 for a branch orthogonal-ish to the stream)::
+
+    cost_l(h, f) = BI_l (R_o,l(h) + R_down,l(f)) / (tr(W_o^T C_o W_o) + tr(W_down^T C_down W_down))
+
+Starting from every head and neuron kept at the budget's hidden size, the unit with the least
+cost per parameter freed (one query head in every KV group of a layer, or ``step`` neurons of a
+layer) is removed, until the parameter count is within the budget (a head level only while the
+count stays within 0.5% of it, so that neurons land it); neurons then fill back what the last step
+overshot. Every group keeps at least one head, every FFN at least a quarter of its width (as the
+hidden-light spread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+
+from pangu_light.calib.gram import GramStats
+from pangu_light.calib.refit import DEFAULT_RIDGE
+from pangu_light.calib.stats import CalibrationStats
+from pangu_light.core.errors import PanguLightError
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.analysis.parameters import Shape, count_parameters
+
+__all__ = ["prefix_residuals", "sensitivity_shape"]
+
+MIN_FFN_FRACTION = 0.25
+HEAD_LEVEL_SLACK = 0.005  # a head level is removed only if the count stays within this of the budget
+
+
+def prefix_residuals(gram: np.ndarray, tokens: int, order: np.ndarray, weight: np.ndarray,
+                     ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """R(f) for f = 0..n: the per-token output error of the least-squares fit of ``x @ weight``
+    ([in, out]) from the first f inputs of ``order`` (``gram`` = sum_t x_t^T x_t, [in, in])."""
+    second = np.asarray(gram, dtype=np.float64) / tokens
+    weight = np.asarray(weight, dtype=np.float64)
+    order = np.asarray(order, dtype=np.int64)
+    total = float(np.einsum("io,ij,jo->", weight, second, weight))
+    ranked = second[np.ix_(order, order)]
+    ranked[np.diag_indices_from(ranked)] += ridge * float(np.mean(np.diag(second)))
+    try:
+        lower = np.linalg.cholesky(ranked)
+    except np.linalg.LinAlgError:
+        raise PanguLightError("a projection's Gram matrix is not positive definite even with the ridge; "
+                              "recalibrate with more tokens") from None
+    explained = np.square(np.linalg.solve(lower, second[order] @ weight)).sum(axis=1)
+    return np.maximum(total - np.concatenate([[0.0], np.cumsum(explained)]), 0.0)
+
+
+def _head_order(scores: np.ndarray, groups: int, head_dim: int) -> np.ndarray:
+    """o_proj input columns, best head of every group first, then the second best, ..."""
+    rep = scores.size // groups
+    ranks = np.argsort(-scores.reshape(groups, rep), axis=1, kind="stable")
+    heads = [g * rep + int(ranks[g, level]) for level in range(rep) for g in range(groups)]
+    return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+@dataclasses.dataclass
+class _LayerCosts:
+    heads: np.ndarray  # cost with h heads per group kept, index h (0 unused)
+    ffn: np.ndarray  # cost with f neurons kept, index f
+
+
+def _layer_costs(model_map: ModelMap, stats: CalibrationStats, grams: GramStats, index: int) -> _LayerCosts:
+    layer = model_map.layer(index)
+    attention = layer.attention
+    o_weight = attention.o.weight.const_value.numpy().T
+    down_weight = layer.ffn.down.weight.const_value.numpy().T
+    order = _head_order(stats.heads[index], attention.num_kv_heads, attention.head_dim)
+    o_costs = prefix_residuals(grams.gram["o"][index], grams.tokens, order, o_weight)
+    down_costs = prefix_residuals(grams.gram["down"][index], grams.tokens,
+                                  np.argsort(-stats.ffn[index], kind="stable"), down_weight)
+    written = o_costs[0] + down_costs[0]
+    weight = float(stats.block_influence[index]) / written if written > 0 else 0.0
+    per_level = attention.num_kv_heads * attention.head_dim
+    return _LayerCosts(heads=weight * o_costs[::per_level], ffn=weight * down_costs)
+
+
+def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramStats | None, shape: Shape,
+                      budget: float, step: int = 8) -> Shape:
+    """``shape`` (a budget's answer) with heads per group and FFN widths spread over the layers by
+    cost: the same hidden size, KV groups and dropped layers, at most ``budget`` parameters and
+    within 0.5% of it where the FFN floors allow."""
+    if grams is None:
+        raise PanguLightError("--spread sensitivity needs the refit's Gram statistics (prune collects them with "
+                              "--refit refit); use --spread hidden-light without them")
+    if grams.num_layers != len(model_map.layers):
+        raise PanguLightError(f"the Gram file has {grams.num_layers} layers, the graph {len(model_map.layers)}")
+    live = [l.index for l in model_map.layers if l.index not in shape.dropped]
+    full_groups = {i: model_map.layer(i).attention.num_kv_heads for i in live}
+    if any(shape.kv_groups[i] != full_groups[i] for i in live):
+        raise PanguLightError("--spread sensitivity moves query heads and FFN neurons, not KV groups; "
+                              "keep every KV group or use --spread hidden-light")
+    costs = {i: _layer_costs(model_map, stats, grams, i) for i in live}
+    full_heads = {i: model_map.layer(i).attention.num_heads // full_groups[i] for i in live}
+    heads = dict(full_heads)
+    full_ffn = {i: model_map.layer(i).ffn.intermediate_size for i in live}
+    ffn = dict(full_ffn)
+    floor = {i: max(step, int(np.ceil(MIN_FFN_FRACTION * ffn[i]))) for i in live}
+
+    def current() -> Shape:
+        return dataclasses.replace(
+            shape, heads_per_group=[heads.get(i, h) for i, h in enumerate(shape.heads_per_group)],
+            ffn=[ffn.get(i, f) for i, f in enumerate(shape.ffn)])
+
+    probe = current()
+    unit_params = {}
+    for i in live:  # parameters freed by one head level / one neuron of layer i (linear in both)
+        fewer = dataclasses.replace(probe, heads_per_group=list(probe.heads_per_group), ffn=list(probe.ffn))
+        fewer.heads_per_group[i] -= 1
+        fewer.ffn[i] -= 1
+        both = count_parameters(model_map, probe) - count_parameters(model_map, fewer)
+        fewer.heads_per_group[i] += 1
+        neuron = count_parameters(model_map, probe) - count_parameters(model_map, fewer)
+        unit_params[i] = (both - neuron, neuron)
+
+    def candidate(i: int, axis: str) -> tuple[float, int, str] | None:
+        c = costs[i]
+        if axis == "heads":
+            if heads[i] <= 1:
+                return None
+            return ((c.heads[heads[i] - 1] - c.heads[heads[i]]) / unit_params[i][0], i, axis)
+        width = min(step, ffn[i] - floor[i])
+        if width <= 0:
+            return None
+        return ((c.ffn[ffn[i] - width] - c.ffn[ffn[i]]) / (width * unit_params[i][1]), i, axis)
+
+    queue = [entry for i in live for axis in ("heads", "ffn") if (entry := candidate(i, axis))]
+    heapq.heapify(queue)
+    total = count_parameters(model_map, probe)
+    while total > budget and queue:
+        _, i, axis = heapq.heappop(queue)
+        if axis == "heads" and total - unit_params[i][0] < budget * (1 - HEAD_LEVEL_SLACK):
+            continue  # a whole head level would overshoot the budget: the finer neurons finish it
+        if axis == "heads":
+            heads[i] -= 1
+            total -= unit_params[i][0]
+        else:
+            width = min(step, ffn[i] - floor[i])
+            ffn[i] -= width
+            total -= width * unit_params[i][1]
+        if (entry := candidate(i, axis)) is not None:
+            heapq.heappush(queue, entry)
+    if total > budget:
+        raise PanguLightError("--spread sensitivity cannot meet the budget within the per-layer floors "
+                              "(one head per group, a quarter of each FFN); use --spread hidden-light")
+    # The last neurons removed can overshoot the budget by up to ``step``: fill the room back.
+    while True:
+        room = [((costs[i].ffn[ffn[i]] - costs[i].ffn[ffn[i] + width]) / width, -i, width) for i in live
+                if (width := min(step, full_ffn[i] - ffn[i], int((budget - total) // unit_params[i][1]))) > 0]
+        if not room:
+            return current()
+        _, i, width = max(room)
+        ffn[-i] += width
+        total += width * unit_params[-i][1]
