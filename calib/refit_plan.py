@@ -32,6 +32,8 @@ after: W'_rot = W' Q_k.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -125,13 +127,14 @@ def refit_for_plan(
 
 
 def refit_and_set(
-    original: ir.Model, compiled: ir.Model, grams: GramStats, plan: PrunePlan, *, rotation=None, **options,
+    original: ir.Model, compiled: ir.Model, grams: GramStats, plan: PrunePlan, *, rotation=None,
+    save_to: str | os.PathLike | None = None, **options,
 ) -> ProjectionRefits:
     """``refit_for_plan`` (``options``: its keywords) in the basis the plan cut the hidden size in,
     and the new projections set on ``compiled`` in place by the ``set-projection`` pass, as
-    ``prune`` does. A plan that rotates the hidden size needs the ``rotation`` it was planned with."""
+    ``prune`` does. A plan that rotates the hidden size needs the ``rotation`` it was planned with.
+    ``save_to``: keep the projection file there (``prune``'s refit.npz; else a temporary one)."""
     import tempfile
-    from pathlib import Path
 
     from pangu_light.passes.rewrites.rotate_hidden import effective_basis
 
@@ -143,11 +146,16 @@ def refit_and_set(
             )
         basis = effective_basis(rotation.basis, ModelMap.from_model(original), len(plan.hidden))
     refits = refit_for_plan(original, compiled, grams, plan, rotation=basis, **options)
-    if refits.projections:
-        with tempfile.TemporaryDirectory(prefix="pangu-refit-") as scratch:
-            path = Path(scratch) / "refit.npz"
-            save_projections(path, refits.projections, refits.meta())
-            SetProjectionPass({"file": str(path)})(compiled)
+    if not refits.projections:
+        return refits
+    if save_to is not None:
+        save_projections(save_to, refits.projections, refits.meta())
+        SetProjectionPass({"file": str(Path(save_to).resolve())})(compiled)
+        return refits
+    with tempfile.TemporaryDirectory(prefix="pangu-refit-") as scratch:
+        path = Path(scratch) / "refit.npz"
+        save_projections(path, refits.projections, refits.meta())
+        SetProjectionPass({"file": str(path)})(compiled)
     return refits
 
 

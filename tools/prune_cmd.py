@@ -76,15 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.calibrate import collect_graph_all
     from pangu_light.calib.evaluate import evaluate_graphs
     from pangu_light.calib.planner import make_plan
-    from pangu_light.calib.refit_plan import refit_for_plan
+    from pangu_light.calib.refit_plan import refit_and_set
     from pangu_light.calib.rotation import resolve_hidden_method
     from pangu_light.core.paths import record_path
     from pangu_light.passes.analysis.graph_stats import GraphStats
     from pangu_light.passes.analysis.model_map import ModelMap
     from pangu_light.passes.infra.graph_io import load_model, save_model_atomic
     from pangu_light.passes.infra.manager import run_pipeline
-    from pangu_light.passes.rewrites.rotate_hidden import effective_basis, save_rotation
-    from pangu_light.passes.rewrites.set_projection import save_projections
+    from pangu_light.passes.rewrites.rotate_hidden import save_rotation
 
     targets = dataclasses.replace(targets_from_args(args), hidden_method=args.hidden_method)
     if dataclasses.replace(targets, hidden_method="select") in (type(targets)(), type(targets)(align=args.align)):
@@ -134,32 +133,25 @@ def run(args: argparse.Namespace) -> int:
         run_pipeline(graph, pipeline)
         return graph
 
-    def refit_and_save(graph, target: Path) -> None:
-        if refit:
-            run_pipeline(graph, f"set-projection{{file={json.dumps(str(refit_file.resolve()))}}}")
-        save_model_atomic(graph, target)
-
     original_stats = GraphStats.from_model(model)  # before the passes rewrite it in place
     pruned_model = compile_with_plan(model, original, out / "pruned.onnx")
     if refit:
         grams, collected.grams = collected.grams, None
-        source = load_model(original)
-        basis = None
-        if plan.hidden_method == "rotate":
-            basis = effective_basis(rotation.basis, ModelMap.from_model(source), len(plan.hidden))
-        refits = refit_for_plan(source, pruned_model, grams, plan, method=args.refit, rotation=basis)
+        refits = refit_and_set(load_model(original), pruned_model, grams, plan, rotation=rotation,
+                               method=args.refit, save_to=refit_file)
         del grams
         if refits.skipped:
             note(f"left as they are (not refit): {'; '.join(refits.skipped)}")
-        save_projections(refit_file, refits.projections, refits.meta())
         refit = bool(refits.projections)
-    refit_and_save(pruned_model, out / "pruned.onnx")
+    save_model_atomic(pruned_model, out / "pruned.onnx")
     rows = {"original": original_stats, "pruned": GraphStats.from_model(pruned_model)}
     del model, pruned_model
     if not args.no_kv_cache:
         original_kv = graphs[True]
-        refit_and_save(compile_with_plan(load_model(original_kv), original_kv, out / "pruned-kv.onnx"),
-                       out / "pruned-kv.onnx")
+        pruned_kv = compile_with_plan(load_model(original_kv), original_kv, out / "pruned-kv.onnx")
+        if refit:  # the same projections (the decode graph holds the same weights)
+            run_pipeline(pruned_kv, f"set-projection{{file={json.dumps(str(refit_file.resolve()))}}}")
+        save_model_atomic(pruned_kv, out / "pruned-kv.onnx")
 
     perplexities = {}
     if not args.no_eval:
