@@ -18,11 +18,13 @@ from pangu_light.calib.stats import CalibrationStats, batched, calibrate
 from pangu_light.calib.text import graph_tokenizer, sequences_for
 from pangu_light.passes.infra.graph_io import load_model_metadata
 
-__all__ = ["batch_size_within", "calibrate_graph", "collect_graph_all", "collect_graph_grams"]
+__all__ = ["batch_size_within", "calibrate_graph", "calibration_sequences", "collect_graph_all", "collect_graph_grams"]
 
 
-def _calibration_sequences(model_path: Path, data: str, samples: int | None, seq_len: int, seed: int,
-                            tokenizer: Path | None):
+def calibration_sequences(model_path: Path, data: str, samples: int | None, seq_len: int, seed: int,
+                          tokenizer: Path | None):
+    """The calibration split of ``data`` as [N, seq_len] token windows of ``model_path``'s tokenizer, and a
+    record of how they were drawn."""
     metadata = load_model_metadata(model_path)
     encode, bos_id = graph_tokenizer(model_path, metadata, tokenizer)
     sequences = sequences_for(data, encode, bos_id, samples=samples, seq_len=seq_len, seed=seed, split="calib")
@@ -41,7 +43,7 @@ def calibrate_graph(
     fits in it (``batch_size`` is then ignored), printed on stderr before the run starts."""
     from tqdm import tqdm
 
-    sequences, meta = _calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
+    sequences, meta = calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
     if max_memory is not None:
         batch_size = batch_size_within(model_path, max_memory, len(sequences), sequences.shape[1])
         meta["max_memory"], meta["batch_size"] = int(max_memory), int(batch_size)
@@ -75,7 +77,7 @@ def collect_graph_grams(
     """The o_proj/down_proj input Gram matrices of ``model_path`` over the calibration text."""
     from tqdm import tqdm
 
-    sequences, meta = _calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
+    sequences, meta = calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
     with tqdm(total=int(sequences.size), unit="tok", desc="gram", disable=quiet, file=sys.stderr) as bar:
         return collect_grams(
             model_path, batched(sequences, batch_size), provider=provider, threads=threads, meta=meta,
@@ -94,7 +96,7 @@ def collect_graph_all(
 
     from pangu_light.calib.one_pass import collect_all
 
-    sequences, meta = _calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
+    sequences, meta = calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
     with tqdm(total=int(sequences.size), unit="tok", desc="calibrate", disable=quiet, file=sys.stderr) as bar:
         return collect_all(
             model_path, batched(sequences, batch_size), grams=grams, rotation=rotation,

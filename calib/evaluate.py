@@ -23,7 +23,7 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.infra.graph_io import load_model_metadata
 
-__all__ = ["Perplexity", "evaluate_graphs", "perplexity"]
+__all__ = ["Perplexity", "evaluate_graphs", "next_token_nll", "perplexity"]
 
 
 @dataclasses.dataclass
@@ -63,16 +63,22 @@ def perplexity(
         if cache is not None:
             feeds.update(cache.empty_past(len(ids)))
         (logits,) = session.run([contract.LOGITS], feeds)
-        logits = logits[:, :-1].astype(np.float64)
-        peak = logits.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
-        target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-        total += float((log_norm - target).sum())
-        count += target.size
+        batch_total, batch_count = next_token_nll(logits, ids)
+        total += batch_total
+        count += batch_count
         if on_batch is not None:
             on_batch(int(ids.size))
     nll = total / count
     return Perplexity(perplexity=float(np.exp(nll)), nll=nll, tokens=count)
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """The summed NLL of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float64 log-softmax), and its count."""
+    logits = logits[:, :-1].astype(np.float64)
+    peak = logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+    target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    return float((log_norm - target).sum()), int(target.size)
 
 
 def evaluate_graphs(

@@ -83,10 +83,11 @@ class Targets:
 
 
 def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *, rotation=None,
-              rotation_file: str | None = None, grams=None) -> PrunePlan:
+              rotation_file: str | None = None, grams=None, layer_scales=None) -> PrunePlan:
     """Turn ``targets`` into a validated plan; impossible targets are PanguLightErrors. ``rotation``
     (a ``rotate_hidden.Rotation``, saved at ``rotation_file``) is needed with hidden_method rotate,
-    ``grams`` (``calib.gram.GramStats`` of this graph) with spread sensitivity."""
+    ``grams`` (``calib.gram.GramStats`` of this graph) and ``layer_scales`` (its
+    ``calib.sensitivity_probe.LayerScales``) with spread sensitivity."""
     _check_stats(model_map, stats)
     if targets.align < 1:
         raise PanguLightError(f"--align must be at least 1 (got {targets.align})")
@@ -94,7 +95,7 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *,
     shape = resolve_shape(model_map, targets, dropped)
     if targets.spread == "sensitivity":
         shape = sensitivity_shape(model_map, stats, grams, shape,
-                                  targets.params * count_parameters(model_map, shape_of(model_map)))
+                                  targets.params * count_parameters(model_map, shape_of(model_map)), layer_scales)
     plan = PrunePlan.identity(model_map)
     plan.hidden = _top(stats.channel, shape.hidden)
     if targets.hidden_method == "rotate":

@@ -1,9 +1,9 @@
-"""Sensitivity spread: query heads and FFN width per layer from what each layer loses under refit.
+"""Sensitivity spread: query heads and FFN width per layer where removing them raises the loss least.
 
 A uniform budget gives every layer the same heads per group and the same FFN width; layers are
 not equally sensitive. This spread keeps the budget's hidden size and parameter count and moves
-heads and FFN neurons to where removing them costs least, cost measured on the calibration
-tokens as the output error the refit (``calib.refit``) leaves.
+heads and FFN neurons to where removing them costs least: the output error the refit
+(``calib.refit``) leaves in a layer, times what such an error costs in loss in that layer.
 
 For a projection y = x W (o_proj: x the attention context; down_proj: x = act(gate) * up) with
 inputs ranked in the planner's order (query heads: best of every group first, then second best
@@ -13,12 +13,12 @@ C' = L L^T, the least-squares fit of y from the first f inputs leaves, per token
     R(f) = tr(W^T C W) - sum_{i < f} || (L^-1 C' W')_i ||^2        W' = W in the same order
 
 (Gram-Schmidt of the inputs in ranked order: row i of L^-1 C' W' is what input i explains beyond
-the ones before it), so one factorisation gives the cost of every width. Costs of different
-layers are made comparable as the error's share of what the layer writes to the residual stream,
-weighted by how much the layer changes the stream (Block Influence, eq. 4: BI_l ~ ||branch||^2 /
-||stream||^2 for a branch orthogonal-ish to the stream)::
+the ones before it), so one factorisation gives the error of every width. What an error costs in
+layer l is measured by ``calib.sensitivity_probe`` (per layer and projection, scale = the loss
+rise of one probe / its R; R alone, or R weighted by Block Influence, spread SmolLM2-135M's budget
+onto its first and last layers and did far worse than the uniform spread)::
 
-    cost_l(h, f) = BI_l (R_o,l(h) + R_down,l(f)) / (tr(W_o^T C_o W_o) + tr(W_down^T C_down W_down))
+    cost_l(h, f) = scale_l,o R_o,l(h) + scale_l,down R_down,l(f)
 
 Starting from every head and neuron kept at the budget's hidden size, the unit with the least
 cost per parameter freed (one query head in every KV group of a layer, or ``step`` neurons of a
@@ -37,6 +37,7 @@ import numpy as np
 
 from pangu_light.calib.gram import GramStats
 from pangu_light.calib.refit import DEFAULT_RIDGE
+from pangu_light.calib.sensitivity_probe import LayerScales
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -67,7 +68,7 @@ def prefix_residuals(gram: np.ndarray, tokens: int, order: np.ndarray, weight: n
     return np.maximum(total - np.concatenate([[0.0], np.cumsum(explained)]), 0.0)
 
 
-def _head_order(scores: np.ndarray, groups: int, head_dim: int) -> np.ndarray:
+def head_order(scores: np.ndarray, groups: int, head_dim: int) -> np.ndarray:
     """o_proj input columns, best head of every group first, then the second best, ..."""
     rep = scores.size // groups
     ranks = np.argsort(-scores.reshape(groups, rep), axis=1, kind="stable")
@@ -81,29 +82,28 @@ class _LayerCosts:
     ffn: np.ndarray  # cost with f neurons kept, index f
 
 
-def _layer_costs(model_map: ModelMap, stats: CalibrationStats, grams: GramStats, index: int) -> _LayerCosts:
+def _layer_costs(model_map: ModelMap, stats: CalibrationStats, grams: GramStats, scales: LayerScales,
+                 index: int) -> _LayerCosts:
     layer = model_map.layer(index)
     attention = layer.attention
     o_weight = attention.o.weight.const_value.numpy().T
     down_weight = layer.ffn.down.weight.const_value.numpy().T
-    order = _head_order(stats.heads[index], attention.num_kv_heads, attention.head_dim)
+    order = head_order(stats.heads[index], attention.num_kv_heads, attention.head_dim)
     o_costs = prefix_residuals(grams.gram["o"][index], grams.tokens, order, o_weight)
     down_costs = prefix_residuals(grams.gram["down"][index], grams.tokens,
                                   np.argsort(-stats.ffn[index], kind="stable"), down_weight)
-    written = o_costs[0] + down_costs[0]
-    weight = float(stats.block_influence[index]) / written if written > 0 else 0.0
     per_level = attention.num_kv_heads * attention.head_dim
-    return _LayerCosts(heads=weight * o_costs[::per_level], ffn=weight * down_costs)
+    return _LayerCosts(heads=scales.o[index] * o_costs[::per_level], ffn=scales.down[index] * down_costs)
 
 
 def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramStats | None, shape: Shape,
-                      budget: float, step: int = 8) -> Shape:
+                      budget: float, scales: LayerScales | None, step: int = 8) -> Shape:
     """``shape`` (a budget's answer) with heads per group and FFN widths spread over the layers by
     cost: the same hidden size, KV groups and dropped layers, at most ``budget`` parameters and
     within 0.5% of it where the FFN floors allow."""
-    if grams is None:
-        raise PanguLightError("--spread sensitivity needs the refit's Gram statistics (prune collects them with "
-                              "--refit refit); use --spread hidden-light without them")
+    if grams is None or scales is None:
+        raise PanguLightError("--spread sensitivity needs the refit's Gram statistics and the layer probe, which "
+                              "prune measures (with its default --refit refit); use --spread hidden-light otherwise")
     if grams.num_layers != len(model_map.layers):
         raise PanguLightError(f"the Gram file has {grams.num_layers} layers, the graph {len(model_map.layers)}")
     live = [l.index for l in model_map.layers if l.index not in shape.dropped]
@@ -111,7 +111,7 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     if any(shape.kv_groups[i] != full_groups[i] for i in live):
         raise PanguLightError("--spread sensitivity moves query heads and FFN neurons, not KV groups; "
                               "keep every KV group or use --spread hidden-light")
-    costs = {i: _layer_costs(model_map, stats, grams, i) for i in live}
+    costs = {i: _layer_costs(model_map, stats, grams, scales, i) for i in live}
     full_heads = {i: model_map.layer(i).attention.num_heads // full_groups[i] for i in live}
     heads = dict(full_heads)
     full_ffn = {i: model_map.layer(i).ffn.intermediate_size for i in live}

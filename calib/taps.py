@@ -40,7 +40,7 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap, Norm
 
-__all__ = ["TapLayout", "add_statistic_taps", "run_tapped"]
+__all__ = ["TapLayout", "add_statistic_taps", "run_tapped", "saved_for_session"]
 
 
 @dataclasses.dataclass
@@ -183,7 +183,7 @@ def run_tapped(
 
     common_passes.RemoveUnusedNodesPass()(model)
     decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
-    with _tapped_file(model) as tapped:
+    with saved_for_session(model) as tapped:
         del model
         info = create_session(tapped, provider=provider, threads=threads)
     cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
@@ -198,7 +198,7 @@ def run_tapped(
 
 
 @contextlib.contextmanager
-def _tapped_file(model: ir.Model) -> Iterator[Path]:
+def saved_for_session(model: ir.Model) -> Iterator[Path]:
     """The path of ``model`` saved for ONNX Runtime, removed on exit (see ``run_tapped``)."""
     base_dirs = {
         Path(value.const_value.base_dir).resolve()

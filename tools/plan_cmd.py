@@ -47,9 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rotate for pre-norm families when the hidden size is cut, select otherwise (default auto, as prune)",
     )
     parser.add_argument("--rotation", type=Path, help="with --hidden-method rotate: a rotation file to use")
-    parser.add_argument("--grams", type=Path,
-                        help="with --spread sensitivity: the Gram statistics of the same graph (grams.npz, as "
-                        "`pangu-light search` writes them)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,13 +72,8 @@ def run(args: argparse.Namespace) -> int:
     rotation, rotation_file = None, args.rotation
     if targets.hidden_method == "rotate":
         rotation, rotation_file = _rotation(args, stats, model_path)
-    grams = None
-    if args.grams is not None:
-        from pangu_light.calib.gram import GramStats
-
-        grams = GramStats.load(args.grams)
     plan = make_plan(model_map, stats, targets, rotation=rotation,
-                     rotation_file=None if rotation_file is None else str(rotation_file.resolve()), grams=grams)
+                     rotation_file=None if rotation_file is None else str(rotation_file.resolve()))
     plan.source["graph"] = record_path(model_path, args.output)
     plan.save(args.output)
     print(describe_plan(plan))

@@ -68,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-kv-cache", action="store_true", help="do not export and prune the decode graph")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per ONNX Runtime call (default 4)")
+    parser.add_argument(
+        "--probe-samples", type=int, default=4, metavar="N",
+        help="with --spread sensitivity: calibration sequences each layer probe is scored on (default 4)",
+    )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
@@ -116,8 +120,13 @@ def run(args: argparse.Namespace) -> int:
     stats.save(out / "stats.npz")
     if rotation is not None:
         save_rotation(out / "rotation.npz", rotation)
+    layer_scales = None
+    if targets.spread == "sensitivity" and collected.grams is not None:
+        layer_scales = _probe_layers(original, stats, collected.grams, args, len(model_map.layers))
+        write_json(out / "layer_probe.json", layer_scales.to_json())
     plan = make_plan(model_map, stats, targets, rotation=rotation,
-                     rotation_file=str((out / "rotation.npz").resolve()), grams=collected.grams)
+                     rotation_file=str((out / "rotation.npz").resolve()), grams=collected.grams,
+                     layer_scales=layer_scales)
     plan.targets["refit"] = args.refit
     plan.source["graph"] = record_path(original, out / "plan.json")
     plan.save(out / "plan.json")
@@ -194,3 +203,16 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(summary))
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} in {out}")
     return 0
+
+
+def _probe_layers(original: Path, stats, grams, args: argparse.Namespace, layers: int):
+    """``calib.sensitivity_probe`` on the first ``--probe-samples`` calibration sequences."""
+    from tqdm import tqdm
+
+    from pangu_light.calib.calibrate import calibration_sequences
+    from pangu_light.calib.sensitivity_probe import probe_layers
+
+    sequences, _ = calibration_sequences(original, args.data, args.samples, args.seq_len, args.seed, args.tokenizer)
+    with tqdm(total=1 + 2 * layers, unit="probe", desc="layer probe", disable=args.quiet, file=sys.stderr) as bar:
+        return probe_layers(original, stats, grams, sequences[: args.probe_samples], batch_size=args.batch_size,
+                            threads=args.threads, on_probe=lambda: bar.update(1))

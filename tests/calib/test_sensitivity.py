@@ -1,5 +1,5 @@
-"""The sensitivity spread: refit costs from one factorisation, budgets met, widths moved to where
-they cost least."""
+"""The sensitivity spread: refit errors from one factorisation, the layer probe against the same edit
+in torch, budgets met, widths moved to where they cost least."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 from pangu_light.calib.budget import resolve_shape
 from pangu_light.calib.gram import collect_grams
 from pangu_light.calib.planner import Targets, make_plan
-from pangu_light.calib.sensitivity import _layer_costs, prefix_residuals
+from pangu_light.calib.refit import refit_projection
+from pangu_light.calib.sensitivity import _layer_costs, head_order, prefix_residuals
+from pangu_light.calib.sensitivity_probe import LayerScales, probe_layers, probe_widths
 from pangu_light.calib.stats import calibrate
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -44,18 +46,58 @@ def llama_calibrated(exported_graph):
     batches = [(ids.numpy(), mask.numpy()) for ids, mask in
                (left_padded_batch(vocab, lengths=(40, 33, 40, 25), seed=s) for s in range(6))]
     model_map = ModelMap.from_model(ir.load(path))
-    return model_map, calibrate(path, batches), collect_grams(path, batches)
+    stats, grams = calibrate(path, batches), collect_grams(path, batches)
+    probe_ids = np.random.default_rng(3).integers(3, vocab, size=(4, 24))
+    return model_map, stats, grams, probe_layers(path, stats, grams, probe_ids, batch_size=3), probe_ids, hf_model
 
 
-def total_cost(model_map, stats, grams, shape) -> float:
-    costs = [_layer_costs(model_map, stats, grams, l.index) for l in model_map.layers]
+def test_probe_equals_the_same_edit_in_torch(llama_calibrated):
+    """Each probe's loss rise equals the torch model's with that layer's projection refit over the
+    probe's kept inputs and the removed inputs' rows zeroed (a removal)."""
+    import torch
+
+    model_map, stats, grams, scales, ids, hf_model = llama_calibrated
+
+    def torch_loss() -> float:
+        with torch.no_grad():
+            return float(hf_model(torch.tensor(ids), labels=torch.tensor(ids)).loss)
+
+    base = torch_loss()
+    # float32 ORT vs torch on the unpruned model, and a few float32 roundings of the loss itself
+    bound = 4 * abs(base - scales.base_loss) + 8 * float(np.finfo(np.float32).eps) * base
+    for index, layer in enumerate(hf_model.model.layers):
+        heads_kept, ffn_kept = probe_widths(model_map, index)
+        attention = model_map.layer(index).attention
+        for proj, module, order, kept in (
+            ("o", layer.self_attn.o_proj, head_order(stats.heads[index], attention.num_kv_heads, attention.head_dim),
+             heads_kept * attention.num_kv_heads * attention.head_dim),
+            ("down", layer.mlp.down_proj, np.argsort(-stats.ffn[index], kind="stable"), ffn_kept),
+        ):
+            original = module.weight.detach().clone()
+            kept_inputs = np.sort(order[:kept])
+            fit = refit_projection(grams.gram[proj][index], grams.sum[proj][index], grams.tokens, kept_inputs,
+                                   original.numpy().T.astype(np.float64))
+            fed = np.zeros((original.shape[1], original.shape[0]))
+            fed[kept_inputs] = fit.weight
+            with torch.no_grad():
+                module.weight.copy_(torch.tensor(fed.T, dtype=torch.float32))
+            rise = max(torch_loss() - base, 0.0)
+            with torch.no_grad():
+                module.weight.copy_(original)
+            assert abs(scales.rises[proj][index] - rise) <= bound, (proj, index)
+    assert max(scales.rises["o"] + scales.rises["down"]) > 20 * bound  # probes that bite
+
+
+def total_cost(model_map, stats, grams, scales, shape) -> float:
+    costs = [_layer_costs(model_map, stats, grams, scales, l.index) for l in model_map.layers]
     return sum(c.heads[shape.heads_per_group[i]] + c.ffn[shape.ffn[i]] for i, c in enumerate(costs))
 
 
 @pytest.mark.parametrize("budget", [0.9, 0.7])
 def test_sensitivity_spread_meets_the_budget_at_lower_cost(llama_calibrated, budget):
-    model_map, stats, grams = llama_calibrated
-    plan = make_plan(model_map, stats, Targets(params=budget, spread="sensitivity"), grams=grams)
+    model_map, stats, grams, scales, *_ = llama_calibrated
+    plan = make_plan(model_map, stats, Targets(params=budget, spread="sensitivity"), grams=grams,
+                     layer_scales=scales)
     light = make_plan(model_map, stats, Targets(params=budget))  # the default, hidden-light
     before = count_parameters(model_map, shape_of(model_map))
     assert abs(plan.estimate["parameters_after"] / before - budget) <= 0.01
@@ -66,17 +108,17 @@ def test_sensitivity_spread_meets_the_budget_at_lower_cost(llama_calibrated, bud
     default = dataclasses.replace(shape, heads_per_group=[len(l.heads) // len(l.kv_groups) for l in light.layers],
                                   ffn=[len(l.ffn) for l in light.layers])
     assert count_parameters(model_map, spread) <= count_parameters(model_map, default) * 1.01
-    assert total_cost(model_map, stats, grams, spread) < total_cost(model_map, stats, grams, default)
+    assert total_cost(model_map, stats, grams, scales, spread) < total_cost(model_map, stats, grams, scales, default)
     for layer_plan, layer in zip(plan.layers, model_map.layers):  # the planner's own ranking inside a layer
         assert layer_plan.ffn == sorted(np.argsort(-stats.ffn[layer.index], kind="stable")[: len(layer_plan.ffn)])
 
 
 def test_a_layer_that_changes_nothing_is_cut_first(llama_calibrated):
-    """Block Influence 0 (the layer's output equals its input): its heads and neurons cost nothing."""
-    model_map, stats, grams = llama_calibrated
-    quiet = dataclasses.replace(stats, block_influence=np.where(np.arange(len(model_map.layers)) == 1, 0.0,
-                                                                 np.maximum(stats.block_influence, 1e-3)))
-    plan = make_plan(model_map, quiet, Targets(params=0.75, spread="sensitivity"), grams=grams)
+    """A layer whose probes did not raise the loss: its heads and neurons cost nothing."""
+    model_map, stats, grams, *_ = llama_calibrated
+    ones = [0.0 if i == 1 else 1.0 for i in range(len(model_map.layers))]
+    quiet = LayerScales(o=ones, down=ones, base_loss=1.0, rises={})
+    plan = make_plan(model_map, stats, Targets(params=0.75, spread="sensitivity"), grams=grams, layer_scales=quiet)
     layer = model_map.layer(1)
     assert len(plan.layers[1].heads) == layer.attention.num_kv_heads  # one head per group
     assert len(plan.layers[1].ffn) == layer.ffn.intermediate_size // 4  # the floor
@@ -85,10 +127,10 @@ def test_a_layer_that_changes_nothing_is_cut_first(llama_calibrated):
 
 
 def test_sensitivity_refusals(llama_calibrated):
-    model_map, stats, grams = llama_calibrated
-    with pytest.raises(PanguLightError, match="needs the refit's Gram statistics"):
+    model_map, stats, grams, scales, *_ = llama_calibrated
+    with pytest.raises(PanguLightError, match="needs the refit's Gram statistics and the layer probe"):
         make_plan(model_map, stats, Targets(params=0.8, spread="sensitivity"))
     with pytest.raises(PanguLightError, match="give --params, and neither --uniform"):
-        make_plan(model_map, stats, Targets(params=0.8, ffn=50, spread="sensitivity"), grams=grams)
+        make_plan(model_map, stats, Targets(params=0.8, ffn=50, spread="sensitivity"), grams=grams, layer_scales=scales)
     with pytest.raises(PanguLightError, match="give --params"):
-        make_plan(model_map, stats, Targets(hidden=32, spread="sensitivity"), grams=grams)
+        make_plan(model_map, stats, Targets(hidden=32, spread="sensitivity"), grams=grams, layer_scales=scales)
