@@ -134,9 +134,10 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "--spread", choices=("hidden-light", "even", "sensitivity"), default="hidden-light",
         help="how --params shrinks the widths you did not give: hidden-light (default) cuts the FFN width most, "
         "query heads per group three quarters as fast and the hidden size a fifth as fast (one-shot, the hidden "
-        "size is the axis that hurts most); even cuts every width by the same factor; sensitivity keeps "
-        "hidden-light's hidden size and gives each layer the heads and FFN width where the refit loses least "
-        "(needs the refit's Gram statistics: prune's default --refit refit)",
+        "size is the axis that hurts most); even cuts every width by the same factor; sensitivity (prune only) "
+        "keeps hidden-light's hidden size and moves query heads and FFN neurons to the layers where removing "
+        "them raises the loss least, measured by probing each layer (1 + 2 x layers model runs on the "
+        "calibration text; needs prune's default --refit refit)",
     )
     group.add_argument(
         "--uniform", action="store_true", help="the same shape in every layer (a standard Hugging Face config)"

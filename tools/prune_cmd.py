@@ -69,8 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kv-cache", action="store_true", help="do not export and prune the decode graph")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per ONNX Runtime call (default 4)")
     parser.add_argument(
-        "--probe-samples", type=int, default=4, metavar="N",
-        help="with --spread sensitivity: calibration sequences each layer probe is scored on (default 4)",
+        "--probe-samples", type=int, default=2, metavar="N",
+        help="with --spread sensitivity: calibration sequences each layer probe is scored on (default 2; the "
+        "probe runs the model 1 + 2 x layers times)",
+    )
+    parser.add_argument(
+        "--probe-seq-len", type=int, default=128, metavar="T",
+        help="with --spread sensitivity: their first T tokens (default 128)",
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
@@ -206,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _probe_layers(original: Path, stats, grams, args: argparse.Namespace, layers: int):
-    """``calib.sensitivity_probe`` on the first ``--probe-samples`` calibration sequences."""
+    """``calib.sensitivity_probe`` on the first ``--probe-seq-len`` tokens of the first ``--probe-samples``
+    calibration sequences."""
     from tqdm import tqdm
 
     from pangu_light.calib.calibrate import calibration_sequences
@@ -214,5 +220,8 @@ def _probe_layers(original: Path, stats, grams, args: argparse.Namespace, layers
 
     sequences, _ = calibration_sequences(original, args.data, args.samples, args.seq_len, args.seed, args.tokenizer)
     with tqdm(total=1 + 2 * layers, unit="probe", desc="layer probe", disable=args.quiet, file=sys.stderr) as bar:
-        return probe_layers(original, stats, grams, sequences[: args.probe_samples], batch_size=args.batch_size,
+        if args.probe_samples < 1 or args.probe_seq_len < 2:
+            raise PanguLightError("--probe-samples must be at least 1 and --probe-seq-len at least 2")
+        probe = sequences[: args.probe_samples, : args.probe_seq_len]
+        return probe_layers(original, stats, grams, probe, batch_size=args.batch_size,
                             threads=args.threads, on_probe=lambda: bar.update(1))
