@@ -10,6 +10,7 @@ the fused fp32 graph with the dequantized weights computes."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from test_quantize import _dequantized_reference
 
@@ -44,6 +45,14 @@ def _graph(exported_graph, family, shape, tmp_path):
     return hf_model.config.vocab_size, path, layers
 
 
+def _named_unused_norm_outputs(path) -> list[str]:
+    """Outputs after the first of the fused norms that have a name but no reader."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    return [name for node in graph.node if node.op_type.endswith("SimplifiedLayerNormalization")
+            for name in node.output[1:] if name and name not in read]
+
+
 def _shared_buffer_logits(path, all_ids, all_mask, prompt: int) -> np.ndarray:
     """Prefill and steps along the given tokens with one buffer per cache tensor bound as both
     past and present (``SharedRunner``); logits [b, total, V]."""
@@ -69,6 +78,9 @@ def test_fused_fp32_equals_unfused_graph(exported_graph, family, shape, tmp_path
     assert ops.get("SkipSimplifiedLayerNormalization", 0) == 2 * layers
     norms = ops.get("SimplifiedLayerNormalization", 0) + ops["SkipSimplifiedLayerNormalization"]
     assert norms == NORMS_PER_LAYER[family] * layers + 1 and "Reciprocal" not in ops
+    # mean and 1/std of each Skip norm are not computed for nothing
+    assert record["fuse_norms"]["unused_outputs_dropped"] >= 2 * ops["SkipSimplifiedLayerNormalization"]
+    assert _named_unused_norm_outputs(tmp_path / "d" / "model.onnx") == []
     if fused:
         assert "Softmax" not in ops
         packed = 0 if family in NOT_PACKED else layers
