@@ -17,7 +17,8 @@ graph new_tokens - 1 times). ``--baseline LABEL`` adds each graph's decode ratio
 
 For each source graph, `pangu-light deploy` builds each of --weights (block 32, symmetric,
 accuracy level 4; the lm_head at deploy's default width, int8 under int4, or at the width after
-a colon: ``int4:int4`` quantizes the lm_head to int4 too, as GenAI's int4 builder does).
+a colon: ``int4:int4`` quantizes the lm_head to int4 too, as GenAI's int4 builder does; a
+``+nobias`` suffix deploys with ``--no-padding-bias``, as GenAI's graphs are: batch 1 has no padding).
 Then, per thread count, one session per graph; rounds alternate between the graphs, in reversed
 order every other round (one warm-up round thrown away), each round a greedy generation of
 --new-tokens after the same random --prompt-token prompt (batch 1). Reported: medians of decode
@@ -67,10 +68,14 @@ def main() -> int:
     for source in args.sources:
         graphs.append((source.stem, source, source))
         for spec in args.weights.split(","):
+            spec, _, flag = spec.partition("+")
+            if flag not in ("", "nobias"):
+                parser.error(f"--weights {spec}+{flag}: the only suffix is +nobias")
             weights, _, head = spec.partition(":")
-            out = args.output / f"{source.stem}-{weights}{'-head-' + head if head else ''}"
-            record = build_deployment(source, out, DeployOptions(weights=weights, lm_head_weights=head))
-            label = f"{source.stem} {weights} head {record.get('lm_head_weights') or 'fp32'}"
+            out = args.output / f"{source.stem}-{weights}{'-head-' + head if head else ''}{'-' + flag if flag else ''}"
+            options = DeployOptions(weights=weights, lm_head_weights=head, padding_bias=not flag)
+            record = build_deployment(source, out, options)
+            label = f"{source.stem} {weights} head {record.get('lm_head_weights') or 'fp32'} {flag}".rstrip()
             graphs.append((label, out / "model.onnx", source))
     for directory in args.genai:
         graphs.append((f"genai {directory.name}", directory / "model.onnx", args.sources[0]))

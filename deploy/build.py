@@ -10,7 +10,9 @@
 every layer's attention was fused (past and present may be one pre-allocated buffer of fixed
 capacity; ``runtime.generate`` binds them so), else ``past-present`` (past of P positions in,
 present of P + S out, as the export writes it). ``fuse=False`` keeps the export's attention
-and norms (the graph before this module's fusions existed).
+and norms (the graph before this module's fusions existed). ``padding_bias=False`` builds GQA
+without the padding bias (faster; the record's ``padding_bias`` makes the runtime refuse
+batches with padding for it).
 
 fp32 stops after the fold (the function is unchanged). int8/int4 quantize every eligible MatMul
 (the projections of every layer and the lm_head: at ``lm_head_weights`` when given, else at
@@ -62,6 +64,7 @@ class DeployOptions:
     provider: str = "cpu"
     fuse: bool = True
     max_length: int = 0  # rotary cache positions; 0: the source config's max_position_embeddings
+    padding_bias: bool = True  # False: no attention_bias in GQA; the runtime refuses padded batches
 
     def check(self) -> None:
         if self.weights not in WEIGHTS:
@@ -76,6 +79,8 @@ class DeployOptions:
             )
         if self.max_length < 0:
             raise PanguLightError(f"--max-length {self.max_length} must be positive (or 0 for the model's own)")
+        if not self.padding_bias and not self.fuse:
+            raise PanguLightError("--no-padding-bias applies to the fused GroupQueryAttention: drop it or --no-fuse")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise PanguLightError(f"--accuracy-level {self.accuracy_level} is not one of 0-4 (MatMulNBits)")
 
@@ -101,13 +106,15 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
     if options.fuse:
         # Pruned graphs carry values without types; onnxscript's norm rules need them.
         common_passes.ShapeInferencePass()(model)
-        gqa = FuseGQAPass({"max_length": options.max_length or _config_max_length(metadata)})
+        gqa = FuseGQAPass({"max_length": options.max_length or _config_max_length(metadata),
+                           "padding_bias": options.padding_bias})
         gqa(model)
         record["fuse_gqa"] = dict(gqa.stats)
         layers = sum(1 for name in metadata_inputs(model) if name.endswith(".key"))
         if layers and gqa.stats.get("fused", 0) == layers:
             record["io_kind"] = IO_KIND_GQA
             record["max_length"] = gqa.options["max_length"]
+            record["padding_bias"] = options.padding_bias
     head_weights = options.head_weights()
     fold = FoldWeightTransposePass({"shared": quantize and head_weights != "fp32"})
     fold(model)

@@ -91,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory for --genai-package (default: the graph's)")
     parser.add_argument(
+        "--no-padding-bias",
+        action="store_true",
+        help="GroupQueryAttention without the padding bias: a little faster per step (~2%% on SmolLM2 "
+        "int4), exact for batches without padding only; the runtime refuses prompts of different lengths",
+    )
+    parser.add_argument(
         "--no-fuse", action="store_true", help="keep the export's attention and norms (no GQA, no fused norms)"
     )
 
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         provider=args.provider,
         fuse=not args.no_fuse,
         max_length=args.max_length,
+        padding_bias=not args.no_padding_bias,
     )
     if args.weights == "fp32" and (args.no_quantize_lm_head or args.asymmetric):
         raise PanguLightError("--no-quantize-lm-head and --asymmetric apply to --weights int8/int4 only")
