@@ -4,7 +4,9 @@
         [--new-tokens 128] [--threads 2] [--no-spinning] [--rounds 3] [--json]
 
 For each graph (rounds alternate between graphs, the first round is a warm-up), the decode
-steps of ``runtime.generate`` (pre-allocated KV buffers, IO binding) are split into:
+steps of ``runtime.generate`` (pre-allocated KV buffers, IO binding; a deployment graph of
+``pangu-light deploy`` gets its shared buffer, and no ideal ratios: it has no model map) are
+split into:
 
     loop      wall time per step outside ``session.run`` (token choice, binding, Python)
     session   ONNX Runtime's model_run minus the kernels inside it (scheduling, allocation)
@@ -29,6 +31,8 @@ import tempfile
 import numpy as np
 import onnxruntime as ort
 
+from pangu_light.core import contract
+from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.infra.graph_io import load_model
 from pangu_light.reports.machine import format_machine
@@ -85,6 +89,23 @@ def profile_once(
     }
 
 
+def _ideal(path: str, context: int) -> dict:
+    """Weight bytes and FLOPs per decode token from GraphStats; for a deployment graph (fused
+    ops, no model map) only the vocabulary, read off the logits output."""
+    try:
+        stats = GraphStats.from_model(load_model(path), context=context)
+    except PanguLightError:
+        logits = next(o for o in ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_outputs()
+                      if o.name == contract.LOGITS)
+        return {"bytes": None, "flops": None, "vocab": int(logits.shape[-1]), "lm_head_flops": None}
+    return {
+        "bytes": stats.bytes_per_token_decode().total_bytes,
+        "flops": stats.flops_per_token,
+        "vocab": stats.vocab_size,
+        "lm_head_flops": stats.lm_head_flops,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("graphs", nargs="+")
@@ -96,18 +117,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    ideals = []
-    for path in args.graphs:
-        stats = GraphStats.from_model(load_model(path), context=args.prompt + args.new_tokens // 2)
-        decode = stats.bytes_per_token_decode()
-        ideals.append(
-            {
-                "bytes": decode.total_bytes,
-                "flops": stats.flops_per_token,
-                "vocab": stats.vocab_size,
-                "lm_head_flops": stats.lm_head_flops,
-            }
-        )
+    ideals = [_ideal(path, args.prompt + args.new_tokens // 2) for path in args.graphs]
     prompt = np.random.default_rng(0).integers(0, min(i["vocab"] for i in ideals), args.prompt).tolist()
     samples: list[list[dict]] = [[] for _ in args.graphs]
     load_start = load_average()
@@ -167,6 +177,8 @@ def main() -> None:
     print(format_table(table))
     for row in rows[1:]:
         ideal, first = row["ideal"], base["ideal"]
+        if ideal["bytes"] is None or first["bytes"] is None:
+            continue  # a deployment graph: no model map, no ideal ratios
         print(
             f"{os.path.basename(row['graph'])}: ideal step-time ratio from bytes "
             f"{ideal['bytes'] / first['bytes']:.3f}, from FLOPs {ideal['flops'] / first['flops']:.3f}, "

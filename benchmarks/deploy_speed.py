@@ -15,13 +15,17 @@ labelled ``genai DIRNAME``. Its prefill is the ``append_tokens`` call, its decod
 graph new_tokens - 1 times). ``--baseline LABEL`` adds each graph's decode ratio to that row
 (median of per-round ratios), e.g. ``--baseline "genai fp32"``.
 
-For each source graph, `pangu-light deploy` builds fp32, int8 and int4 (block 32, symmetric,
-accuracy level 4, lm_head quantized). Then, per thread count, one session per graph; rounds
-alternate between the graphs (one warm-up round thrown away), each round a greedy generation of
+For each source graph, `pangu-light deploy` builds each of --weights (block 32, symmetric,
+accuracy level 4; the lm_head at deploy's default width, int8 under int4, or at the width after
+a colon: ``int4:int4`` quantizes the lm_head to int4 too, as GenAI's int4 builder does; a
+``+nobias`` suffix deploys with ``--no-padding-bias``, as GenAI's graphs are: batch 1 has no padding).
+Then, per thread count, one session per graph; rounds alternate between the graphs, in reversed
+order every other round (one warm-up round thrown away), each round a greedy generation of
 --new-tokens after the same random --prompt-token prompt (batch 1). Reported: medians of decode
 tokens/s and prefill ms, the decode ratio to the source graph (median of per-round ratios), the
 node count in the file and after ONNX Runtime's optimiser, how many greedy tokens equal the
-source's, and perplexity on the held-out LAMBADA split (same sequences for every graph). Machine
+source's, and perplexity on the held-out LAMBADA split (same sequences for every graph, GenAI's
+graphs included: evaluated by our runtime with an empty past, as ours are). Machine
 load (1-minute average) before and after is printed: timings on a shared machine move with it.
 """
 
@@ -63,10 +67,16 @@ def main() -> int:
     graphs: list[tuple[str, Path, Path]] = []  # (label, path, its source)
     for source in args.sources:
         graphs.append((source.stem, source, source))
-        for weights in args.weights.split(","):
-            out = args.output / f"{source.stem}-{weights}"
-            build_deployment(source, out, DeployOptions(weights=weights))
-            graphs.append((f"{source.stem} {weights}", out / "model.onnx", source))
+        for spec in args.weights.split(","):
+            spec, _, flag = spec.partition("+")
+            if flag not in ("", "nobias"):
+                parser.error(f"--weights {spec}+{flag}: the only suffix is +nobias")
+            weights, _, head = spec.partition(":")
+            out = args.output / f"{source.stem}-{weights}{'-head-' + head if head else ''}{'-' + flag if flag else ''}"
+            options = DeployOptions(weights=weights, lm_head_weights=head, padding_bias=not flag)
+            record = build_deployment(source, out, options)
+            label = f"{source.stem} {weights} head {record.get('lm_head_weights') or 'fp32'} {flag}".rstrip()
+            graphs.append((label, out / "model.onnx", source))
     for directory in args.genai:
         graphs.append((f"genai {directory.name}", directory / "model.onnx", args.sources[0]))
     load_start = os.getloadavg()
@@ -82,8 +92,8 @@ def main() -> int:
         decode = {label: [] for label, _, _ in graphs}
         prefill = {label: [] for label, _, _ in graphs}
         tokens = {}
-        for round_index in range(args.rounds + 1):
-            for label, _, _ in graphs:
+        for round_index in range(args.rounds + 1):  # the order reversed every other round
+            for label, _, _ in (graphs if round_index % 2 == 0 else graphs[::-1]):
                 if label.startswith("genai "):
                     new, prefill_s, decode_tps = _genai_generate(sessions[label], prompt[0], args.new_tokens)
                 else:
@@ -110,8 +120,9 @@ def main() -> int:
     _print(rows, args, load_start, load_end)  # timings first: the perplexity pass takes a while
     if args.ppl_samples:
         ours = [(label, path) for label, path, _ in graphs if not label.startswith("genai ")]
+        ours += [(label, _fixed_head_dim(path)) for label, path, _ in graphs if label.startswith("genai ")]
         ppl = evaluate_graphs([str(p) for _, p in ours], data="lambada", samples=args.ppl_samples, seq_len=256,
-                              tokenizer=args.tokenizer, quiet=True)
+                              tokenizer=args.tokenizer, quiet=True, threads=1)
         for label, path in ours:
             rows[label]["perplexity"] = ppl[str(path)].perplexity
             print(f"{label:34s} perplexity {rows[label]['perplexity']:.3f} (LAMBADA eval, {args.ppl_samples} x 256)")
@@ -159,6 +170,21 @@ def _genai_generate(model, prompt: list[int], new_tokens: int) -> tuple[list[int
         tokens.append(int(generator.get_next_tokens()[0]))
     decode = time.perf_counter() - start
     return tokens, prefill, (len(tokens) - 1) / decode if decode > 0 else float("nan")
+
+
+def _fixed_head_dim(path: Path) -> Path:
+    """A copy of a GenAI graph (beside it, so its external data resolves) whose cache inputs
+    name the head size as a number, not ``kv_cache_dim``: our runtime's DecodeLayout needs it to
+    feed the empty past of a perplexity window."""
+    head = json.loads((path.parent / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    model = onnx.load(str(path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "kv_cache_dim":
+                dim.dim_value = head
+    fixed = path.with_name("model.fixed-head-dim.onnx")
+    onnx.save(model, str(fixed))
+    return fixed
 
 
 def _ort_nodes(path: Path) -> int:

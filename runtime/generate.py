@@ -133,6 +133,11 @@ def generate(
     if max_new_tokens == 0:
         return GenerationResult(outputs, 0.0, 0.0, 0, batch)
 
+    if not layout.padding_bias and not mask.all():
+        raise RuntimeUserError(
+            "this deployment graph was built with --no-padding-bias, so it cannot mask padding, and "
+            "these prompts differ in length: give prompts of one length, or deploy without --no-padding-bias"
+        )
     capacity = ids.shape[1] + max_new_tokens - 1  # the last chosen token is never fed
     if io_binding and layout.shared_buffer:
         runner = SharedRunner(ort_session, layout, device, device_id, batch, capacity)

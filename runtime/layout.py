@@ -56,6 +56,7 @@ class DecodeLayout:
     logits_dtype: type = np.float32
     shared_buffer: bool = False  # past and present may alias one buffer (deployment GQA graphs)
     max_length: int = 0  # positions the graph can hold (its rotary cache); 0: not bounded here
+    padding_bias: bool = True  # False: a deployment graph without GQA's padding bias (no padded batches)
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession, *, require_outputs: bool = True) -> DecodeLayout:
@@ -136,6 +137,7 @@ class DecodeLayout:
             logits_dtype=_NUMPY_DTYPES.get(logits.type, np.float32) if logits is not None else np.float32,
             shared_buffer=deployed.get("io_kind") == SHARED_BUFFER_IO,
             max_length=int(deployed.get("max_length") or 0),
+            padding_bias=bool(deployed.get("padding_bias", True)),
         )
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:

@@ -7,6 +7,10 @@ becomes SkipSimplifiedLayerNormalization (onnxscript's own ``ort_fusions`` rules
     a, b --Add--> h --RMSNorm--> y     becomes     SkipSimplifiedLayerNormalization(a, b, gamma)
                   '--> (residual)                  -> y, (unused, unused,) h (input_skip_bias_sum)
 
+The rules name every output of the fused node, so ONNX Runtime computes and stores the unused
+mean and 1/std (outputs 1, 2) of every norm at every step; an optional output that nothing reads
+is left unnamed instead (the ONNX convention for an absent optional output: the kernel skips it).
+
 The rules match our export as it is (Reciprocal + Mul, gamma ``1 + w`` as its own Add for the
 Gemma families: the rule's scale is whatever value is multiplied in), so nothing here is written
 by hand. Per-head q/k norms (Qwen3, Gemma3) fuse too: the normalised axis is the last one.
@@ -42,12 +46,23 @@ class FuseNormsPass(PanguPass):
         for node in model.graph:
             if node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
                 self.tag(node)
+                self.count("unused_outputs_dropped", _drop_unused_outputs(node))
         for value in list(model.graph.initializers.values()):  # the replaced nodes' constants
             if not value.uses() and not value.is_graph_output():
                 model.graph.initializers.pop(value.name)
         if skips:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified=bool(norms or skips))
+
+
+def _drop_unused_outputs(node: ir.Node) -> int:
+    """Unname the optional outputs (all but the first) that nothing reads; returns how many."""
+    dropped = 0
+    for value in node.outputs[1:]:
+        if value.name and not value.uses() and not value.is_graph_output():
+            value.name = ""
+            dropped += 1
+    return dropped
 
 
 def _name_residual_dims(graph: ir.Graph) -> int:

@@ -39,7 +39,7 @@ def test_command_writes_graph_and_record(exported_graph, tmp_path, capsys):
     record = json.loads((out / "deploy.json").read_text())
     assert record["options"]["weights"] == "int4" and record["matmul_nbits"] == record["eligible_matmuls"] > 0
     assert record["source"] == str(Path(path).resolve())
-    assert "MatMulNBits" in capsys.readouterr().out
+    assert "MatMulNBits" in capsys.readouterr().out and record["lm_head_weights"] == "int8"  # int4's default
     # the runtime's generation loop (what `pangu-light run` calls) runs the int4 graph, batch 3
     info = create_session(out / "model.onnx", provider="cpu")
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
@@ -55,6 +55,11 @@ def test_command_refuses_bad_requests(exported_graph, tmp_path, capsys):
     assert main(["deploy", str(path), "-o", str(tmp_path / "b"), "--block-size", "24"]) == 2
     assert "power of two" in capsys.readouterr().err
     assert not (tmp_path / "b" / "model.onnx").exists()
+    assert main(["deploy", str(path), "-o", str(tmp_path / "d"), "--no-quantize-lm-head", "--lm-head", "int8"]) == 2
+    assert "contradicts --lm-head int8" in capsys.readouterr().err
+    assert main(["deploy", str(path), "-o", str(tmp_path / "e"), "--weights", "fp32", "--lm-head", "int4"]) == 2
+    assert "--lm-head int8/int4 needs --weights int8/int4" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
     with pytest.raises(SystemExit):
         main(["deploy", str(path), "-o", str(tmp_path / "c"), "--provider", "cuda"])
 

@@ -10,9 +10,11 @@ the fused fp32 graph with the dequantized weights computes."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from test_quantize import _dequantized_reference
 
+from pangu_light.core.errors import PanguLightError
 from pangu_light.deploy.build import DEPLOY_KEY, DeployOptions, build_deployment
 from pangu_light.passes.deploy.fuse_gqa import IO_KIND_GQA
 from pangu_light.runtime import layout as runtime_layout
@@ -44,6 +46,14 @@ def _graph(exported_graph, family, shape, tmp_path):
     return hf_model.config.vocab_size, path, layers
 
 
+def _named_unused_norm_outputs(path) -> list[str]:
+    """Outputs after the first of the fused norms that have a name but no reader."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    return [name for node in graph.node if node.op_type.endswith("SimplifiedLayerNormalization")
+            for name in node.output[1:] if name and name not in read]
+
+
 def _shared_buffer_logits(path, all_ids, all_mask, prompt: int) -> np.ndarray:
     """Prefill and steps along the given tokens with one buffer per cache tensor bound as both
     past and present (``SharedRunner``); logits [b, total, V]."""
@@ -69,6 +79,9 @@ def test_fused_fp32_equals_unfused_graph(exported_graph, family, shape, tmp_path
     assert ops.get("SkipSimplifiedLayerNormalization", 0) == 2 * layers
     norms = ops.get("SimplifiedLayerNormalization", 0) + ops["SkipSimplifiedLayerNormalization"]
     assert norms == NORMS_PER_LAYER[family] * layers + 1 and "Reciprocal" not in ops
+    # mean and 1/std of each Skip norm are not computed for nothing
+    assert record["fuse_norms"]["unused_outputs_dropped"] >= 2 * ops["SkipSimplifiedLayerNormalization"]
+    assert _named_unused_norm_outputs(tmp_path / "d" / "model.onnx") == []
     if fused:
         assert "Softmax" not in ops
         packed = 0 if family in NOT_PACKED else layers
@@ -132,3 +145,43 @@ def test_quantized_fused_graph_equals_dequantized_fused_fp32(exported_graph, wei
     assert max_diff_on_tokens(got, want, all_mask) <= bound
     shared = _shared_buffer_logits(deployed, want_ids, all_mask, ids.shape[1])
     assert max_diff_on_tokens(shared, want, all_mask) <= bound
+
+
+@pytest.mark.parametrize("family,shape", [("llama", "uniform"), ("gemma2", "per-layer")])
+def test_no_padding_bias_equals_unfused_graph_on_unpadded_batches(exported_graph, family, shape, tmp_path):
+    """--no-padding-bias: GQA reads no attention_bias (nor is one built); on a batch without
+    padding (3 prompts of 7 tokens) the graph computes what the unfused one does, prefill and 5
+    steps, fed both ways; the runtime refuses prompts of different lengths for it."""
+    vocab, path, layers = _graph(exported_graph, family, shape, tmp_path)
+    record = build_deployment(path, tmp_path / "d", DeployOptions(weights="fp32", max_length=64, padding_bias=False))
+    deployed = tmp_path / "d" / "model.onnx"
+    assert record["padding_bias"] is False and record["ops_after"]["GroupQueryAttention"] == layers
+    with_bias = build_deployment(path, tmp_path / "b", DeployOptions(weights="fp32", max_length=64))
+    assert record["nodes_after"] < with_bias["nodes_after"] and "Concat" not in record["ops_after"]
+    graph = onnx.load(str(deployed), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(len(n.input) < 11 or not n.input[10] for n in gqa)  # no attention_bias
+    ids, mask = left_padded_batch(vocab, lengths=(7, 7, 7))
+    want, want_ids, all_mask = ort_decode_logits(path, ids, mask, steps=STEPS)
+    got, got_ids, _ = ort_decode_logits(deployed, ids, mask, steps=STEPS)
+    bound = 1e-4 * max(1.0, float(np.abs(want).max()))
+    assert max_diff_on_tokens(got, want, all_mask) <= bound
+    assert np.array_equal(got_ids.numpy(), want_ids.numpy())
+    shared = _shared_buffer_logits(deployed, want_ids, all_mask, ids.shape[1])
+    assert max_diff_on_tokens(shared, want, all_mask) <= bound
+    info = session(deployed)
+    assert not DecodeLayout.from_session(info).padding_bias
+    prompts = ids.numpy().tolist()
+    assert generate(info, prompts, 6).tokens == generate(session(path), prompts, 6).tokens
+    with pytest.raises(RuntimeUserError, match="--no-padding-bias"):
+        generate(info, [[5, 6, 7], [8, 9]], 4)
+    # ...and the check can fail: on a left-padded batch the bias-less graph differs from the export
+    ids, mask = left_padded_batch(vocab)
+    want, _, all_mask = ort_decode_logits(path, ids, mask, steps=1)
+    got, _, _ = ort_decode_logits(deployed, ids, mask, steps=1)
+    assert max_diff_on_tokens(got, want, all_mask) > 100 * bound
+
+
+def test_no_padding_bias_needs_the_fused_graph():
+    with pytest.raises(PanguLightError, match="--no-padding-bias"):
+        DeployOptions(fuse=False, padding_bias=False).check()

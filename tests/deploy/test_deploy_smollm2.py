@@ -1,5 +1,5 @@
 """SmolLM2-135M (real_model): the fused int4 deployment has one GroupQueryAttention per layer and
-151 MatMulNBits (30 layers x 5: packed q|k|v, o, gate, up, down; and the tied lm_head), and
+151 MatMulNBits (30 layers x 5: packed q|k|v, o, gate, up, down; and the tied lm_head, int8), and
 computes what the float32 graph with the dequantized weights computes."""
 
 from __future__ import annotations

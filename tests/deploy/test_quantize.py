@@ -13,6 +13,7 @@ import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
 
+from pangu_light.core.errors import PanguLightError
 from pangu_light.deploy.build import DeployOptions, build_deployment
 from pangu_light.deploy.quantize import dequantize_matmul_nbits, quantize_weights
 from pangu_light.passes.deploy.fold_weight_transpose import FoldWeightTransposePass
@@ -155,3 +156,39 @@ def test_accuracy_level_4_within_activation_quantization_bound():
     bound = (amax / 254) @ wsum + 1e-5 * np.abs(exact).max()
     assert np.all(np.abs(y - exact) <= bound)
     assert np.abs(y - exact).max() > 1e-6  # the int8 path ran (float32 compute would be ~1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # tied and untied lm_head
+def test_lm_head_at_its_own_width(family, exported_graph, tmp_path):
+    """--weights int4 --lm-head int8: the projections are 4-bit, the lm_head alone 8-bit, and the
+    graph computes what the float32 graph with those dequantized weights computes."""
+    hf_model, path = exported_graph(family, kv_cache=True)
+    vocab = hf_model.config.vocab_size
+    record = build_deployment(
+        path, tmp_path / "d", DeployOptions(weights="int4", lm_head_weights="int8", accuracy_level=0, fuse=False)
+    )
+    model = onnx.load(str(tmp_path / "d" / "model.onnx"))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    head = producers["logits"]
+    assert head.op_type == "MatMulNBits" and bits.pop(head.name) == 8
+    assert set(bits.values()) == {4} and len(bits) == _weight_matmuls(path) - 1
+    assert record["lm_head_weights"] == "int8" and record["matmul_nbits"] == _weight_matmuls(path)
+    _dequantized_reference(tmp_path / "d" / "model.onnx", tmp_path / "ref.onnx")
+    ids, mask = left_padded_batch(vocab)
+    got, got_ids, all_mask = ort_decode_logits(tmp_path / "d" / "model.onnx", ids, mask, steps=4)
+    want, want_ids, _ = ort_decode_logits(tmp_path / "ref.onnx", ids, mask, steps=4)
+    assert np.array_equal(got_ids.numpy(), want_ids.numpy())
+    assert max_diff_on_tokens(got, want, all_mask) <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+def test_lm_head_weights_checked():
+    with pytest.raises(PanguLightError, match="--lm-head"):
+        DeployOptions(weights="fp32", lm_head_weights="int8").check()
+    with pytest.raises(PanguLightError, match="--lm-head"):
+        DeployOptions(weights="int4", lm_head_weights="int2").check()
+    assert DeployOptions(weights="int4", quantize_lm_head=False, lm_head_weights="int8").head_weights() == "fp32"
+    # defaults: int4 projections get an int8 lm_head (measured: README, deploy section), int8 its own
+    assert DeployOptions(weights="int4").head_weights() == "int8"
+    assert DeployOptions(weights="int8").head_weights() == "int8"
+    assert DeployOptions(weights="int4", lm_head_weights="int4").head_weights() == "int4"
