@@ -23,7 +23,7 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.infra.graph_io import load_model_metadata
 
-__all__ = ["Perplexity", "evaluate_graphs", "next_token_nll", "perplexity"]
+__all__ = ["Perplexity", "evaluate_graphs", "next_token_nll", "perplexity", "token_nll"]
 
 
 @dataclasses.dataclass
@@ -74,11 +74,17 @@ def perplexity(
 
 def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
     """The summed NLL of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float64 log-softmax), and its count."""
+    per_token = token_nll(logits, ids)
+    return float(per_token.sum()), int(per_token.size)
+
+
+def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The NLL of each of ``ids[:, 1:]`` under ``logits[:, :-1]`` (float64 log-softmax), [B, L - 1]."""
     logits = logits[:, :-1].astype(np.float64)
     peak = logits.max(axis=-1, keepdims=True)
     log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
     target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-    return float((log_norm - target).sum()), int(target.size)
+    return log_norm - target
 
 
 def evaluate_graphs(

@@ -24,8 +24,10 @@ Starting from every head and neuron kept at the budget's hidden size, the unit w
 cost per parameter freed (one query head in every KV group of a layer, or ``step`` neurons of a
 layer) is removed, until the parameter count is within the budget (a head level only while the
 count stays within 0.5% of it, so that neurons land it); neurons then fill back what the last step
-overshot. Every group keeps at least one head, every FFN at least a quarter of its width (as the
-hidden-light spread).
+overshot. No layer is cut beyond the probe's widths (one query head fewer per group, half the FFN):
+the probe calibrates each curve there, and on SmolLM2-135M letting layers whose probes barely moved
+the loss fall to one head per group and a quarter of the FFN gave 6.3x LAMBADA perplexity where
+the uniform spread gives 2.4x.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 
 from pangu_light.calib.gram import GramStats
 from pangu_light.calib.refit import DEFAULT_RIDGE
-from pangu_light.calib.sensitivity_probe import LayerScales
+from pangu_light.calib.sensitivity_probe import LayerScales, probe_widths
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -45,7 +47,6 @@ from pangu_light.passes.analysis.parameters import Shape, count_parameters
 
 __all__ = ["prefix_residuals", "sensitivity_shape"]
 
-MIN_FFN_FRACTION = 0.25
 HEAD_LEVEL_SLACK = 0.005  # a head level is removed only if the count stays within this of the budget
 
 
@@ -116,7 +117,11 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     heads = dict(full_heads)
     full_ffn = {i: model_map.layer(i).ffn.intermediate_size for i in live}
     ffn = dict(full_ffn)
-    floor = {i: max(step, int(np.ceil(MIN_FFN_FRACTION * ffn[i]))) for i in live}
+    # Floors = the probe's widths: the probe calibrates each cost curve there, and nothing is cut beyond
+    # what it measured (a first-order probe says nothing about a layer cut to one head).
+    floors = {i: probe_widths(model_map, i) for i in live}
+    head_floor = {i: max(1, floors[i][0]) for i in live}
+    floor = {i: max(step, floors[i][1]) for i in live}
 
     def current() -> Shape:
         return dataclasses.replace(
@@ -137,7 +142,7 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     def candidate(i: int, axis: str) -> tuple[float, int, str] | None:
         c = costs[i]
         if axis == "heads":
-            if heads[i] <= 1:
+            if heads[i] <= head_floor[i]:
                 return None
             return ((c.heads[heads[i] - 1] - c.heads[heads[i]]) / unit_params[i][0], i, axis)
         width = min(step, ffn[i] - floor[i])
@@ -162,8 +167,8 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
         if (entry := candidate(i, axis)) is not None:
             heapq.heappush(queue, entry)
     if total > budget:
-        raise PanguLightError("--spread sensitivity cannot meet the budget within the per-layer floors "
-                              "(one head per group, a quarter of each FFN); use --spread hidden-light")
+        raise PanguLightError("--spread sensitivity cannot meet the budget within what the layer probe measured "
+                              "(one query head fewer per group, half of each FFN); use --spread hidden-light")
     # The last neurons removed can overshoot the budget by up to ``step``: fill the room back.
     while True:
         room = [((costs[i].ffn[ffn[i]] - costs[i].ffn[ffn[i] + width]) / width, -i, width) for i in live

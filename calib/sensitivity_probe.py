@@ -7,7 +7,11 @@ SmolLM2-135M, spreading by R alone (or R weighted by Block Influence) cuts the f
 layers and multiplies LAMBADA perplexity by 6-13 where the uniform spread gives 2.4. The probe
 measures the loss itself, once per layer and axis, and converts::
 
-    scale_l,a = max(L(layer l, axis a probed) - L(unpruned), 0) / R_l,a(probe width)
+    scale_l,a = max(rise, se) / R_l,a(probe width)       rise = mean_t (nll_probed - nll_unpruned)
+
+with se the standard error of that mean over the probe tokens: a rise within the noise of a few
+hundred tokens (or a fall) is taken as se, never as "free" (a zero scale would let the spread cut
+that layer to its floors on the strength of noise).
 
 so that cost_l(h, f) = scale_l,o R_o,l(h) + scale_l,down R_down,l(f) is the loss rise predicted
 for any width (first order: layers' rises add). The probe widths: one query head fewer per KV
@@ -29,7 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pangu_light.calib.evaluate import next_token_nll
+from pangu_light.calib.evaluate import token_nll
 from pangu_light.calib.gram import GramStats
 from pangu_light.calib.refit import refit_projection
 from pangu_light.calib.stats import CalibrationStats
@@ -49,7 +53,8 @@ class LayerScales:
     o: list[float]
     down: list[float]
     base_loss: float
-    rises: dict[str, list[float]]  # the measured loss rises, for the record
+    rises: dict[str, list[float]]  # the measured mean loss rises, for the record
+    noise: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # their standard errors
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,21 +98,21 @@ def probe_layers(
         del model
         session = create_session(path, provider="cpu", threads=threads).session
 
-    def loss(override: dict[str, np.ndarray]) -> float:
-        total, count = 0.0, 0
+    def losses(override: dict[str, np.ndarray]) -> np.ndarray:
+        per_token = []
         for start in range(0, len(sequences), batch_size):
             ids = sequences[start : start + batch_size].astype(np.int64)
             feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones_like(ids), **weights, **override}
             (logits,) = session.run([contract.LOGITS], feeds)
-            batch_total, batch_count = next_token_nll(logits, ids)
-            total, count = total + batch_total, count + batch_count
+            per_token.append(token_nll(logits, ids).ravel())
         if on_probe is not None:
             on_probe()
-        return total / count
+        return np.concatenate(per_token)
 
-    base = loss({})
+    base = losses({})
     scales: dict[str, list[float]] = {"o": [], "down": []}
     rises: dict[str, list[float]] = {"o": [], "down": []}
+    noises: dict[str, list[float]] = {"o": [], "down": []}
     for layer in model_map.layers:
         heads_kept, ffn_kept = probe_widths(model_map, layer.index)
         attention = layer.attention
@@ -118,8 +123,8 @@ def probe_layers(
         }
         for proj, (linear, order, kept_count) in orders.items():
             if kept_count < 1:  # one head per group: nothing to probe, nothing to remove
-                scales[proj].append(0.0)
-                rises[proj].append(0.0)
+                for record in (scales, rises, noises):
+                    record[proj].append(0.0)
                 continue
             original = weights[linear.weight.name].astype(np.float64).T  # [in, out]
             kept = np.sort(order[:kept_count])
@@ -127,8 +132,12 @@ def probe_layers(
             fit = refit_projection(gram, total, grams.tokens, kept, original)
             fed = np.zeros_like(original)
             fed[kept] = fit.weight
-            rise = max(loss({linear.weight.name: fed.T.astype(np.float32)}) - base, 0.0)
+            difference = losses({linear.weight.name: fed.T.astype(np.float32)}) - base
+            rise = float(difference.mean())
+            noise = float(difference.std(ddof=1) / np.sqrt(difference.size)) if difference.size > 1 else 0.0
             error = prefix_residuals(gram, grams.tokens, order, original)[kept_count]
-            scales[proj].append(rise / error if error > 0 else 0.0)
+            scales[proj].append(max(rise, noise) / error if error > 0 else 0.0)
             rises[proj].append(rise)
-    return LayerScales(o=scales["o"], down=scales["down"], base_loss=base, rises=rises)
+            noises[proj].append(noise)
+    return LayerScales(o=scales["o"], down=scales["down"], base_loss=float(base.mean()), rises=rises,
+                       noise=noises)

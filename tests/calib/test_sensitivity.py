@@ -81,7 +81,7 @@ def test_probe_equals_the_same_edit_in_torch(llama_calibrated):
             fed[kept_inputs] = fit.weight
             with torch.no_grad():
                 module.weight.copy_(torch.tensor(fed.T, dtype=torch.float32))
-            rise = max(torch_loss() - base, 0.0)
+            rise = torch_loss() - base
             with torch.no_grad():
                 module.weight.copy_(original)
             assert abs(scales.rises[proj][index] - rise) <= bound, (proj, index)
@@ -118,10 +118,10 @@ def test_a_layer_that_changes_nothing_is_cut_first(llama_calibrated):
     model_map, stats, grams, *_ = llama_calibrated
     ones = [0.0 if i == 1 else 1.0 for i in range(len(model_map.layers))]
     quiet = LayerScales(o=ones, down=ones, base_loss=1.0, rises={})
-    plan = make_plan(model_map, stats, Targets(params=0.75, spread="sensitivity"), grams=grams, layer_scales=quiet)
+    plan = make_plan(model_map, stats, Targets(params=0.8, spread="sensitivity"), grams=grams, layer_scales=quiet)
     layer = model_map.layer(1)
-    assert len(plan.layers[1].heads) == layer.attention.num_kv_heads  # one head per group
-    assert len(plan.layers[1].ffn) == layer.ffn.intermediate_size // 4  # the floor
+    assert len(plan.layers[1].heads) == layer.attention.num_kv_heads  # one head fewer per group (of 2)
+    assert len(plan.layers[1].ffn) == layer.ffn.intermediate_size // 2  # the probe's width, the floor
     others = [len(p.ffn) for i, p in enumerate(plan.layers) if i != 1]
     assert min(others) > len(plan.layers[1].ffn)
 
