@@ -17,6 +17,8 @@ statistics, Grams and rotation
     hidden-H    hidden fixed at H (full, 15/16, 7/8, 3/4), heads and FFN share the rest by one factor
     heads-kept  every query head kept, hidden and FFN share the budget
     ffn-only    hidden and heads kept, the FFN width takes the whole cut
+    sensitivity Targets(params=F, spread="sensitivity"): hidden-light's hidden size, heads and FFN
+                per layer by the layer probe (calib.sensitivity; probe on 2 x 128 calib tokens)
     default+flap-heads  the default spread, query heads ranked by FLAP's fluctuation metric
                 (variance of each head's o_proj input times its weight columns' norm)
 
@@ -62,8 +64,10 @@ from common import export_graph, note
 from refit_quality import ALIAS, held_out_perplexities, statistics
 from rotation_quality import build, rotation_file
 
+from pangu_light.calib.calibrate import calibration_sequences
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.refit_plan import fluctuation_ranking
+from pangu_light.calib.sensitivity_probe import probe_layers
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -107,6 +111,10 @@ def main() -> None:
     base_parameters = GraphStats.from_model(ir.load(original)).total_parameters
     rows = [{"row": "unpruned", "parameter_ratio": 1.0, "shape": {}, **evaluate(original)}]
     chosen = allocations(model_map, args.params, args.align)
+    layer_scales = None
+    if not args.rows or "sensitivity" in args.rows.split(","):  # prune's layer probe, on its defaults
+        sequences, _ = calibration_sequences(original, "wiki", args.calib_samples, args.seq_len, 0, None)
+        layer_scales = probe_layers(original, stats, grams, sequences[:2, :128], threads=args.threads)
     for name, targets in chosen.items():
         if args.rows and name not in args.rows.split(","):
             continue
@@ -114,7 +122,7 @@ def main() -> None:
         ranking = fluctuation_ranking(stats, grams, model_map) if name.endswith("+flap-heads") else stats
         try:
             plan = make_plan(model_map, ranking, targets, rotation=rotation, rotation_file=str(rotation_path.resolve()),
-                             grams=grams)
+                             grams=grams, layer_scales=layer_scales)
         except PanguLightError as error:
             note(f"{name}: not plannable ({error})")
             continue
