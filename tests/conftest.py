@@ -40,11 +40,15 @@ def _graph_cache_dir() -> Path:
 def exported_graph():
     cache: dict[tuple[str, bool], tuple[object, Path]] = {}
 
-    def get(family: str, kv_cache: bool = False):
-        key = (family, kv_cache)
+    def get(family: str, kv_cache: bool = False, dtype: str = "float32"):
+        """``dtype`` float16 or bfloat16: the same tiny model cast to it, exported in it."""
+        key = (family, kv_cache, dtype)
         if key not in cache:
-            model = tiny_model(family)
-            cache[key] = (model, _cached_export(model, family, kv_cache))
+            import torch
+
+            model = tiny_model(family).to(getattr(torch, dtype))
+            name = family if dtype == "float32" else f"{family}-{dtype}"
+            cache[key] = (model, _cached_export(model, name, kv_cache))
         return cache[key]
 
     return get
