@@ -5,9 +5,11 @@ ops, and runs float16 ops that lack kernels by casting around them. So calibrati
 run: statistics, Gram matrices, rotation moments) and evaluation on the CPU run a float32 copy
 of a float16/bfloat16 graph, and say so in one line::
 
-    half initializer w          ->  float32 w (exact: every half value is a float32 value)
-    Cast(to=half)               ->  Cast(to=float32)      (the torch module's .to(half))
+    half initializer w           ->  float32 w (exact: every half value is a float32 value)
+    Cast(half <-> float32)       ->  removed (the torch modules' .to(float32) and back)
     half inputs, outputs, values ->  float32 (past/present cache, logits)
+
+so the copy has the float32 export's structure (the model map and the passes read it as one).
 
 The copy computes the half graph's function with its half-rounded weights in float32
 arithmetic: what the float32 export of the same rounded weights computes (the constants the
@@ -39,6 +41,10 @@ def widen_to_float32(model: ir.Model) -> ir.DataType | None:
     (then nothing changed)."""
     graph = model.graph
     found: ir.DataType | None = None
+    # Casts between float32 and a half dtype: identities in the copy, removed (found first,
+    # before the values they read are retyped)
+    casts = [node for node in graph if node.op_type == "Cast" and node.inputs[0] is not None
+             and (node.inputs[0].dtype in HALF or ir.DataType(node.attributes["to"].value) in HALF)]
     for value in graph.initializers.values():
         tensor = value.const_value
         if value.dtype in HALF and tensor is not None:
@@ -62,6 +68,11 @@ def widen_to_float32(model: ir.Model) -> ir.DataType | None:
         if value.dtype in HALF:
             found = found or value.dtype
             value.dtype = ir.DataType.FLOAT
+    for node in casts:
+        source, result = node.inputs[0], node.outputs[0]
+        if source.dtype == ir.DataType.FLOAT and not result.is_graph_output():
+            result.replace_all_uses_with(source)
+            graph.remove(node, safe=True)
     return found
 
 

@@ -179,10 +179,9 @@ def run_tapped(
     no weight is copied. A graph whose weights are in memory is written whole to a temporary
     directory instead. A float16/bfloat16 graph runs as its float32 copy (``calib.half``), said
     in one line on stderr."""
+    from pangu_light.calib.half import say_float32_copy, widen_to_float32
     from pangu_light.runtime.layout import DecodeLayout
     from pangu_light.runtime.session import create_session
-
-    from pangu_light.calib.half import say_float32_copy, widen_to_float32
 
     common_passes.RemoveUnusedNodesPass()(model)
     decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
