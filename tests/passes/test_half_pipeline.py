@@ -20,6 +20,9 @@ from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
 from pangu_light.passes.infra.plan import ClapMerge, PrunePlan
 
+from reference import torch_slice_hidden
+from reference_half import Runner, half_bound, left_padded, torch_logits
+
 PIPELINES = {
     # CLAP (layer 3's KV group 0 merged into layer 1; a plan), rotate (gamma folds, rotation,
     # RMS correction), slice, heads, FFN, SLNP
@@ -77,3 +80,25 @@ def test_half_pipeline_equals_float32_cast(exported_graph, family, dtype):
         changed += 1
     print(f"{family} {dtype}: {changed} half initializers, {exact} exactly equal, worst {worst:.2f} spacings")
     assert changed > 20
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sliced_half_graph_equals_torch_edit(exported_graph, family, dtype, tmp_path):
+    """A pruned half graph computes what the same edit on the torch module computes in that
+    dtype (hidden channels 0..39 kept), within the half-precision bound of the export test."""
+    model, path = exported_graph(family, kv_cache=False, dtype=dtype)
+    pruned = ir.load(path)
+    run_pipeline(pruned, "slice-hidden{keep_first=40}", verify=True)
+    ir.save(pruned, tmp_path / "sliced.onnx")
+    reference_model = torch_slice_hidden(model, list(range(40)))
+    ids, mask = left_padded(model.config.vocab_size, [9, 6, 4], seed=3)
+    logits = Runner(tmp_path / "sliced.onnx", dtype)({"input_ids": ids, "attention_mask": mask})["logits"]
+    reference = torch_logits(reference_model, ids, mask)
+    keep = mask.astype(bool)
+    diff = float(np.abs(logits.astype(np.float32)[keep] - reference[keep]).max())
+    unpruned = torch_logits(model, ids, mask)
+    print(f"{family} {dtype} sliced |graph - torch| = {diff:.3g}, bound {half_bound(dtype, reference[keep]):.3g}, "
+          f"slicing moved the logits by {np.abs(unpruned - reference)[keep].max():.3g}")
+    assert diff <= half_bound(dtype, reference[keep])
+    assert np.abs(unpruned - reference)[keep].max() > 4 * half_bound(dtype, reference[keep])  # the test can fail
