@@ -41,13 +41,20 @@ def exported_graph():
     cache: dict[tuple[str, bool], tuple[object, Path]] = {}
 
     def get(family: str, kv_cache: bool = False, dtype: str = "float32"):
-        """``dtype`` float16 or bfloat16: the same tiny model cast to it, exported in it."""
+        """``dtype`` float16 or bfloat16: the same tiny model built in that dtype as
+        ``from_pretrained(dtype=...)`` builds it (its weights rounded as ``.to`` rounds them; the
+        rotary frequencies stay float32), exported in it."""
         key = (family, kv_cache, dtype)
         if key not in cache:
-            import torch
+            model = tiny_model(family)
+            if dtype != "float32":
+                import torch
+                import transformers
 
-            model = tiny_model(family).to(getattr(torch, dtype))
-            name = family if dtype == "float32" else f"{family}-{dtype}"
+                half = transformers.AutoModelForCausalLM.from_config(model.config, dtype=getattr(torch, dtype))
+                half.load_state_dict(model.state_dict())
+                model = half.eval()
+            name = family if dtype == "float32" else f"{family}-built-{dtype}"
             cache[key] = (model, _cached_export(model, name, kv_cache))
         return cache[key]
 

@@ -18,7 +18,8 @@ def unit_roundoff(dtype: str) -> float:
 
 
 def half_bound(dtype: str, reference: np.ndarray) -> float:
-    """The largest |graph - torch| allowed on logits ``reference`` (see the module docstring)."""
+    """The largest |graph - torch| allowed on logits ``reference``: 16 u x max |logit| (derived in
+    tests/frontend/test_export_half.py)."""
     u = unit_roundoff(dtype)
     return BOUND_UNITS * u * float(np.abs(reference).max())
 

@@ -1,10 +1,11 @@
 """Calibration and evaluation of half graphs run their float32 copy (calib.half).
 
 The reference is independent of the copy: the float32 export of the same model with its
-weights rounded to bfloat16 (``model.to(bfloat16).float()``). Both run the same float32
-arithmetic on the same values, so the statistics agree to float32 rounding: the bound is
-1e-5 relative to each statistic's scale (float32 sums of a few dozen tokens differ by ~1e-7;
-a bfloat16 rounding of any activation, which a run in bfloat16 would make, is 4e-3).
+weights rounded to bfloat16 (``model.to(bfloat16).float()``). Both run float32 arithmetic on
+the same values, so the statistics agree to float32 rounding, amplified through the layers
+where the two graphs order an op differently (measured: llama 1e-5, qwen3 2e-5 of each
+statistic's scale): the bound is 1e-4 relative. A bfloat16 rounding of the activations (a run
+in bfloat16) or unrounded weights move them by ~4e-3: the last check shows the bound catches it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pangu_light.frontend.export import ExportOptions, export_model
 
 from reference import left_padded_batch
 
-REL = 1e-5
+REL = 1e-4
 
 
 def _close(got, expected, what: str) -> None:
