@@ -1,10 +1,11 @@
 """float16 and bfloat16 graphs compute what the torch model computes in the same dtype.
 
-Each tiny model of every family is cast to the dtype and exported (``exported_graph(family,
-kv_cache, dtype)``); the graph runs under ONNX Runtime (float16; CPU kernels, optimisations off)
-or under onnx's reference evaluator (bfloat16: ONNX Runtime's CPU provider has no bfloat16
-kernels for Where, MatMul and most others), against the torch module in that dtype on a
-left-padded batch; the decode graph by prefill plus greedy steps feeding ``present`` back.
+Each tiny model of every family is built in the dtype as ``from_pretrained(dtype=...)`` builds
+it and exported (``exported_graph(family, kv_cache, dtype)``); the graph runs under ONNX
+Runtime (float16; CPU kernels, optimisations off) or under onnx's reference evaluator
+(bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels for Where, MatMul and most
+others), against the torch module in that dtype on a left-padded batch; the decode graph by
+prefill plus greedy steps feeding ``present`` back.
 
 The bound, ``half_bound``: both sides round every op's result to the dtype, so they differ
 wherever they accumulate in another order or keep an intermediate in float32 that the other
@@ -12,8 +13,8 @@ rounds (ORT runs float16 ops without CPU kernels in float32; the reference evalu
 bfloat16 MatMul). One such difference is a unit roundoff u = eps / 2 of the value (bfloat16
 2^-9, float16 2^-12); a final logit rounded the other way alone is 2 u x |logit|, and earlier
 differences reach the logits scaled by the values' size. Measured on these models (the printed
-ratios), the largest |graph - torch| is 1.0 to 6.1 u x max |logit| over every family, both
-dtypes and both graph kinds; the bound is 16 u x max |logit| (2.6x the worst seen), which for
+ratios), the largest |graph - torch| is 1.0 to 5.0 u x max |logit| over every family, both
+dtypes and both graph kinds; the bound is 16 u x max |logit| (3.2x the worst seen), which for
 bfloat16 is 3% of the logits' scale: a graph that computes something else (another head, a
 missing norm, a wrong rotary position) moves the logits by a sizeable fraction of their scale.
 """
