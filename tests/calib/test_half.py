@@ -2,10 +2,11 @@
 
 The reference is independent of the copy: the float32 export of the same model with its
 weights rounded to bfloat16 (``model.to(bfloat16).float()``). Both run float32 arithmetic on
-the same values, so the statistics agree to float32 rounding, amplified through the layers
-where the two graphs order an op differently (measured: llama 1e-5, qwen3 2e-5 of each
-statistic's scale): the bound is 1e-4 relative. A bfloat16 rounding of the activations (a run
-in bfloat16) or unrounded weights move them by ~4e-3: the last check shows the bound catches it.
+the same values (their logits are bit-identical without ORT's optimisations), so the
+statistics differ only where ONNX Runtime's optimiser fuses the two graphs' ops differently
+(a Cast left in the copy can stop a fusion) and float32 kernels round differently (measured:
+llama 1e-5, qwen3 1.5e-4 of a statistic's scale, on a down_proj Gram): the bound is 1e-3
+relative. Unrounded weights move them by more: the last check shows the bound catches it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pangu_light.frontend.export import ExportOptions, export_model
 
 from reference import left_padded_batch
 
-REL = 1e-4
+REL = 1e-3
 
 
 def _close(got, expected, what: str) -> None:
