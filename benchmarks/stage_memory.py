@@ -6,8 +6,8 @@ model's weight bytes.
 For each MODEL, in a work directory under OUTDIR, it runs the `pangu-light` commands one after
 another and reads each process's peak RSS (``os.wait4``: the child's own ``ru_maxrss``)::
 
-    export     MODEL -o model.onnx --decode-output decode.onnx   (both graph kinds, one run)
-    calibrate  model.onnx --data wiki --samples 16 --seq-len 256
+    export     MODEL -o model.onnx --decode-output decode.onnx --dtype D   (both kinds, one run)
+    calibrate  model.onnx --data wiki --samples 16 --seq-len 256      (--calib-samples N)
     plan       stats.npz --params 0.8 --drop-layers 2             (width + depth; --drop-layers N)
     compile    model.onnx --plan plan.json -o pruned.onnx
     compile    decode.onnx --plan plan.json -o pruned-kv.onnx
@@ -37,11 +37,14 @@ from pangu_light.core.files import write_json
 from pangu_light.passes.infra.graph_io import data_files
 
 
-def _stages(model: str, work: Path, retrace: bool, drop: int) -> list[tuple[str, list[str]]]:
+def _stages(model: str, work: Path, retrace: bool, drop: int, dtype: str = "float32",
+            samples: int = 16) -> list[tuple[str, list[str]]]:
     m, d = work / "model.onnx", work / "decode.onnx"
     return [
-        ("export", ["export", model, "-o", str(m), "--decode-output", str(d), *(["--retrace"] if retrace else [])]),
-        ("calibrate 16x256", ["calibrate", str(m), "--data", "wiki", "--samples", "16", "--seq-len", "256",
+        ("export", ["export", model, "-o", str(m), "--decode-output", str(d), "--dtype", dtype,
+                    *(["--retrace"] if retrace else [])]),
+        (f"calibrate {samples}x256", ["calibrate", str(m), "--data", "wiki", "--samples", str(samples),
+                                      "--seq-len", "256",
                               "-o", str(work / "stats.npz"), "--quiet"]),
         ("plan", ["plan", str(work / "stats.npz"), "--params", "0.8", "--drop-layers", str(drop),
                   "-o", str(work / "plan.json")]),
@@ -114,6 +117,9 @@ def main() -> int:
     parser.add_argument("-o", "--output", type=Path, required=True, help="work and result directory")
     parser.add_argument("--drop-layers", type=int, default=2, help="layers the plan drops (default 2)")
     parser.add_argument("--retrace", action="store_true", help="cold export: trace even if a structure is cached")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                        help="export --dtype (default float32)")
+    parser.add_argument("--calib-samples", type=int, default=16, help="calibration sequences of 256 (default 16)")
     parser.add_argument("--max-rss", default="12G",
                         help="kill a stage whose RSS passes this (default 12G; 0: no limit); the row says so")
     args = parser.parse_args()
@@ -124,17 +130,19 @@ def main() -> int:
                           "python": platform.python_version()},
               "load_average_start": os.getloadavg(), "models": {}}
     for model in args.models:
-        work = args.output / model.replace(":", "-").replace("/", "-")
+        suffix = "" if args.dtype == "float32" else "-" + args.dtype
+        work = args.output / (model.replace(":", "-").replace("/", "-") + suffix)
         work.mkdir(parents=True, exist_ok=True)
         rows = {}
-        for name, arguments in _stages(model, work, args.retrace, args.drop_layers):
+        for name, arguments in _stages(model, work, args.retrace, args.drop_layers, args.dtype, args.calib_samples):
             rows[name] = _measure(arguments, work / "log.txt", max_rss)
             print(f"{model:20s} {name:20s} {rows[name]['seconds']:8.1f} s "
                   f"{rows[name]['peak_rss_bytes'] / 2**30:7.2f} GiB  exit {rows[name]['exit_status']}", flush=True)
             if rows[name]["exit_status"] != 0:
                 break
         weights = _weight_bytes(work / "model.onnx")
-        report["models"][model] = {"weight_bytes": weights, "pruned_weight_bytes": _weight_bytes(work / "pruned.onnx"),
+        report["models"][model] = {"dtype": args.dtype,
+                                   "weight_bytes": weights, "pruned_weight_bytes": _weight_bytes(work / "pruned.onnx"),
                                    "stages": rows}
         print(f"{model}: weights {weights / 2**30:.2f} GiB; peak RSS / weights: " + ", ".join(
             f"{n} {r['peak_rss_bytes'] / max(weights, 1):.2f}x" for n, r in rows.items()), flush=True)

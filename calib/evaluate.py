@@ -3,8 +3,9 @@
     NLL = - 1/T * sum_{b, t >= 1} log softmax(logits[b, t - 1])[ids[b, t]],   perplexity = exp(NLL)
 
 over T = N * (L - 1) predicted tokens of N sequences of L tokens (no padding: the sequences
-are fixed-length windows from ``calib.corpora``). The log-softmax runs in float64 on the
-logits ORT returns, one batch at a time, so memory stays at one batch of logits.
+are fixed-length windows from ``calib.corpora``). A float16/bfloat16 graph on the CPU is
+evaluated as its float32 copy (``calib.half``; said in one line). The log-softmax runs in
+float64 on the logits ORT returns, one batch at a time, so memory stays at one batch of logits.
 ``evaluate_graphs`` draws one set of sequences from the evaluation split of a text with the
 first graph's tokenizer and evaluates every graph on them.
 """
@@ -52,7 +53,8 @@ def perplexity(
         raise PanguLightError("perplexity needs sequences of at least 2 tokens, shaped [N, L]")
     if batch_size < 1:
         raise PanguLightError(f"batch size must be at least 1 (got {batch_size})")
-    session = create_session(graph_path, provider=provider, threads=threads).session
+    with _runnable(graph_path, provider) as runnable:
+        session = create_session(runnable, provider=provider, threads=threads).session
     # A decode graph evaluates with an empty past.
     decode = any(contract.is_past_input(spec.name) for spec in session.get_inputs())
     cache = DecodeLayout.from_session(session) if decode else None
@@ -85,6 +87,19 @@ def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
     target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
     return log_norm - target
+
+
+def _runnable(graph_path, provider: str):
+    """The graph itself, or for a half graph on the CPU its float32 copy (``calib.half``); the
+    session holds the weights once created, so the copy can go when the block ends."""
+    from contextlib import nullcontext
+
+    from pangu_light.calib.half import float32_copy_for_cpu
+    from pangu_light.runtime.session import resolve_provider
+
+    if resolve_provider(provider) == "cpu":
+        return float32_copy_for_cpu(graph_path, "evaluation")
+    return nullcontext(Path(graph_path))
 
 
 def evaluate_graphs(

@@ -35,6 +35,7 @@ import numpy as np
 
 from pangu_light.calib.evaluate import token_nll
 from pangu_light.calib.gram import GramStats
+from pangu_light.calib.half import say_float32_copy, widen_to_float32
 from pangu_light.calib.refit import refit_projection
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.calib.taps import saved_for_session
@@ -81,6 +82,9 @@ def probe_layers(
     from pangu_light.runtime.session import create_session
 
     model = load_model(graph_path)
+    half = widen_to_float32(model)  # a half graph probes as its float32 copy, as calibration does
+    if half is not None:
+        say_float32_copy(half, "the layer probe")
     model_map = ModelMap.from_model(model)
     if model_map.graph_kind != "no-cache":
         raise PanguLightError("the layer probe runs on the no-cache graph (original.onnx), not a decode graph")
@@ -94,7 +98,7 @@ def probe_layers(
             model.graph.initializers.pop(value.name)
             value.const_value = None
             model.graph.inputs.append(value)
-    with saved_for_session(model) as path:
+    with saved_for_session(model, mapped=half is None) as path:
         del model
         session = create_session(path, provider="cpu", threads=threads).session
 

@@ -177,13 +177,18 @@ def run_tapped(
     its weights there: the tapped graph (nodes and the taps' small constants only) is written
     beside that data file, referencing it, and removed once the session holds the weights, so
     no weight is copied. A graph whose weights are in memory is written whole to a temporary
-    directory instead."""
+    directory instead. A float16/bfloat16 graph runs as its float32 copy (``calib.half``), said
+    in one line on stderr."""
+    from pangu_light.calib.half import say_float32_copy, widen_to_float32
     from pangu_light.runtime.layout import DecodeLayout
     from pangu_light.runtime.session import create_session
 
     common_passes.RemoveUnusedNodesPass()(model)
     decode = any(contract.is_past_input(v.name) for v in model.graph.inputs)
-    with saved_for_session(model) as tapped:
+    half = widen_to_float32(model)  # statistics of a half graph: from its float32 copy
+    if half is not None:
+        say_float32_copy(half, "calibration")
+    with saved_for_session(model, mapped=half is None) as tapped:
         del model
         info = create_session(tapped, provider=provider, threads=threads)
     cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
@@ -198,14 +203,15 @@ def run_tapped(
 
 
 @contextlib.contextmanager
-def saved_for_session(model: ir.Model) -> Iterator[Path]:
-    """The path of ``model`` saved for ONNX Runtime, removed on exit (see ``run_tapped``)."""
+def saved_for_session(model: ir.Model, mapped: bool = True) -> Iterator[Path]:
+    """The path of ``model`` saved for ONNX Runtime, removed on exit (see ``run_tapped``);
+    ``mapped=False`` (weights widened to float32) always writes a whole copy."""
     base_dirs = {
         Path(value.const_value.base_dir).resolve()
         for value in model.graph.initializers.values()
         if isinstance(value.const_value, ir.ExternalTensor)
     }
-    if len(base_dirs) == 1:
+    if len(base_dirs) == 1 and mapped:
         (base_dir,) = base_dirs
         if os.access(base_dir, os.W_OK):
             path = base_dir / f".pangu-light-tapped-{secrets.token_hex(4)}.onnx"

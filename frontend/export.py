@@ -22,6 +22,12 @@ Positions are computed inside the graph from the attention mask (cumsum - 1), so
 with left padding need no extra input. Attention is exported in its eager form (explicit
 MatMul/Softmax) so every family, Gemma2's logit soft-capping included, has one shape.
 
+A float16/bfloat16 model exports as the torch modules compute it: weights, activations, the
+past/present cache and the logits in the half dtype, while each RMSNorm (``x.to(float32)``,
+then the normalised x cast back before the gamma; Gemma's ``x * (1 + w.float())`` cast back
+after), the softmax (``dtype=float32``) and the rotary angles compute in float32 between Casts.
+The model map reads those Casts as part of the norm (``patterns.RMS_NORM``).
+
 ``export_to_file`` (one graph kind) and ``export_stage.export_graphs`` (both) are the export
 stage: resolve, check, trace on empty weights or reuse a traced structure, attach the
 checkpoint's weights by name, save atomically (see ``export_stage``).
@@ -175,7 +181,7 @@ def _example_and_dynamic(model, kv_cache: bool):
     dynamic: list = [{0: batch, 1: sequence}, {0: batch, 1: total_sequence}]
     for layer in range(model.config.num_hidden_layers):
         for kind in ("key", "value"):
-            past.append(torch.randn(2, num_kv, past_length, head_dim))
+            past.append(torch.randn(2, num_kv, past_length, head_dim, dtype=model.dtype))
             input_names.append(f"past_key_values.{layer}.{kind}")
             output_names.append(f"present.{layer}.{kind}")
             dynamic.append({0: batch, 2: past_sequence})
@@ -187,7 +193,7 @@ def _example_and_dynamic(model, kv_cache: bool):
 def export_model(
     model: transformers.PreTrainedModel, options: ExportOptions = ExportOptions()
 ) -> ir.Model:
-    """Export ``model`` (float32, eval mode) to a clean onnx-ir model (see module docstring)."""
+    """Export ``model`` (eval mode, in its own dtype) to a clean onnx-ir model (see module docstring)."""
     family = check_supported(model.config)
     model = model.eval()
     model.config._attn_implementation = "eager"

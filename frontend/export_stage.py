@@ -10,7 +10,8 @@ weights file to file; a structure traced before for the same config is reused
 (``structure_cache``). Other checkpoints are loaded in float32 and traced as before. Each graph
 gets the tokenizer directory and the model spec in its metadata, its model map is derived (the
 check that passes can read it) and it is saved atomically (weights in a side file above
-``graph_io.EXTERNAL_DATA_THRESHOLD_BYTES``).
+``graph_io.EXTERNAL_DATA_THRESHOLD_BYTES``). ``dtype`` makes a float16 or bfloat16 graph: the
+model is built (or loaded) in that dtype and each weight converted once, as torch rounds it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from pangu_light.frontend.weights import attach_weights, empty_model, safetensor
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.graph_io import refuse_overwrite_input, save_model_atomic
 
-__all__ = ["export_graphs"]
+__all__ = ["DTYPES", "export_graphs"]
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def export_graphs(
@@ -41,6 +44,7 @@ def export_graphs(
     *,
     progress: Callable[[str], None] | None = None,
     reuse_structure: bool = True,
+    dtype: str = "float32",
 ) -> dict[bool, tuple[ir.Model, ModelMap]]:
     """Export ``spec`` once per graph kind in ``outputs`` (``{kv_cache: path}``) and save each.
 
@@ -49,7 +53,11 @@ def export_graphs(
     and every initializer points at its bytes in the checkpoint, so the weights are copied
     file to file and never held in memory; otherwise the model is loaded in float32. With
     ``reuse_structure`` a structure traced before for the same config is reused
-    (``structure_cache``)."""
+    (``structure_cache``). ``dtype`` (float32, float16 or bfloat16) is the graph's: its weights
+    (converted from the checkpoint's as torch's ``.to(dtype)`` rounds, one tensor at a time),
+    activations, cache and logits (see ``export``)."""
+    if dtype not in DTYPES:
+        raise PanguLightError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     note = progress or (lambda message: None)
     for output in outputs.values():
         _check_output(output)
@@ -67,14 +75,14 @@ def export_graphs(
         ) from None
     check_supported(config)
 
-    hf_model, source = _structure_model(config, model_dir, spec, note)
+    hf_model, source = _structure_model(config, model_dir, spec, note, dtype)
     n_params = sum(p.numel() for p in hf_model.parameters())
     aliases = _parameter_aliases(hf_model)
     results = {}
     for kv_cache, output in outputs.items():
         kind = "decode (KV cache)" if kv_cache else "no-cache"
-        note(f"exporting the {kind} graph of {n_params / 1e6:.1f}M parameters")
-        ir_model = _traced(hf_model, kv_cache, source, aliases, reuse_structure, note)
+        note(f"exporting the {kind} graph of {n_params / 1e6:.1f}M parameters in {dtype}")
+        ir_model = _traced(hf_model, kv_cache, source, aliases, reuse_structure, note, dtype)
         ir_model.metadata_props[contract.TOKENIZER] = str(model_dir)
         ir_model.metadata_props[contract.SOURCE_MODEL] = str(spec)
         note("deriving the model map")
@@ -91,14 +99,15 @@ def export_graphs(
     return results
 
 
-def _traced(hf_model, kv_cache: bool, source, aliases, reuse: bool, note: Callable[[str], None]) -> ir.Model:
+def _traced(hf_model, kv_cache: bool, source, aliases, reuse: bool, note: Callable[[str], None],
+            dtype: str) -> ir.Model:
     """The cleaned graph of one kind, parameters attached: from the structure cache when it
     holds this config and kind, else traced (and then stored there)."""
     key = None
     if source is not None and reuse:
         hf_model.config.use_cache = kv_cache  # as export_model sets it, so the key and metadata match
         config_json = hf_model.config.to_json_string(use_diff=False)
-        key = structure_key(config_json, kv_cache, OPSET)
+        key = structure_key(config_json, kv_cache, OPSET, dtype)
         cached = load_structure(key, kv_cache)
         if cached is not None and attach_weights(cached, source, aliases):
             cached.metadata_props[contract.SOURCE_CONFIG] = config_json  # its own path, not the first's
@@ -114,25 +123,25 @@ def _traced(hf_model, kv_cache: bool, source, aliases, reuse: bool, note: Callab
     return ir_model
 
 
-def _structure_model(config, model_dir: Path, spec: str, note: Callable[[str], None]):
-    """(model to trace, TensorSource or None): an empty model when the weights come from the
-    checkpoint's safetensors (every parameter there under its name) or are generated
-    (``random:``), else the model loaded in float32 (and None)."""
+def _structure_model(config, model_dir: Path, spec: str, note: Callable[[str], None], dtype: str):
+    """(model to trace, TensorSource or None), in ``dtype``: an empty model when the weights
+    come from the checkpoint's safetensors (every parameter there under its name) or are
+    generated (``random:``), else the model loaded (and None)."""
     if is_random_dir(model_dir):
         note(f"loading {spec} as an empty model (seeded random weights are generated while saving)")
-        return empty_model(config), lambda names, shape, dtype: random_tensor(model_dir, names[0], shape, dtype)
+        return empty_model(config, dtype), lambda names, shape, dtype: random_tensor(model_dir, names[0], shape, dtype)
     index = safetensors_index(model_dir)
     if index is not None:
-        model = empty_model(config)
+        model = empty_model(config, dtype)
         check_supported(model.config)
         if all(any(n in index for n in names) for names in _parameter_aliases(model).values()):
             note(f"loading {spec} from {model_dir} as an empty model (its weights stay in the "
                  "safetensors and are copied when the graph is saved)")
             return model, safetensors_source(index)
         del model
-    note(f"loading {spec} from {model_dir} (float32)")
+    note(f"loading {spec} from {model_dir} ({dtype})")
     try:
-        hf_model = load_hf_model(model_dir)
+        hf_model = load_hf_model(model_dir, dtype)
     except PanguLightError:
         raise
     except Exception as error:  # missing or truncated weights, unknown classes, ...

@@ -4,7 +4,7 @@ Tracing is nearly all of an export's time (two symbolic traces by torch.export, 
 more each for a 30-layer model on two cores), and its result depends only on the model's
 config, the graph kind and the exporter, never on the weight values. So after a trace the
 cleaned graph is stored without its weights (each parameter initializer is a reference into
-the checkpoint's safetensors, 0 bytes in the file) under a key of everything that shapes it::
+the checkpoint's safetensors, 0 bytes in the file) under a key of everything that shapes it (the dtype too)::
 
     <cache>/structures/<sha256(config json, kind, opset, exporter sources, library versions)[:20]>/
         no-cache.onnx | decode.onnx
@@ -30,7 +30,7 @@ __all__ = ["structure_key", "load_structure", "store_structure"]
 _SOURCES = ("export.py", "weights.py", "structure_cache.py")
 
 
-def structure_key(config_json: str, kv_cache: bool, opset: int) -> str:
+def structure_key(config_json: str, kv_cache: bool, opset: int, dtype: str = "float32") -> str:
     import onnx_ir
     import onnxscript
     import torch
@@ -40,7 +40,7 @@ def structure_key(config_json: str, kv_cache: bool, opset: int) -> str:
     config.pop("_name_or_path", None)  # where it was read from does not shape the graph
     digest = hashlib.sha256()
     digest.update(json.dumps(config, sort_keys=True).encode())
-    digest.update(f"{kv_cache} {opset}".encode())
+    digest.update(f"{kv_cache} {opset} {dtype}".encode())
     for name in _SOURCES:
         digest.update((Path(__file__).parent / name).read_bytes())
     versions = (torch.__version__, transformers.__version__, onnxscript.__version__, onnx_ir.__version__)

@@ -40,11 +40,22 @@ def _graph_cache_dir() -> Path:
 def exported_graph():
     cache: dict[tuple[str, bool], tuple[object, Path]] = {}
 
-    def get(family: str, kv_cache: bool = False):
-        key = (family, kv_cache)
+    def get(family: str, kv_cache: bool = False, dtype: str = "float32"):
+        """``dtype`` float16 or bfloat16: the same tiny model built in that dtype as
+        ``from_pretrained(dtype=...)`` builds it (its weights rounded as ``.to`` rounds them; the
+        rotary frequencies stay float32), exported in it."""
+        key = (family, kv_cache, dtype)
         if key not in cache:
             model = tiny_model(family)
-            cache[key] = (model, _cached_export(model, family, kv_cache))
+            if dtype != "float32":
+                import torch
+                import transformers
+
+                half = transformers.AutoModelForCausalLM.from_config(model.config, dtype=getattr(torch, dtype))
+                half.load_state_dict(model.state_dict())
+                model = half.eval()
+            name = family if dtype == "float32" else f"{family}-built-{dtype}"
+            cache[key] = (model, _cached_export(model, name, kv_cache))
         return cache[key]
 
     return get

@@ -5,8 +5,11 @@
     pangu-light export smollm2-135m -o model.onnx --decode-output decode.onnx   # both, one run
 
 MODEL is an alias (smollm2-135m, the default; gemma3-270m), a local Hugging Face model
-directory (config.json + weights), or a hub id where a network exists. The model is loaded
-in float32; supported families: Llama, Qwen2, Qwen3, Mistral, Gemma2, Gemma3 (text), GLM4.
+directory (config.json + weights), or a hub id where a network exists. The graph is float32
+unless --dtype float16|bfloat16 asks for a half graph (float32 stays the default: ONNX
+Runtime's CPU provider has few bfloat16 kernels, and statistics and refits are float32 work
+anyway; a checkpoint's own dtype is often bfloat16). Supported families: Llama, Qwen2, Qwen3,
+Mistral, Gemma2, Gemma3 (text), GLM4.
 
 Graph I/O (names as ONNX Runtime GenAI and optimum use them):
 
@@ -66,6 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="trace again even if a structure traced before for this config is cached",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="the graph's weights, activations, KV cache and logits (default float32; norms, softmax "
+        "and rotary angles compute in float32 inside a half graph, as in torch). ONNX Runtime's CPU "
+        "provider lacks bfloat16 kernels: calibrate and eval run a float32 copy of a bfloat16 graph",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress notes on stderr")
 
 
@@ -83,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         if args.kv_cache:
             raise PanguLightError("--decode-output names the decode graph: drop --kv-cache (-o is the no-cache one)")
         outputs[True] = args.decode_output
-    results = export_graphs(args.model, outputs, progress=progress, reuse_structure=not args.retrace)
+    results = export_graphs(args.model, outputs, progress=progress, reuse_structure=not args.retrace,
+                            dtype=args.dtype)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     for kv_cache, (ir_model, model_map) in results.items():

@@ -65,21 +65,26 @@ def find_linears(graph: ir.Graph) -> list[Linear]:
 
 def find_norms(graph: ir.Graph) -> list[Norm]:
     found = []
+    cast_back: set[ir.Node] = set()  # gamma Muls of half-graph norms that end in a Cast
     for node in graph:
-        if node.op_type != "Mul":
+        if node.op_type not in ("Mul", "Cast"):
             continue
         m = patterns.match(patterns.RMS_NORM, node.outputs[0])
         if m is None:
             continue
-        names = ("pow", "mean", "add_eps", "sqrt", "reciprocal", "scale", "gamma_mul", "add_one")
-        scopes = module_scopes(node)
+        if m.get("output_cast") is not None:
+            cast_back.add(m["gamma_mul"])
+        # gamma_mul last: its module scope is the norm's (the exporter may leave a Cast without one)
+        names = ("upcast", "pow", "mean", "add_eps", "sqrt", "reciprocal", "scale", "downcast",
+                 "gamma_upcast", "add_one", "output_cast", "gamma_mul")
+        scopes = module_scopes(m["gamma_mul"])
         eps = patterns.scalar(m["eps"])
         found.append(Norm(
             role="", module=scopes[-1] if scopes else "", gamma=m["w"], one_plus_w=m.get("add_one") is not None,
             input=m["x"], output=node.outputs[0], eps=0.0 if eps is None else eps,
             nodes=[m[name] for name in names if m.get(name) is not None],
         ))
-    return found
+    return [n for n in found if n.output.producer() not in cast_back]
 
 
 class _MapBuilder:

@@ -74,6 +74,7 @@ class Op:
     name: str | None = None
     commutative: bool = False
     rest: bool = False
+    test: Callable[[ir.Node], bool] | None = None
 
 
 Pattern = Op | Var | Weight | Const | AnyOf
@@ -156,6 +157,8 @@ def _match_op(pattern: Op, value: ir.Value, bound: dict, nodes: tuple) -> _State
     given = len(pattern.inputs)
     if len(node.inputs) < given or (len(node.inputs) > given and not pattern.rest):
         return
+    if pattern.test is not None and not pattern.test(node):
+        return
     names = _bind(bound, pattern.name, node)
     if names is None:
         return
@@ -188,7 +191,29 @@ def _all_ones(array: np.ndarray) -> bool:
     return bool(np.all(array == 1))
 
 
-_X = Var("x")
+_HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+def _cast_to(node: ir.Node) -> ir.DataType | None:
+    attribute = node.attributes.get("to")
+    return None if attribute is None else ir.DataType(attribute.value)
+
+
+def _is_upcast(node: ir.Node) -> bool:
+    return _cast_to(node) == ir.DataType.FLOAT and node.inputs[0].dtype in _HALF
+
+
+def _is_downcast(node: ir.Node) -> bool:
+    return _cast_to(node) in _HALF
+
+
+def _upcast(pattern: Pattern, name: str) -> AnyOf:
+    """``pattern``, or ``pattern`` cast from half precision to float32 (a half graph's norms
+    compute in float32, as the torch modules do)."""
+    return AnyOf((Op("Cast", (pattern,), name=name, test=_is_upcast), pattern))
+
+
+_X = _upcast(Var("x"), "upcast")
 _INV_RMS = Op("Reciprocal", (
     Op("Sqrt", (
         Op("Add", (
@@ -198,15 +223,22 @@ _INV_RMS = Op("Reciprocal", (
     ), name="sqrt"),
 ), name="reciprocal")
 
-RMS_NORM = Op("Mul", (
-    Op("Mul", (_X, _INV_RMS), name="scale", commutative=True),
+_SCALE = Op("Mul", (_X, _INV_RMS), name="scale", commutative=True)
+_GAMMA_MUL = Op("Mul", (
+    AnyOf((Op("Cast", (_SCALE,), name="downcast", test=_is_downcast), _SCALE)),
     AnyOf((
         Weight("w"),
-        Op("Add", (Weight("w", min_rank=1), Const(test=_all_ones)), name="add_one", commutative=True),
+        Op("Add", (_upcast(Weight("w", min_rank=1), "gamma_upcast"), Const(test=_all_ones)),
+           name="add_one", commutative=True),
     )),
 ), name="gamma_mul", commutative=True)
+
+RMS_NORM = AnyOf((Op("Cast", (_GAMMA_MUL,), name="output_cast", test=_is_downcast), _GAMMA_MUL))
 """y = gamma * x / sqrt(mean(x^2) + eps); binds x, eps, w and the nodes pow, mean, add_eps,
-sqrt, reciprocal, scale, gamma_mul (and add_one for ``1 + w``)."""
+sqrt, reciprocal, scale, gamma_mul (and add_one for ``1 + w``). In a float16/bfloat16 graph
+the norm computes in float32 between Casts, as the torch modules do: ``upcast`` of x,
+``downcast`` of the normalised x before a half gamma (Llama, Qwen), or ``gamma_upcast`` of w
+and ``output_cast`` of the product (Gemma's ``(x * (1 + w.float())).type_as(x)``)."""
 
 LINEAR = Op("MatMul", (Var("x"), Op("Transpose", (Weight("w", rank=2),), name="transpose")), name="matmul")
 """y = x W^T with W an initializer [out, in]; binds x, w, transpose, matmul."""
