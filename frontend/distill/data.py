@@ -19,6 +19,7 @@ import torch
 
 from pangu_light.frontend.distill.config import DistillConfig
 from pangu_light.frontend.distill.distributed import Dist
+from pangu_light.frontend.distill.usage import Stages
 from pangu_light.frontend.kd_topk import TopKTeacher, teacher_topk
 from pangu_light.frontend.teacher_cache import TeacherCache, TopKCache, teacher_hidden
 
@@ -72,9 +73,11 @@ class TrainingData:
 
     @classmethod
     def prepare(cls, config: DistillConfig, dist: Dist, *, teacher: torch.nn.Module, teacher_id: str,
-                global_batch: int, say: Callable[[str], None]) -> TrainingData:
+                global_batch: int, say: Callable[[str], None], stages: Stages | None = None) -> TrainingData:
         """Build (rank 0) or open (the other ranks, after it) the teacher cache of the windows the
-        run will use, and compute the teacher's states on the evaluation windows."""
+        run will use, and compute the teacher's states on the evaluation windows (timed in ``stages``
+        as teacher_cache and eval_teacher)."""
+        stages = Stages() if stages is None else stages
         # Past one epoch every window is used (and the step count may be a large cap under a budget).
         total_positions = min(config.steps * global_batch, len(config.train_windows))
         used = np.unique(schedule_windows(len(config.train_windows), config.seed, 0, total_positions))
@@ -91,17 +94,20 @@ class TrainingData:
                 kind, extra = TeacherCache, {}
             if dist.main:
                 say(f"... teacher cache: {len(used)} windows x {windows.shape[1]} tokens in {cache_dir}")
-                cache = kind.open_or_build(
-                    cache_dir, teacher=teacher, identity=teacher_id, windows=windows,
-                    dtype=config.teacher_cache_dtype, batch_size=config.micro_batch, quiet=config.quiet, **extra,
-                )
+                with stages("teacher_cache"):
+                    cache = kind.open_or_build(
+                        cache_dir, teacher=teacher, identity=teacher_id, windows=windows,
+                        dtype=config.teacher_cache_dtype, batch_size=config.micro_batch, quiet=config.quiet,
+                        **extra,
+                    )
             dist.barrier()
             if not dist.main:
                 cache = kind.open_or_build(
                     cache_dir, teacher=None, identity=teacher_id, windows=windows,
                     dtype=config.teacher_cache_dtype, build=False, **extra,
                 )
-        eval_teacher = [teacher_hidden(teacher, ids) for ids in _chunks(config.eval_windows, config.micro_batch)]
+        with stages("eval_teacher"):
+            eval_teacher = [teacher_hidden(teacher, ids) for ids in _chunks(config.eval_windows, config.micro_batch)]
         return cls(config, dist, teacher, global_batch, cache, cache_rows, eval_teacher)
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor | TopKTeacher]:
