@@ -77,11 +77,13 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.frontend.distill import budget as budget_clock
     from pangu_light.frontend.distill import distill, schedule_windows
     from pangu_light.frontend.distill.budget import parse_duration
+    from pangu_light.frontend.distill.evaluation import eval_chunks
     from pangu_light.frontend.distill.local import LocalConfig, heldout_metrics, reconstruct
     from pangu_light.frontend.distill.loop import attention_for
     from pangu_light.frontend.distill.usage import Stages, stamp
     from pangu_light.frontend.loading import load_hf_model
     from pangu_light.frontend.reimport import reimport
+    from pangu_light.frontend.teacher_cache import teacher_hidden
     from pangu_light.reports.loss_plot import plot_history
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     config, global_batch = config_from_args(args, graph, out, time_budget=total)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     history, local_s, local_tokens, capture_s, layers = [], 0.0, 0, 0.0, []
-    stages, student, teacher = Stages(), None, None
+    stages, student, teacher, eval_teacher = Stages(), None, None, None
     if args.local_fraction > 0:
         with stages("reimport"):
             student = reimport(graph, attn_implementation=attention_for(graph, args.attn))
@@ -114,11 +116,14 @@ def run(args: argparse.Namespace) -> int:
         count = min(args.local_samples, len(config.train_windows) - 1)
         order = schedule_windows(len(config.train_windows), args.seed, 0, min(count + 4, len(config.train_windows)))
         windows, check = config.train_windows[np.sort(order[:count])], config.train_windows[np.sort(order[count:])]
+        with stages("eval_teacher"):  # once, for this evaluation and every one of the KD stage
+            eval_teacher = [teacher_hidden(teacher, ids) for _, ids in
+                            eval_chunks(config.eval_windows, args.batch_size, config.eval_sources)]
         started = budget_clock.clock()
         with stages("local_first_eval"):
             history.append(stamp({"stage": "local", "step": 0, "tokens": 0, **heldout_metrics(
-                student.model, teacher, config.eval_windows, batch=args.batch_size, bf16=args.bf16),
-                "elapsed_s": 0.0}))
+                student.model, teacher, config.eval_windows, batch=args.batch_size, bf16=args.bf16,
+                sources=config.eval_sources, teacher_states=eval_teacher), "elapsed_s": 0.0}))
         say(f"start: held-out perplexity {history[0]['eval_perplexity']:.3f}, KL {history[0]['eval_kl']:.4f}")
         spent = budget_clock.clock() - started
         local = LocalConfig(
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, time_budget=max(total - local_s, 1e-9))
     # The KD stage trains the module the local stage left (its weights are also weights.pt) and
     # uses the teacher already loaded: no second re-import of the graph or load of the teacher.
-    result = distill(config, student=student, teacher=teacher, stages=stages)
+    result = distill(config, student=student, teacher=teacher, stages=stages, eval_teacher=eval_teacher)
     for entry in result.history:
         history.append({**entry, "stage": "kd", "elapsed_s": entry.get("elapsed_s", 0.0) + local_s,
                         "tokens": entry.get("tokens", 0) + local_tokens})

@@ -19,6 +19,7 @@ import torch
 
 from pangu_light.frontend.distill.config import DistillConfig
 from pangu_light.frontend.distill.distributed import Dist
+from pangu_light.frontend.distill.evaluation import eval_chunks
 from pangu_light.frontend.distill.usage import Stages
 from pangu_light.frontend.kd_topk import TopKTeacher, teacher_topk
 from pangu_light.frontend.teacher_cache import TeacherCache, TopKCache, teacher_hidden
@@ -73,10 +74,11 @@ class TrainingData:
 
     @classmethod
     def prepare(cls, config: DistillConfig, dist: Dist, *, teacher: torch.nn.Module, teacher_id: str,
-                global_batch: int, say: Callable[[str], None], stages: Stages | None = None) -> TrainingData:
+                global_batch: int, say: Callable[[str], None], stages: Stages | None = None,
+                eval_teacher: list[torch.Tensor] | None = None) -> TrainingData:
         """Build (rank 0) or open (the other ranks, after it) the teacher cache of the windows the
         run will use, and compute the teacher's states on the evaluation windows (timed in ``stages``
-        as teacher_cache and eval_teacher)."""
+        as teacher_cache and eval_teacher) unless given (``eval_teacher``, one per ``eval_chunks``)."""
         stages = Stages() if stages is None else stages
         # Past one epoch every window is used (and the step count may be a large cap under a budget).
         total_positions = min(config.steps * global_batch, len(config.train_windows))
@@ -106,8 +108,10 @@ class TrainingData:
                     cache_dir, teacher=None, identity=teacher_id, windows=windows,
                     dtype=config.teacher_cache_dtype, build=False, **extra,
                 )
-        with stages("eval_teacher"):
-            eval_teacher = [teacher_hidden(teacher, ids) for ids in _chunks(config.eval_windows, config.micro_batch)]
+        if eval_teacher is None:
+            with stages("eval_teacher"):
+                eval_teacher = [teacher_hidden(teacher, ids) for _, ids in
+                                eval_chunks(config.eval_windows, config.micro_batch, config.eval_sources)]
         return cls(config, dist, teacher, global_batch, cache, cache_rows, eval_teacher)
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor | TopKTeacher]:
@@ -126,11 +130,8 @@ class TrainingData:
             return ids, TopKTeacher(top.log_p.cpu(), top.index.cpu(), top.tail.cpu())
         return ids, teacher_hidden(self.teacher, ids)
 
-    def eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The evaluation windows in micro-batches, with the teacher's states for each."""
-        return zip(_chunks(self.config.eval_windows, self.config.micro_batch), self.eval_teacher)
-
-
-def _chunks(windows: np.ndarray, size: int) -> list[torch.Tensor]:
-    return [torch.from_numpy(np.ascontiguousarray(windows[i:i + size], dtype=np.int64))
-            for i in range(0, len(windows), size)]
+    def eval_batches(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """The evaluation windows in micro-batches (``eval_chunks``: source name, ids), with the
+        teacher's states for each."""
+        chunks = eval_chunks(self.config.eval_windows, self.config.micro_batch, self.config.eval_sources)
+        return ((name, ids, teacher) for (name, ids), teacher in zip(chunks, self.eval_teacher))

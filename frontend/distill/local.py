@@ -267,9 +267,13 @@ def layer_error(layer, call, x: np.ndarray, y: np.ndarray, batch: int) -> float:
 
 
 @torch.no_grad()
-def heldout_metrics(student, teacher, windows: np.ndarray, *, batch: int, bf16: bool) -> dict[str, float]:
+def heldout_metrics(student, teacher, windows: np.ndarray, *, batch: int, bf16: bool, sources=None,
+                    teacher_states: list[torch.Tensor] | None = None) -> dict[str, float]:
     """The whole student's held-out KL to the teacher and perplexity (T = 1), computed as distill's
-    evaluation computes them (the student forward and the fused loss, under the same autocast)."""
+    evaluation computes them (the student forward and the fused loss, under the same autocast, per
+    source of ``sources``), from the teacher's final hidden states on ``evaluation.eval_chunks``
+    when given (``teacher_states``)."""
+    from pangu_light.frontend.distill.evaluation import EvalTotals, eval_chunks
     from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
     from pangu_light.frontend.kd_loss import KDLossOptions
     from pangu_light.frontend.teacher_cache import teacher_hidden
@@ -281,13 +285,11 @@ def heldout_metrics(student, teacher, windows: np.ndarray, *, batch: int, bf16: 
     head = teacher.get_output_embeddings().weight.detach()
     was_training = student.training
     student.eval()
-    kl_sum = ce_sum = 0.0
-    rows = count = 0
-    for start in range(0, len(windows), batch):
-        ids = torch.from_numpy(np.ascontiguousarray(windows[start:start + batch], dtype=np.int64))
+    totals = EvalTotals()
+    for k, (name, ids) in enumerate(eval_chunks(windows, batch, sources)):
         targets = next_token_targets(ids)
-        _, kl, ce = objective(ids, teacher_hidden(teacher, ids), head, targets, options)
-        n, m = ids.numel(), int((targets >= 0).sum())
-        kl_sum, ce_sum, rows, count = kl_sum + float(kl) * n, ce_sum + float(ce) * m, rows + n, count + m
+        states = teacher_hidden(teacher, ids) if teacher_states is None else teacher_states[k]
+        _, kl, ce = objective(ids, states, head, targets, options)
+        totals.add(name, float(kl), ids.numel(), float(ce), int((targets >= 0).sum()))
     student.train(was_training)
-    return {"eval_kl": kl_sum / rows, "eval_nll": ce_sum / count, "eval_perplexity": math.exp(ce_sum / count)}
+    return totals.metrics()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +28,7 @@ from pangu_light.frontend.distill.checkpoint import (
 from pangu_light.frontend.distill.config import DistillConfig, DistillResult, check_config, file_digest
 from pangu_light.frontend.distill.data import TrainingData, lr_factor
 from pangu_light.frontend.distill.distributed import Dist, init_distributed, wrap_for_training
+from pangu_light.frontend.distill.evaluation import EvalTotals
 from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
 from pangu_light.frontend.distill.outputs import write_outputs
 from pangu_light.frontend.distill.usage import Stages, stamp
@@ -45,15 +45,17 @@ PLOT_FILE = "loss.png"
 
 
 def distill(config: DistillConfig, *, student: Reimported | None = None, teacher: torch.nn.Module | None = None,
-            stages: Stages | None = None) -> DistillResult:
+            stages: Stages | None = None, eval_teacher: list[torch.Tensor] | None = None) -> DistillResult:
     """Run (or resume) a distillation; returns what was written. Only rank 0 writes.
 
     ``student`` (``reimport(config.graph)``, its weights then replaced by ``config.init_weights``
     when given) and ``teacher`` (``load_hf_model(config.teacher_dir)``) spare a caller that holds
-    them already (``recover``) loading them again; ``stages`` collects the set-up's timings."""
+    them already (``recover``) loading them again, as ``eval_teacher`` (the teacher's final hidden
+    states on ``evaluation.eval_chunks`` of the evaluation windows) does computing those again;
+    ``stages`` collects the set-up's timings."""
     dist = init_distributed()
     try:
-        return _Run(config, dist, student=student, teacher=teacher, stages=stages).run()
+        return _Run(config, dist, student=student, teacher=teacher, stages=stages, eval_teacher=eval_teacher).run()
     finally:
         if dist.initialized_here:
             torch.distributed.destroy_process_group()
@@ -84,10 +86,11 @@ def attention_for(graph, requested: str | None) -> str:
 
 class _Run:
     def __init__(self, config: DistillConfig, dist: Dist, *, student: Reimported | None = None,
-                 teacher: torch.nn.Module | None = None, stages: Stages | None = None):
+                 teacher: torch.nn.Module | None = None, stages: Stages | None = None,
+                 eval_teacher: list[torch.Tensor] | None = None):
         self.c = config
         self.dist = dist
-        self.given_student, self.given_teacher = student, teacher
+        self.given_student, self.given_teacher, self.given_eval_teacher = student, teacher, eval_teacher
         self.stages = Stages() if stages is None else stages
         self.out = Path(config.output)
         self.sharded = config.fsdp and dist.world > 1
@@ -159,7 +162,8 @@ class _Run:
         self.start_step = 0
         self.tokens_seen = 0
         self.data = TrainingData.prepare(c, self.dist, teacher=teacher, teacher_id=teacher_id,
-                                         global_batch=self.global_batch, say=self.say, stages=self.stages)
+                                         global_batch=self.global_batch, say=self.say, stages=self.stages,
+                                         eval_teacher=self.given_eval_teacher)
 
 
     # -- metrics and checkpoints --------------------------------------------------------------
@@ -191,22 +195,15 @@ class _Run:
     def evaluate(self, step: int) -> dict[str, Any]:
         """Held-out perplexity of the student and its KL to the teacher (T = 1), every rank."""
         self.model.eval()
-        kl_sum = ce_sum = 0.0
-        rows = targets_count = 0
+        totals = EvalTotals()
         device = self.dist.device
-        for ids, teacher_h in self.data.eval_batches():
+        for name, ids, teacher_h in self.data.eval_batches():
             targets = next_token_targets(ids)
             _, kl, ce = self.model(ids.to(device), teacher_h.to(device), self.teacher_head, targets.to(device),
                                    self.eval_options)
-            n, m = ids.numel(), int((targets >= 0).sum())
-            kl_sum += float(kl) * n
-            ce_sum += float(ce) * m
-            rows += n
-            targets_count += m
+            totals.add(name, float(kl), ids.numel(), float(ce), int((targets >= 0).sum()))
         self.model.train()
-        nll = ce_sum / targets_count
-        return {"step": step, "tokens": self.tokens_seen, "eval_kl": kl_sum / rows, "eval_nll": nll,
-                "eval_perplexity": math.exp(nll)}
+        return {"step": step, "tokens": self.tokens_seen, **totals.metrics()}
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
@@ -301,6 +298,7 @@ class _Run:
         bar = tqdm(total=c.steps, initial=self.start_step, unit="step", desc="distill", file=sys.stderr,
                    disable=c.quiet or not self.dist.main)
         done = evaluated = saved = self.start_step
+        last_eval = next((h["elapsed_s"] for h in reversed(self.history) if "eval_kl" in h and "elapsed_s" in h), 0.0)
         for step in range(self.start_step, c.steps):
             before = self.budget.tick()
             if self.budget.exhausted():
@@ -313,8 +311,10 @@ class _Run:
             bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}", lr=f"{entry['lr']:.2e}")
             bar.update(1)
             done = step + 1
-            if done % c.eval_every == 0 or done == c.steps:
+            timely = c.eval_interval is not None and entry["elapsed_s"] - last_eval >= c.eval_interval
+            if done % c.eval_every == 0 or done == c.steps or timely:
                 evaluated = self._evaluate_and_report(done, entry, bar)
+                last_eval = self.history[-1]["elapsed_s"]
             if done % c.save_every == 0 or done == c.steps:
                 self.save_checkpoint(done)
                 saved = done
