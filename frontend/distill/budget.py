@@ -1,7 +1,8 @@
 """The wall-clock budget of a run (``--time-budget``) and the clock every timing in the loop reads.
 
 Elapsed time t counts from the start of training (after the set-up: loading, re-import, the
-teacher cache), evaluations and checkpoints included, and carries over a resume. With a budget
+teacher cache, also the chunks of it built between steps under a budget, ``paused``),
+evaluations and checkpoints included, and carries over a resume. With a budget
 B the loop takes step s + 1 only while
 
     t + d <= B          d = the mean wall time of the training steps taken so far
@@ -21,8 +22,10 @@ CPU seconds summed over the ranks), which the loop stamps on every metrics entry
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -77,6 +80,15 @@ class Budget:
         self.cpu_s = self.already_cpu + float(value[1])
         self.wall_s = self.already_wall + wall_seconds()
         return self.elapsed
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside is not counted (a teacher-cache chunk built between steps is set-up)."""
+        start = clock()
+        try:
+            yield
+        finally:
+            self.started += clock() - start
 
     def step_done(self, before: float) -> float:
         """After a training step that began at elapsed ``before`` (a ``tick``): tick again and count

@@ -303,6 +303,10 @@ class _Run:
             before = self.budget.tick()
             if self.budget.exhausted():
                 break
+            if self.data.missing(step):  # the teacher cache's next chunk (a budgeted run): set-up time
+                with self.budget.paused(), self.stages("teacher_cache"):
+                    self.data.ensure(step, self.say)
+                before = self.budget.tick()
             entry = self.train_step(step)
             entry["elapsed_s"] = self.budget.step_done(before)
             stamp(entry, cpu=self.budget.cpu_s, wall=self.budget.wall_s)
