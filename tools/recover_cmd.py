@@ -14,10 +14,12 @@ is put back. It gets --local-fraction of
 the budget (its evaluations included), shared among the layers.
 
 Stage 2, knowledge distillation: `pangu-light distill` from the reconstructed weights with the
-rest of the budget (every distill option applies: --kd topk, --freeze-embeddings, ...).
+rest of the budget (every distill option applies: --kd topk, --freeze-embeddings, ...). It trains
+the module the local stage left, with the teacher already loaded and its states on the evaluation
+windows already computed (one re-import, one teacher load, one evaluation pass of the teacher).
 
 Set-up (loading, re-import, the teacher cache, and the capture of the teacher's residual stream,
-reported as capture_s) is not counted, as in distill. OUTDIR receives what
+reported as capture_s) is not counted, as in distill; summary.json's "stages" times each part. OUTDIR receives what
 distill writes (checkpoints/, model/, distilled.onnx, summary.json with a "recover" section:
 both stages' seconds and every layer's held-out error before and after), local/layers.json, and
 metrics.jsonl and loss.png over both stages: held-out perplexity against elapsed seconds and
