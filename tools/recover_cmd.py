@@ -122,10 +122,11 @@ def run(args: argparse.Namespace) -> int:
             eval_teacher = [teacher_hidden(teacher, ids) for _, ids in
                             eval_chunks(config.eval_windows, args.batch_size, config.eval_sources)]
         started = budget_clock.clock()
-        with stages("local_first_eval"):
-            history.append(stamp({"stage": "local", "step": 0, "tokens": 0, **heldout_metrics(
+        with stages("local_first_eval"):  # the clocks read before it, as distill's evaluations read them
+            clocks = stamp({})
+            history.append({"stage": "local", "step": 0, "tokens": 0, **heldout_metrics(
                 student.model, teacher, config.eval_windows, batch=args.batch_size, bf16=args.bf16,
-                sources=config.eval_sources, teacher_states=eval_teacher), "elapsed_s": 0.0}))
+                sources=config.eval_sources, teacher_states=eval_teacher), "elapsed_s": 0.0, **clocks})
         say(f"start: held-out perplexity {history[0]['eval_perplexity']:.3f}, KL {history[0]['eval_kl']:.4f}")
         spent = budget_clock.clock() - started
         local = LocalConfig(
