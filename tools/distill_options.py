@@ -34,8 +34,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--train-samples", type=int, help="use only this many training windows (default: all of the split)"
     )
-    data.add_argument("--eval-data", help="held-out text (evaluation split; default: the same source as --data)")
-    data.add_argument("--eval-samples", type=int, default=16, help="held-out windows (default 16)")
+    data.add_argument("--eval-data", help="held-out text (evaluation split; default: the same source as --data); "
+                      "several sources separated by commas (lambada,wiki) are each reported apart")
+    data.add_argument("--eval-samples", type=int, default=16, help="held-out windows per source (default 16)")
     data.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
     data.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: recorded in the graph)")
     train = parser.add_argument_group("training")
@@ -93,6 +94,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--eval-every", type=int, default=25, help="held-out evaluation every N steps (default 25)")
+    run_group.add_argument(
+        "--eval-interval", metavar="DURATION",
+        help="also evaluate once this much training time (90s, 2m) has passed since the last evaluation: "
+        "points spread evenly along a time axis whatever the step speed (evaluations count in the time budget)",
+    )
     run_group.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
     run_group.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
     run_group.add_argument(
@@ -121,9 +127,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, graph: Path, output: Path, *, time_budget: float | None):
     """The ``DistillConfig`` the options describe for ``graph`` -> ``output`` (training limited to
     ``time_budget`` seconds), and the global batch."""
+    import numpy as np
     import torch
 
     from pangu_light.frontend.distill import DistillConfig
+    from pangu_light.frontend.distill.budget import parse_duration
     from pangu_light.frontend.loading import resolve_model
     from pangu_light.passes.infra.graph_io import load_model_metadata
     from pangu_light.runtime.tokenizer import find_tokenizer_dir
@@ -139,15 +147,13 @@ def config_from_args(args: argparse.Namespace, graph: Path, output: Path, *, tim
     train = sequences_for(
         args.data, encode, eos_id, samples=args.train_samples, seq_len=args.seq_len, seed=args.seed, split="calib"
     )
-    evaluation = sequences_for(
-        args.eval_data or args.data,
-        encode,
-        eos_id,
-        samples=args.eval_samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        split="eval",
-    )
+    names = [name.strip() for name in (args.eval_data or args.data).split(",") if name.strip()]
+    if not names:
+        raise PanguLightError("--eval-data names no source: pass wiki, lambada, a file, or several with commas")
+    parts = [sequences_for(name, encode, eos_id, samples=args.eval_samples, seq_len=args.seq_len, seed=args.seed,
+                           split="eval") for name in names]
+    evaluation = np.concatenate(parts)
+    sources = tuple((Path(name).stem, len(part)) for name, part in zip(names, parts)) if len(names) > 1 else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = args.batch_size * args.grad_accum * world
     budget = time_budget
@@ -167,6 +173,7 @@ def config_from_args(args: argparse.Namespace, graph: Path, output: Path, *, tim
         output=output,
         train_windows=train,
         eval_windows=evaluation,
+        eval_sources=sources,
         tokenizer_dir=tokenizer_dir,
         steps=steps,
         micro_batch=args.batch_size,
@@ -186,6 +193,7 @@ def config_from_args(args: argparse.Namespace, graph: Path, output: Path, *, tim
         teacher_cache_dir=args.teacher_cache,
         teacher_cache_dtype=args.teacher_cache_dtype,
         eval_every=args.eval_every,
+        eval_interval=None if args.eval_interval is None else parse_duration(args.eval_interval),
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         resume=resume,

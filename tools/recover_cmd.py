@@ -14,10 +14,12 @@ is put back. It gets --local-fraction of
 the budget (its evaluations included), shared among the layers.
 
 Stage 2, knowledge distillation: `pangu-light distill` from the reconstructed weights with the
-rest of the budget (every distill option applies: --kd topk, --freeze-embeddings, ...).
+rest of the budget (every distill option applies: --kd topk, --freeze-embeddings, ...). It trains
+the module the local stage left, with the teacher already loaded and its states on the evaluation
+windows already computed (one re-import, one teacher load, one evaluation pass of the teacher).
 
 Set-up (loading, re-import, the teacher cache, and the capture of the teacher's residual stream,
-reported as capture_s) is not counted, as in distill. OUTDIR receives what
+reported as capture_s) is not counted, as in distill; summary.json's "stages" times each part. OUTDIR receives what
 distill writes (checkpoints/, model/, distilled.onnx, summary.json with a "recover" section:
 both stages' seconds and every layer's held-out error before and after), local/layers.json, and
 metrics.jsonl and loss.png over both stages: held-out perplexity against elapsed seconds and
@@ -77,9 +79,13 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.frontend.distill import budget as budget_clock
     from pangu_light.frontend.distill import distill, schedule_windows
     from pangu_light.frontend.distill.budget import parse_duration
+    from pangu_light.frontend.distill.evaluation import eval_chunks
     from pangu_light.frontend.distill.local import LocalConfig, heldout_metrics, reconstruct
+    from pangu_light.frontend.distill.loop import attention_for
+    from pangu_light.frontend.distill.usage import Stages, stamp
     from pangu_light.frontend.loading import load_hf_model
     from pangu_light.frontend.reimport import reimport
+    from pangu_light.frontend.teacher_cache import teacher_hidden
     from pangu_light.reports.loss_plot import plot_history
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -100,18 +106,27 @@ def run(args: argparse.Namespace) -> int:
     config, global_batch = config_from_args(args, graph, out, time_budget=total)
     say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     history, local_s, local_tokens, capture_s, layers = [], 0.0, 0, 0.0, []
+    stages, student, teacher, eval_teacher = Stages(), None, None, None
     if args.local_fraction > 0:
-        student = reimport(graph, attn_implementation=args.attn or "sdpa")
-        teacher = load_hf_model(config.teacher_dir)
+        with stages("reimport"):
+            student = reimport(graph, attn_implementation=attention_for(graph, args.attn))
+        with stages("teacher_load"):
+            teacher = load_hf_model(config.teacher_dir)
         teacher.requires_grad_(False)
         # The first --local-samples windows of the seeded order train the layers; the next 4 (outside
         # the local stage, and not the evaluation split the curves report) measure each layer's error.
         count = min(args.local_samples, len(config.train_windows) - 1)
         order = schedule_windows(len(config.train_windows), args.seed, 0, min(count + 4, len(config.train_windows)))
         windows, check = config.train_windows[np.sort(order[:count])], config.train_windows[np.sort(order[count:])]
+        with stages("eval_teacher"):  # once, for this evaluation and every one of the KD stage
+            eval_teacher = [teacher_hidden(teacher, ids) for _, ids in
+                            eval_chunks(config.eval_windows, args.batch_size, config.eval_sources)]
         started = budget_clock.clock()
-        history.append({"stage": "local", "step": 0, "tokens": 0, **heldout_metrics(
-            student.model, teacher, config.eval_windows, batch=args.batch_size, bf16=args.bf16), "elapsed_s": 0.0})
+        with stages("local_first_eval"):  # the clocks read before it, as distill's evaluations read them
+            clocks = stamp({})
+            history.append({"stage": "local", "step": 0, "tokens": 0, **heldout_metrics(
+                student.model, teacher, config.eval_windows, batch=args.batch_size, bf16=args.bf16,
+                sources=config.eval_sources, teacher_states=eval_teacher), "elapsed_s": 0.0, **clocks})
         say(f"start: held-out perplexity {history[0]['eval_perplexity']:.3f}, KL {history[0]['eval_kl']:.4f}")
         spent = budget_clock.clock() - started
         local = LocalConfig(
@@ -121,22 +136,25 @@ def run(args: argparse.Namespace) -> int:
             bf16=args.bf16, clip=args.clip, seed=args.seed, quiet=args.quiet,
         )
         result = reconstruct(student.model, teacher, local)
+        stages.seconds["local_capture"] = round(result.capture_s, 3)
+        stages.cpu["local_capture"] = round(result.capture_cpu_s, 3)
         layers = result.layers
         local_s, local_tokens, capture_s = budget_clock.clock() - started - result.capture_s, result.tokens, \
             result.capture_s
         for layer in layers:
             history.append({"stage": "local", **layer, "elapsed_s": spent + layer["elapsed_s"],
-                            "tokens": local_tokens})
+                            "tokens": local_tokens})  # wall_s and cpu_s: stamped by reconstruct
         weights = out / "local" / "weights.pt"
         with atomic_write(weights) as temporary:
             torch.save(student.model.state_dict(), temporary)
         write_json(out / "local" / "layers.json", {"layers": layers, "seconds": local_s, "tokens": local_tokens})
         say(f"... local reconstruction took {local_s:.1f} s (and {capture_s:.1f} s to capture the teacher)")
         config = dataclasses.replace(config, init_weights=weights)
-        del student, teacher
     if total is not None:
         config = dataclasses.replace(config, time_budget=max(total - local_s, 1e-9))
-    result = distill(config)
+    # The KD stage trains the module the local stage left (its weights are also weights.pt) and
+    # uses the teacher already loaded: no second re-import of the graph or load of the teacher.
+    result = distill(config, student=student, teacher=teacher, stages=stages, eval_teacher=eval_teacher)
     for entry in result.history:
         history.append({**entry, "stage": "kd", "elapsed_s": entry.get("elapsed_s", 0.0) + local_s,
                         "tokens": entry.get("tokens", 0) + local_tokens})

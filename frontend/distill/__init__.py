@@ -17,8 +17,9 @@ the KL is taken over the teacher's top-k tokens plus one tail bucket, from a cac
 always the full-vocabulary KL and perplexity, so runs of either loss are compared on one scale.
 
 With a time budget (``time_budget``, ``budget``) the run stops after the last step that fits,
-with complete outputs, and the cosine's progress is max(t / S, elapsed / budget); every
-``metrics.jsonl`` entry carries ``elapsed_s`` (training seconds) beside ``tokens``.
+with complete outputs, and the cosine's progress is max(t / S, elapsed / budget); the teacher
+cache is then built in chunks as the steps reach them (``data``). Every ``metrics.jsonl`` entry
+carries ``elapsed_s`` (training seconds), ``wall_s`` and ``cpu_s`` (``usage``) beside ``tokens``.
 
 Micro-batch k of a step goes to rank k mod world, so 1 process with grad_accum = 2 and 2
 processes with grad_accum = 1 see the same global batch and, since each micro-batch loss is a
@@ -43,6 +44,10 @@ the exporter and ``runtime``'s session and decode layout for the parity check):
   layer stands for.
 - ``local``: local reconstruction, each layer trained alone towards the teacher's residual stream
   across its span (the first stage of ``pangu-light recover``).
+- ``usage``: the process clocks every metrics entry carries (``wall_s``, ``cpu_s``) and ``Stages``,
+  the timings of the set-up in ``summary.json``.
+- ``evaluation``: held-out evaluation over several sources, each reported apart.
+- ``reexport``: the distilled student's graph from a structure traced before for its shape.
 
 A run can start from given weights (``init_weights``, what ``recover`` passes after local
 reconstruction) and keep the embedding and lm_head fixed (``freeze_embeddings``, when the hidden

@@ -22,6 +22,7 @@ class DistillConfig:
     output: Path
     train_windows: np.ndarray  # [W, L] token ids (calibration split)
     eval_windows: np.ndarray  # [E, L] token ids (evaluation split)
+    eval_sources: tuple[tuple[str, int], ...] | None = None  # (name, windows) in order, each reported apart
     tokenizer_dir: Path | None = None
     steps: int = 100
     micro_batch: int = 4
@@ -41,6 +42,7 @@ class DistillConfig:
     teacher_cache_dir: Path | None = None  # default: OUTPUT/teacher_cache
     teacher_cache_dtype: str = "float32"
     eval_every: int = 25
+    eval_interval: float | None = None  # also evaluate once this many training seconds passed since the last
     save_every: int = 50
     keep_checkpoints: int = 2
     resume: bool | Path = False  # True: the latest checkpoint in OUTPUT/checkpoints
@@ -92,6 +94,8 @@ def check_config(config: DistillConfig) -> None:
         raise PanguLightError(f"--ce-weight {config.ce_weight} must be between 0 (pure KL) and 1 (pure CE)")
     if config.temperature <= 0:
         raise PanguLightError(f"--temperature {config.temperature} must be positive")
+    if config.eval_interval is not None and config.eval_interval <= 0:
+        raise PanguLightError(f"--eval-interval {config.eval_interval} s must be positive")
     if config.time_budget is not None and config.time_budget <= 0:
         raise PanguLightError(f"--time-budget {config.time_budget} s must be positive")
     if config.kd not in ("full", "topk"):

@@ -43,6 +43,7 @@ import torch
 from pangu_light.core.errors import PanguLightError
 from pangu_light.frontend.distill import budget as budget_clock
 from pangu_light.frontend.distill.hidden_map import hidden_map, layer_spans
+from pangu_light.frontend.distill.usage import cpu_seconds, stamp
 
 __all__ = ["LocalConfig", "LocalResult", "heldout_metrics", "layer_error", "reconstruct"]
 
@@ -70,6 +71,7 @@ class LocalResult:
     elapsed_s: float
     tokens: int  # training-window tokens the teacher was run over
     capture_s: float = 0.0  # the capture of the teacher's boundaries (not in elapsed_s)
+    capture_cpu_s: float = 0.0  # its CPU seconds
 
 
 def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: LocalConfig) -> LocalResult:
@@ -77,7 +79,7 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
     if config.loss not in ("mse", "cosine"):
         raise PanguLightError(f"--local-loss {config.loss!r}: use mse or cosine")
     say = (lambda m: None) if config.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    started = budget_clock.clock()
+    started, cpu_started = budget_clock.clock(), cpu_seconds()
     n_teacher = len(teacher.model.layers)
     spans = layer_spans(list(config.origin), n_teacher)
     if len(spans) != len(student.model.layers):
@@ -89,7 +91,7 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
     say(f"... local reconstruction: capturing the teacher's residual stream at {len(boundaries)} boundaries")
     train = _capture(teacher, config.train_windows, boundaries, p, work / "train", config.micro_batch)
     held = _capture(teacher, config.eval_windows, boundaries, p, work / "eval", config.micro_batch)
-    capture_s = budget_clock.clock() - started
+    capture_s, capture_cpu_s = budget_clock.clock() - started, cpu_seconds() - cpu_started
     started = budget_clock.clock()  # the budget is the layers' (the capture is set-up, as distill's teacher cache)
     student.requires_grad_(False)
     calls = _LayerCall(student)
@@ -99,8 +101,8 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
             elapsed = budget_clock.clock() - started
             share = None if config.time_budget is None else (config.time_budget - elapsed) / (len(spans) - j)
             if share is not None and share <= 0:  # the budget is spent: the rest stay as pruned
-                results.append({"layer": j, "span": [a, b], "steps": 0, "error_start": None, "error_end": None,
-                                "kept": True, "elapsed_s": elapsed})
+                results.append(stamp({"layer": j, "span": [a, b], "steps": 0, "error_start": None,
+                                      "error_end": None, "kept": True, "elapsed_s": elapsed}))
                 continue
             layer = student.model.layers[j]
             call = functools.partial(calls, j)
@@ -113,9 +115,9 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
             if not kept:  # too few steps to help (a tight budget): keep the layer as it was
                 layer.load_state_dict(saved)
                 end_error = start_error
-            results.append({"layer": j, "span": [a, b], "steps": steps, "train_loss": loss,
-                            "error_start": start_error, "error_end": end_error, "kept": kept,
-                            "elapsed_s": budget_clock.clock() - started})
+            results.append(stamp({"layer": j, "span": [a, b], "steps": steps, "train_loss": loss,
+                                  "error_start": start_error, "error_end": end_error, "kept": kept,
+                                  "elapsed_s": budget_clock.clock() - started}))
             say(f"    layer {j} (teacher {a}..{b - 1}): {steps} steps, held-out error {start_error:.4f} -> "
                 f"{end_error:.4f}")
     finally:
@@ -123,7 +125,7 @@ def reconstruct(student: torch.nn.Module, teacher: torch.nn.Module, config: Loca
             path.unlink(missing_ok=True)
         student.requires_grad_(True)
     tokens = int(config.train_windows.size)
-    return LocalResult(results, budget_clock.clock() - started, tokens, capture_s)
+    return LocalResult(results, budget_clock.clock() - started, tokens, capture_s, capture_cpu_s)
 
 
 # ----------------------------------------------------------------------------- the teacher's side
@@ -265,9 +267,13 @@ def layer_error(layer, call, x: np.ndarray, y: np.ndarray, batch: int) -> float:
 
 
 @torch.no_grad()
-def heldout_metrics(student, teacher, windows: np.ndarray, *, batch: int, bf16: bool) -> dict[str, float]:
+def heldout_metrics(student, teacher, windows: np.ndarray, *, batch: int, bf16: bool, sources=None,
+                    teacher_states: list[torch.Tensor] | None = None) -> dict[str, float]:
     """The whole student's held-out KL to the teacher and perplexity (T = 1), computed as distill's
-    evaluation computes them (the student forward and the fused loss, under the same autocast)."""
+    evaluation computes them (the student forward and the fused loss, under the same autocast, per
+    source of ``sources``), from the teacher's final hidden states on ``evaluation.eval_chunks``
+    when given (``teacher_states``)."""
+    from pangu_light.frontend.distill.evaluation import EvalTotals, eval_chunks
     from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
     from pangu_light.frontend.kd_loss import KDLossOptions
     from pangu_light.frontend.teacher_cache import teacher_hidden
@@ -279,13 +285,11 @@ def heldout_metrics(student, teacher, windows: np.ndarray, *, batch: int, bf16: 
     head = teacher.get_output_embeddings().weight.detach()
     was_training = student.training
     student.eval()
-    kl_sum = ce_sum = 0.0
-    rows = count = 0
-    for start in range(0, len(windows), batch):
-        ids = torch.from_numpy(np.ascontiguousarray(windows[start:start + batch], dtype=np.int64))
+    totals = EvalTotals()
+    for k, (name, ids) in enumerate(eval_chunks(windows, batch, sources)):
         targets = next_token_targets(ids)
-        _, kl, ce = objective(ids, teacher_hidden(teacher, ids), head, targets, options)
-        n, m = ids.numel(), int((targets >= 0).sum())
-        kl_sum, ce_sum, rows, count = kl_sum + float(kl) * n, ce_sum + float(ce) * m, rows + n, count + m
+        states = teacher_hidden(teacher, ids) if teacher_states is None else teacher_states[k]
+        _, kl, ce = objective(ids, states, head, targets, options)
+        totals.add(name, float(kl), ids.numel(), float(ce), int((targets >= 0).sum()))
     student.train(was_training)
-    return {"eval_kl": kl_sum / rows, "eval_nll": ce_sum / count, "eval_perplexity": math.exp(ce_sum / count)}
+    return totals.metrics()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,25 +28,34 @@ from pangu_light.frontend.distill.checkpoint import (
 from pangu_light.frontend.distill.config import DistillConfig, DistillResult, check_config, file_digest
 from pangu_light.frontend.distill.data import TrainingData, lr_factor
 from pangu_light.frontend.distill.distributed import Dist, init_distributed, wrap_for_training
+from pangu_light.frontend.distill.evaluation import EvalTotals
 from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
 from pangu_light.frontend.distill.outputs import write_outputs
+from pangu_light.frontend.distill.usage import Stages, stamp
 from pangu_light.frontend.kd_loss import KDLossOptions
 from pangu_light.frontend.kd_topk import TopKTeacher
-from pangu_light.frontend.reimport import reimport
+from pangu_light.frontend.reimport import Reimported, reimport
 from pangu_light.frontend.teacher_cache import teacher_identity
 from pangu_light.reports.loss_plot import plot_history
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "distill", "freeze_embeddings"]
+__all__ = ["METRICS_FILE", "PLOT_FILE", "attention_for", "distill", "freeze_embeddings"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 
-def distill(config: DistillConfig) -> DistillResult:
-    """Run (or resume) a distillation; returns what was written. Only rank 0 writes."""
+def distill(config: DistillConfig, *, student: Reimported | None = None, teacher: torch.nn.Module | None = None,
+            stages: Stages | None = None, eval_teacher: list[torch.Tensor] | None = None) -> DistillResult:
+    """Run (or resume) a distillation; returns what was written. Only rank 0 writes.
+
+    ``student`` (``reimport(config.graph)``, its weights then replaced by ``config.init_weights``
+    when given) and ``teacher`` (``load_hf_model(config.teacher_dir)``) spare a caller that holds
+    them already (``recover``) loading them again, as ``eval_teacher`` (the teacher's final hidden
+    states on ``evaluation.eval_chunks`` of the evaluation windows) does computing those again;
+    ``stages`` collects the set-up's timings."""
     dist = init_distributed()
     try:
-        return _Run(config, dist).run()
+        return _Run(config, dist, student=student, teacher=teacher, stages=stages, eval_teacher=eval_teacher).run()
     finally:
         if dist.initialized_here:
             torch.distributed.destroy_process_group()
@@ -66,10 +74,24 @@ def freeze_embeddings(student: torch.nn.Module, teacher: torch.nn.Module) -> Non
     student.get_output_embeddings().weight.requires_grad_(False)
 
 
+def attention_for(graph, requested: str | None) -> str:
+    """The student's attention: ``requested``, else sdpa (eager for Gemma2's soft-capping)."""
+    if requested:
+        return requested
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
+    return "eager" if meta.get(contract.FAMILY) == "gemma2" else "sdpa"
+
+
 class _Run:
-    def __init__(self, config: DistillConfig, dist: Dist):
+    def __init__(self, config: DistillConfig, dist: Dist, *, student: Reimported | None = None,
+                 teacher: torch.nn.Module | None = None, stages: Stages | None = None,
+                 eval_teacher: list[torch.Tensor] | None = None):
         self.c = config
         self.dist = dist
+        self.given_student, self.given_teacher, self.given_eval_teacher = student, teacher, eval_teacher
+        self.stages = Stages() if stages is None else stages
         self.out = Path(config.output)
         self.sharded = config.fsdp and dist.world > 1
         loud = dist.main and not config.quiet
@@ -82,11 +104,18 @@ class _Run:
         torch.manual_seed(c.seed)
         from pangu_light.frontend.loading import load_hf_model
 
-        self.say(f"... re-importing the student from {c.graph}")
-        self.student = reimport(c.graph, attn_implementation=self._attn(c.graph))
-        student = self.student.model
-        self.say(f"... loading the teacher {c.teacher_dir}")
-        teacher = load_hf_model(c.teacher_dir).to(self.dist.device)
+        with self.stages("reimport"):
+            if self.given_student is None:
+                self.say(f"... re-importing the student from {c.graph}")
+                attention = attention_for(c.graph, c.attn_implementation)
+                self.given_student = reimport(c.graph, attn_implementation=attention)
+            self.student = self.given_student
+            student = self.student.model
+        with self.stages("teacher_load"):
+            if self.given_teacher is None:
+                self.say(f"... loading the teacher {c.teacher_dir}")
+                self.given_teacher = load_hf_model(c.teacher_dir)
+            teacher = self.given_teacher.to(self.dist.device)
         for p in teacher.parameters():
             p.requires_grad_(False)
         s_vocab, t_vocab = student.lm_head.weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
@@ -133,15 +162,9 @@ class _Run:
         self.start_step = 0
         self.tokens_seen = 0
         self.data = TrainingData.prepare(c, self.dist, teacher=teacher, teacher_id=teacher_id,
-                                         global_batch=self.global_batch, say=self.say)
+                                         global_batch=self.global_batch, say=self.say, stages=self.stages,
+                                         eval_teacher=self.given_eval_teacher)
 
-    def _attn(self, graph) -> str:
-        if self.c.attn_implementation:
-            return self.c.attn_implementation
-        import onnx
-
-        meta = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
-        return "eager" if meta.get(contract.FAMILY) == "gemma2" else "sdpa"
 
     # -- metrics and checkpoints --------------------------------------------------------------
     def write_metrics(self) -> None:
@@ -172,22 +195,15 @@ class _Run:
     def evaluate(self, step: int) -> dict[str, Any]:
         """Held-out perplexity of the student and its KL to the teacher (T = 1), every rank."""
         self.model.eval()
-        kl_sum = ce_sum = 0.0
-        rows = targets_count = 0
+        totals = EvalTotals()
         device = self.dist.device
-        for ids, teacher_h in self.data.eval_batches():
+        for name, ids, teacher_h in self.data.eval_batches():
             targets = next_token_targets(ids)
             _, kl, ce = self.model(ids.to(device), teacher_h.to(device), self.teacher_head, targets.to(device),
                                    self.eval_options)
-            n, m = ids.numel(), int((targets >= 0).sum())
-            kl_sum += float(kl) * n
-            ce_sum += float(ce) * m
-            rows += n
-            targets_count += m
+            totals.add(name, float(kl), ids.numel(), float(ce), int((targets >= 0).sum()))
         self.model.train()
-        nll = ce_sum / targets_count
-        return {"step": step, "tokens": self.tokens_seen, "eval_kl": kl_sum / rows, "eval_nll": nll,
-                "eval_perplexity": math.exp(nll)}
+        return {"step": step, "tokens": self.tokens_seen, **totals.metrics()}
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
@@ -234,13 +250,15 @@ class _Run:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
         setup_s = budget_clock.clock() - setup_started
-        before = next((h["elapsed_s"] for h in reversed(self.history) if "elapsed_s" in h), 0.0)
-        self.budget = Budget(self.dist, c.time_budget, already=before)
+        last = next((h for h in reversed(self.history) if "elapsed_s" in h), {})
+        self.budget = Budget(self.dist, c.time_budget, already=last.get("elapsed_s", 0.0),
+                             already_cpu=last.get("cpu_s", 0.0), already_wall=last.get("wall_s", 0.0))
         if c.time_budget is not None:
             self.say(f"... set-up took {setup_s:.1f} s; training for at most {c.time_budget:.0f} s "
                      f"(and at most {c.steps} steps)")
         if self.start_step == 0 and not self.history:
-            self.history.append(self.evaluate_at(0))
+            with self.stages("first_eval"):
+                self.history.append(self.evaluate_at(0))
             entry = self.history[-1]
             self.say(f"step 0: held-out perplexity {entry['eval_perplexity']:.3f}, "
                      f"KL to the teacher {entry['eval_kl']:.4f}")
@@ -258,16 +276,18 @@ class _Run:
             plot_history(self.history, self.out / PLOT_FILE, x=self.c.plot_axis)
             run_info = {"steps": done, "max_steps": c.steps, "stopped": stopped, "time_budget_s": c.time_budget,
                         "setup_s": setup_s, "train_s": self.budget.elapsed}
+            # Without sharding the trained module itself is exported (no third re-import of the graph).
+            trained = None if self.sharded else self.objective.student
             result = write_outputs(c, self.student, model_state, history=self.history, fingerprint=self.fingerprint,
                                    tokens=self.tokens_seen, global_batch=self.global_batch, world=self.dist.world,
-                                   run_info=run_info, say=self.say)
+                                   run_info=run_info, say=self.say, stages=self.stages, model=trained)
         self.dist.barrier()
         return result
 
     def evaluate_at(self, step: int) -> dict[str, Any]:
         """``evaluate``, stamped with the elapsed training time at which the model was in that state."""
         elapsed = self.budget.tick()
-        return {**self.evaluate(step), "elapsed_s": elapsed}
+        return stamp({**self.evaluate(step), "elapsed_s": elapsed}, cpu=self.budget.cpu_s, wall=self.budget.wall_s)
 
     def train(self) -> int:
         """Steps until ``c.steps`` or the time budget; evaluates and checkpoints along the way and at
@@ -278,19 +298,27 @@ class _Run:
         bar = tqdm(total=c.steps, initial=self.start_step, unit="step", desc="distill", file=sys.stderr,
                    disable=c.quiet or not self.dist.main)
         done = evaluated = saved = self.start_step
+        last_eval = next((h["elapsed_s"] for h in reversed(self.history) if "eval_kl" in h and "elapsed_s" in h), 0.0)
         for step in range(self.start_step, c.steps):
             before = self.budget.tick()
             if self.budget.exhausted():
                 break
+            if self.data.missing(step):  # the teacher cache's next chunk (a budgeted run): set-up time
+                with self.budget.paused(), self.stages("teacher_cache"):
+                    self.data.ensure(step, self.say)
+                before = self.budget.tick()
             entry = self.train_step(step)
             entry["elapsed_s"] = self.budget.step_done(before)
+            stamp(entry, cpu=self.budget.cpu_s, wall=self.budget.wall_s)
             self.scheduler.step()  # after the tick: a budgeted schedule reads the same time on every rank
             self.history.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{entry['tokens_per_s']:.0f}", lr=f"{entry['lr']:.2e}")
             bar.update(1)
             done = step + 1
-            if done % c.eval_every == 0 or done == c.steps:
+            timely = c.eval_interval is not None and entry["elapsed_s"] - last_eval >= c.eval_interval
+            if done % c.eval_every == 0 or done == c.steps or timely:
                 evaluated = self._evaluate_and_report(done, entry, bar)
+                last_eval = self.history[-1]["elapsed_s"]
             if done % c.save_every == 0 or done == c.steps:
                 self.save_checkpoint(done)
                 saved = done

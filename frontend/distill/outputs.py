@@ -16,6 +16,7 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import atomic_write, write_json
 from pangu_light.core.paths import record_path
 from pangu_light.frontend.distill.config import DistillConfig, DistillResult
+from pangu_light.frontend.distill.usage import Stages
 from pangu_light.frontend.reimport import Reimported, reimport
 from pangu_light.frontend.student import save_student
 
@@ -28,19 +29,30 @@ SUMMARY_FILE = "summary.json"
 
 def write_outputs(config: DistillConfig, student: Reimported, model_state: dict[str, torch.Tensor], *,
                   history: list[dict[str, Any]], fingerprint: dict[str, Any], tokens: int, global_batch: int,
-                  world: int, run_info: dict[str, Any], say: Callable[[str], None]) -> DistillResult:
+                  world: int, run_info: dict[str, Any], say: Callable[[str], None], stages: Stages | None = None,
+                  model: torch.nn.Module | None = None) -> DistillResult:
     """The distilled weights as a model directory, re-exported as ONNX (unless ``config.export``
     is off), and the summary naming them (with ``run_info``: steps taken, why the run stopped, the
-    time budget, set-up and training seconds)."""
+    time budget, set-up and training seconds; ``stages`` adds the timings of these outputs).
+
+    ``model`` is the trained module itself when the caller has it whole (one process, or DDP):
+    it is exported as it is (moved to the CPU) instead of a fresh re-import of the graph loaded
+    with ``model_state`` (what an FSDP run, whose module is sharded, needs)."""
     out = Path(config.output)
     spec = student.spec
-    final = reimport(config.graph, attn_implementation="eager").model
-    final.load_state_dict({k: v.detach().cpu() for k, v in model_state.items()})
-    final.eval()
+    stages = Stages() if stages is None else stages
+    with stages("output_model"):
+        if model is None:
+            final = reimport(config.graph, attn_implementation="eager").model
+            final.load_state_dict({k: v.detach().cpu() for k, v in model_state.items()})
+        else:
+            final = model.cpu()
+        final.eval()
     model_dir = out / MODEL_DIR
     if model_dir.exists():  # our own earlier output (a resumed run that had finished)
         shutil.rmtree(model_dir)
-    kind = save_student(final, spec, model_dir, tokenizer_dir=config.tokenizer_dir)
+    with stages("model_dir"):
+        kind = save_student(final, spec, model_dir, tokenizer_dir=config.tokenizer_dir)
     if kind == "hf":
         how = "a standard Hugging Face directory"
     else:
@@ -58,12 +70,13 @@ def write_outputs(config: DistillConfig, student: Reimported, model_state: dict[
             say("... the layers have different KV head counts, which the exporter cannot give a decode "
                 "graph yet: exporting the no-cache graph (re-export with a cache later)")
             kv_cache = False
-        diff = export_checked(final, student, graph_path, config.eval_windows, kv_cache=kv_cache,
-                              tokenizer="model" if config.tokenizer_dir else None, say=say)
+        with stages("export"):
+            diff = export_checked(final, student, graph_path, config.eval_windows, kv_cache=kv_cache,
+                                  tokenizer="model" if config.tokenizer_dir else None, say=say)
     summary_path = out / SUMMARY_FILE
     write_json(summary_path, {  # paths relative to the summary's folder, absolute beside them
         "graph": record_path(config.graph, summary_path), "teacher": record_path(config.teacher_dir, summary_path),
-        **run_info, "tokens": tokens, "global_batch": global_batch,
+        **run_info, "stages": stages.to_json(), "tokens": tokens, "global_batch": global_batch,
         "seq_len": int(config.train_windows.shape[1]), "world_size": world,
         "model_dir": record_path(model_dir, summary_path), "model_format": kind,
         "distilled_graph": record_path(graph_path, summary_path) if graph_path else None,
@@ -81,12 +94,12 @@ def export_checked(model, info: Reimported, path: Path, windows: np.ndarray, *, 
     atomically, and check ORT against PyTorch on two held-out windows; returns max |diff|."""
     import onnx_ir as ir
 
-    from pangu_light.frontend.export import ExportOptions, export_model
+    from pangu_light.frontend.distill.reexport import export_student
     from pangu_light.runtime.layout import DecodeLayout
     from pangu_light.runtime.session import create_session
 
     say(f"... exporting the distilled student to {path}")
-    exported = export_model(model, ExportOptions(kv_cache=kv_cache))
+    exported = export_student(model, info.spec, kv_cache=kv_cache, say=say)
     if contract.SOURCE_MODEL in info.metadata:
         exported.metadata_props[contract.SOURCE_MODEL] = info.metadata[contract.SOURCE_MODEL]
     if tokenizer is not None:

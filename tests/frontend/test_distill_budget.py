@@ -82,3 +82,40 @@ def test_a_budget_shorter_than_one_step_trains_one(setup, tmp_path, fake_clock):
     assert (out / "checkpoints" / "step-000001.pt").is_file() and (out / "model" / "config.json").is_file()
     # Without --steps/--tokens the cap is one pass over the training windows (16 / 4 per step).
     assert summary["max_steps"] == 4
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_caches_only_what_it_reaches(setup, tmp_path, fake_clock, monkeypatch):  # noqa: F811
+    """Under a budget the teacher cache grows by CHUNK_STEPS steps' windows just before a step needs
+    them, its time not counted (here a chunk takes 100 s of the fake clock); the losses are those
+    of a run whose whole cache was built in its set-up (a constant learning rate, so that the
+    budget's clock-driven cosine does not differ)."""
+    import numpy as np
+
+    from pangu_light.frontend.distill import data
+    from pangu_light.frontend.teacher_cache import TeacherCache
+
+    monkeypatch.setattr(data, "CHUNK_STEPS", 2)
+    build = TeacherCache._build
+
+    def slow_build(*args, **kwargs):
+        fake_clock[0] += 100.0
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(TeacherCache, "_build", staticmethod(slow_build))
+    cache = tmp_path / "cache"
+    out = tmp_path / "budget"
+    # 64 windows would be 16 steps; 35 s of 10 s steps takes 3: chunks of 2 steps x 4 windows.
+    assert distill(setup, "uniform.onnx", out, "--time-budget", "35s", "--train-samples", "64", "--lr", "1e-3",
+                   "--min-lr-ratio", "1", "--teacher-cache", str(cache), "--no-export", "--eval-every", "100") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["train_s"] == 30.0 and summary["max_steps"] == 16
+    sizes = sorted(np.load(p, mmap_mode="r").shape[0] for p in cache.glob("teacher-*.npy"))
+    assert sizes == [8, 8]  # steps 1-2 and 3-4: 16 of the 64 windows
+    assert summary["stages"]["teacher_cache"]["wall_s"] > 0
+    whole = tmp_path / "whole"
+    assert distill(setup, "uniform.onnx", whole, "--steps", "3", "--train-samples", "64", "--lr", "1e-3",
+                   "--min-lr-ratio", "1", "--no-export", "--eval-every", "100") == 0
+    a = [h["loss"] for h in history(out) if "loss" in h]
+    b = [h["loss"] for h in history(whole) if "loss" in h]
+    assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6

@@ -101,3 +101,50 @@ def test_frozen_embeddings_do_not_move(setup, tmp_path):  # noqa: F811
     assert float(moved) > 1e-4  # lr 1e-2 for 3 steps: the layers did train
     # A sliced hidden size is refused, naming the option.
     assert distill(setup, "uniform.onnx", tmp_path / "sliced", "--steps", "1", "--freeze-embeddings") == 2
+
+
+@pytest.mark.slow
+def test_recover_reuses_its_modules_and_computes_what_separate_runs_do(setup, tmp_path):  # noqa: F811
+    """recover's KD stage trains the module its local stage left, with the teacher already loaded,
+    and exports that module: the same weights, losses and graph as a separate distill run (fresh
+    re-import, teacher loaded again, the final graph from a re-import) started from local/weights.pt;
+    every metrics entry carries wall and CPU seconds and tokens, none decreasing."""
+    import argparse
+    import dataclasses
+
+    from pangu_light.frontend.distill import distill as run_distill
+    from pangu_light.tools import recover_cmd
+    from pangu_light.tools.distill_options import config_from_args
+
+    from reference import left_padded_batch, max_diff_on_tokens, ort_logits
+
+    argv = [str(setup / "per_layer.onnx"), "--teacher", str(setup / "teacher"), "-o", str(tmp_path / "recover"),
+            "--data", str(setup / "text.txt"), "--seq-len", "32", "--eval-samples", "8", "--quiet",
+            "--steps", "3", "--lr", "1e-3", "--eval-every", "2", "--local-samples", "8", "--local-steps", "2",
+            "--train-samples", "32", "--local-lr", "1e-3", "--threads", "1"]
+    assert main(["recover", *argv]) == 0
+    out = tmp_path / "recover"
+    parser = argparse.ArgumentParser()
+    recover_cmd.add_arguments(parser)
+    args = parser.parse_args(argv)
+    config, _ = config_from_args(args, setup / "per_layer.onnx", tmp_path / "separate", time_budget=None)
+    config = dataclasses.replace(config, init_weights=out / "local" / "weights.pt")
+    run_distill(config)
+    separate = tmp_path / "separate"
+    a = torch.load(out / "checkpoints" / "step-000003.pt", weights_only=False)["model"]
+    b = torch.load(separate / "checkpoints" / "step-000003.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kd = [h for h in history(out) if h["stage"] == "kd"]
+    alone = history(separate)
+    assert [h.get("loss", h.get("eval_kl")) for h in kd] == [h.get("loss", h.get("eval_kl")) for h in alone]
+    ids, mask = left_padded_batch(160)
+    assert max_diff_on_tokens(ort_logits(out / "distilled.onnx", ids, mask),
+                              ort_logits(separate / "distilled.onnx", ids, mask), mask) == 0.0
+    # The clocks of a curve: every entry has them, in order; the set-up's stages are timed.
+    entries = history(out)
+    for key in ("wall_s", "cpu_s", "tokens", "elapsed_s"):
+        values = [h[key] for h in entries]
+        assert values == sorted(values), key
+    assert entries[-1]["cpu_s"] > 0 and entries[-1]["wall_s"] >= entries[0]["wall_s"]
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert {"reimport", "teacher_load", "local_capture", "teacher_cache", "eval_teacher", "export"} <= set(stages)
