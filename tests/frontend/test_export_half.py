@@ -39,18 +39,21 @@ def _real(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32)[keep] - b[keep]).max())
 
 
+def _assert_within_half_bound(what: str, logits, reference, mask, dtype) -> None:
+    diff, bound = _real(logits, reference, mask), half_bound(dtype, reference[mask.astype(bool)])
+    scale = float(np.abs(reference[mask.astype(bool)]).max())
+    print(f"{what} |graph - torch| = {diff:.3g} = {diff / (unit_roundoff(dtype) * scale):.1f} u "
+          f"x max|logit| {scale:.3g}; bound {bound:.3g}")
+    assert diff <= bound
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_half_no_cache_matches_torch(exported_graph, family, dtype):
     model, path = exported_graph(family, kv_cache=False, dtype=dtype)
     ids, mask = left_padded(model.config.vocab_size, [10, 7, 4], seed=1)
     logits = Runner(path, dtype)({"input_ids": ids, "attention_mask": mask})["logits"]
     assert logits.dtype == np.dtype(_IR_DTYPE[dtype].numpy())
-    reference = torch_logits(model, ids, mask)
-    diff, bound = _real(logits, reference, mask), half_bound(dtype, reference[mask.astype(bool)])
-    scale = float(np.abs(reference[mask.astype(bool)]).max())
-    print(f"{family} {dtype} no-cache |graph - torch| = {diff:.3g} = {diff / (unit_roundoff(dtype) * scale):.1f} u "
-          f"x max|logit| {scale:.3g}; bound {bound:.3g}")
-    assert diff <= bound
+    _assert_within_half_bound(f"{family} {dtype} no-cache", logits, torch_logits(model, ids, mask), mask, dtype)
     assert BOUND_UNITS * unit_roundoff(dtype) < 0.1  # a tenth of the logits' scale: a wrong graph moves them more
 
 
@@ -75,12 +78,7 @@ def test_half_decode_matches_torch(exported_graph, family, dtype):
         ids = np.concatenate([ids, step_ids], 1)
         mask = np.concatenate([mask, np.ones_like(step_ids)], 1)
     logits = np.concatenate(parts, 1)
-    reference = torch_logits(model, ids, mask)
-    diff, bound = _real(logits, reference, mask), half_bound(dtype, reference[mask.astype(bool)])
-    scale = float(np.abs(reference[mask.astype(bool)]).max())
-    print(f"{family} {dtype} decode |graph - torch| = {diff:.3g} = {diff / (unit_roundoff(dtype) * scale):.1f} u "
-          f"x max|logit| {scale:.3g}; bound {bound:.3g}")
-    assert diff <= bound
+    _assert_within_half_bound(f"{family} {dtype} decode", logits, torch_logits(model, ids, mask), mask, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
