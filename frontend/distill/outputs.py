@@ -123,6 +123,8 @@ def export_checked(model, info: Reimported, path: Path, windows: np.ndarray, *, 
         # float32 rounding over 30 layers: SmolLM2 measured 1.1e-4 (exported) to 3.8e-4 (distilled) on
         # logits of magnitude ~30; an export bug is off by orders of magnitude more.
         bound = 2e-4 + 3e-5 * float(np.abs(expected).max())
+        if not diff <= bound:  # trained weights can round more: measure PyTorch's own float32 error on them
+            bound = max(bound, 8 * _float32_error(model, ids, mask, expected))
         if not diff <= bound:
             raise PanguLightError(
                 f"the re-exported graph disagrees with PyTorch (max |diff| {diff:.3g} > {bound:.3g}); this is a "
@@ -130,3 +132,16 @@ def export_checked(model, info: Reimported, path: Path, windows: np.ndarray, *, 
             )
     say(f"... {path}: ORT matches PyTorch (max |diff| {diff:.2e})")
     return diff
+
+
+def _float32_error(model, ids: np.ndarray, mask: np.ndarray, logits: np.ndarray) -> float:
+    """max |float32 logits - float64 logits| of ``model`` itself on these tokens: what float32 rounding
+    gives with these weights (an ORT graph computing the same function differs from PyTorch by about
+    its own error plus PyTorch's)."""
+    import copy
+
+    wide = copy.deepcopy(model).to(torch.float64)
+    with torch.no_grad():
+        reference = wide(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    del wide
+    return float(np.abs(logits - reference).max())

@@ -57,3 +57,34 @@ def test_a_second_student_of_one_shape_reuses_the_structure(setup, tmp_path, tra
     assert traces[0] == 2
     for a, b in ((0, 1), (2, 3)):  # the reused graph got the new weights
         assert max_diff_on_tokens(outputs[a], outputs[b], mask) > 1e-2
+
+
+def test_export_check_refuses_a_wrong_graph_even_after_measuring_float32_error(setup, tmp_path, monkeypatch):  # noqa: F811
+    """Beyond the fixed bound the check measures PyTorch's own float32 error on the weights (float64
+    forward) and allows 8x that; a graph with one wrong weight is still refused."""
+    import onnx_ir as ir
+
+    from pangu_light.core.errors import PanguLightError
+    from pangu_light.frontend.distill import outputs
+
+    student = reimport(setup / "uniform.onnx", attn_implementation="sdpa")
+    windows = np.random.default_rng(0).integers(3, 100, size=(2, 64))
+    ids = np.ascontiguousarray(windows[:2, :64], dtype=np.int64)
+    with torch.no_grad():
+        logits = student.model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)))
+    own = outputs._float32_error(student.model, ids, np.ones_like(ids), logits.logits.numpy())
+    assert 0 < own <= float32_bound(logits.logits.numpy())  # float32 rounding, nothing more
+
+    original = reexport.export_student
+
+    def corrupted(*args, **kwargs):
+        graph = original(*args, **kwargs)
+        weight = next(v for name, v in graph.graph.initializers.items() if "down_proj" in name)
+        weight.const_value = ir.Tensor(weight.const_value.numpy() * 1.5, name=weight.name)
+        return graph
+
+    monkeypatch.setattr(reexport, "export_student", corrupted)
+    with pytest.raises(PanguLightError, match="disagrees with PyTorch"):
+        export_checked(student.model, student, tmp_path / "wrong.onnx", windows, kv_cache=False, tokenizer=None,
+                       say=lambda m: None)
+    assert not (tmp_path / "wrong.onnx").exists()
