@@ -94,7 +94,13 @@ def _layer_costs(model_map: ModelMap, stats: CalibrationStats, grams: GramStats,
     down_costs = prefix_residuals(grams.gram["down"][index], grams.tokens,
                                   np.argsort(-stats.ffn[index], kind="stable"), down_weight)
     per_level = attention.num_kv_heads * attention.head_dim
-    return _LayerCosts(heads=scales.o[index] * o_costs[::per_level], ffn=scales.down[index] * down_costs)
+    heads_kept, ffn_kept = probe_widths(model_map, index)
+
+    def scale(proj: str, costs: np.ndarray, kept: int) -> float:  # loss rise per unit of refit error
+        return scales.loss_rise(proj, index) / costs[kept] if kept >= 1 and costs[kept] > 0 else 0.0
+
+    return _LayerCosts(heads=scale("o", o_costs, heads_kept * per_level) * o_costs[::per_level],
+                       ffn=scale("down", down_costs, ffn_kept) * down_costs)
 
 
 def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramStats | None, shape: Shape,

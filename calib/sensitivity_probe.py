@@ -49,13 +49,17 @@ __all__ = ["LayerScales", "probe_layers", "probe_widths"]
 
 @dataclasses.dataclass
 class LayerScales:
-    """Loss rise per unit of refit error, per layer (original numbering) and projection."""
+    """The probes' mean loss rises and their standard errors, per projection ("o", "down") and layer
+    (original numbering); ``calib.sensitivity`` divides ``loss_rise`` by the refit error R at the
+    probe width (``probe_widths``) to get each layer's scale."""
 
-    o: list[float]
-    down: list[float]
     base_loss: float
-    rises: dict[str, list[float]]  # the measured mean loss rises, for the record
-    noise: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # their standard errors
+    rises: dict[str, list[float]]
+    noise: dict[str, list[float]]
+
+    def loss_rise(self, proj: str, index: int) -> float:
+        """The rise the spread counts: a rise within its standard error (or a fall) counts as that error."""
+        return max(self.rises[proj][index], self.noise[proj][index])
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,7 +82,7 @@ def probe_layers(
     on_probe: Callable[[], None] | None = None,
 ) -> LayerScales:
     """Probe every layer of the no-cache graph at ``graph_path`` on token ``sequences`` [N, L]."""
-    from pangu_light.calib.sensitivity import head_order, prefix_residuals
+    from pangu_light.calib.sensitivity import head_order
     from pangu_light.runtime.session import create_session
 
     model = load_model(graph_path)
@@ -114,7 +118,6 @@ def probe_layers(
         return np.concatenate(per_token)
 
     base = losses({})
-    scales: dict[str, list[float]] = {"o": [], "down": []}
     rises: dict[str, list[float]] = {"o": [], "down": []}
     noises: dict[str, list[float]] = {"o": [], "down": []}
     for layer in model_map.layers:
@@ -127,8 +130,8 @@ def probe_layers(
         }
         for proj, (linear, order, kept_count) in orders.items():
             if kept_count < 1:  # one head per group: nothing to probe, nothing to remove
-                for record in (scales, rises, noises):
-                    record[proj].append(0.0)
+                rises[proj].append(0.0)
+                noises[proj].append(0.0)
                 continue
             original = weights[linear.weight.name].astype(np.float64).T  # [in, out]
             kept = np.sort(order[:kept_count])
@@ -139,9 +142,6 @@ def probe_layers(
             difference = losses({linear.weight.name: fed.T.astype(np.float32)}) - base
             rise = float(difference.mean())
             noise = float(difference.std(ddof=1) / np.sqrt(difference.size)) if difference.size > 1 else 0.0
-            error = prefix_residuals(gram, grams.tokens, order, original)[kept_count]
-            scales[proj].append(max(rise, noise) / error if error > 0 else 0.0)
             rises[proj].append(rise)
             noises[proj].append(noise)
-    return LayerScales(o=scales["o"], down=scales["down"], base_loss=float(base.mean()), rises=rises,
-                       noise=noises)
+    return LayerScales(base_loss=float(base.mean()), rises=rises, noise=noises)

@@ -116,8 +116,9 @@ def test_sensitivity_spread_meets_the_budget_at_lower_cost(llama_calibrated, bud
 def test_a_layer_that_changes_nothing_is_cut_first(llama_calibrated):
     """A layer whose probes did not raise the loss: its heads and neurons cost nothing."""
     model_map, stats, grams, *_ = llama_calibrated
-    ones = [0.0 if i == 1 else 1.0 for i in range(len(model_map.layers))]
-    quiet = LayerScales(o=ones, down=ones, base_loss=1.0, rises={})
+    rises = [0.0 if i == 1 else 1.0 for i in range(len(model_map.layers))]
+    zeros = [0.0] * len(model_map.layers)
+    quiet = LayerScales(base_loss=1.0, rises={"o": rises, "down": rises}, noise={"o": zeros, "down": zeros})
     plan = make_plan(model_map, stats, Targets(params=0.8, spread="sensitivity"), grams=grams, layer_scales=quiet)
     layer = model_map.layer(1)
     assert len(plan.layers[1].heads) == layer.attention.num_kv_heads  # one head fewer per group (of 2)
