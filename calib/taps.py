@@ -31,6 +31,7 @@ import secrets
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -40,7 +41,7 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap, Norm
 
-__all__ = ["TapLayout", "add_statistic_taps", "run_tapped", "saved_for_session"]
+__all__ = ["TapLayout", "TappedSession", "add_statistic_taps", "run_tapped", "saved_for_session", "tapped_session"]
 
 
 @dataclasses.dataclass
@@ -171,7 +172,35 @@ def run_tapped(
 ) -> list[str]:
     """Run a tapped ``model`` (it is consumed: its unused nodes, e.g. the lm_head, are removed)
     over (input_ids, attention_mask) ``batches``, calling ``consume(outputs by name, mask)`` per
-    batch; a decode graph runs with an empty past. Returns the providers used.
+    batch; a decode graph runs with an empty past. Returns the providers used (see
+    ``tapped_session`` for how the graph reaches ONNX Runtime)."""
+    with tapped_session(model, provider=provider, threads=threads) as tapped:
+        for input_ids, mask in batches:
+            consume(tapped.run(names, input_ids, mask, mask_name), mask)
+            if on_batch is not None:
+                on_batch(int(mask.sum()))
+        return tapped.providers
+
+
+@dataclasses.dataclass
+class TappedSession:
+    """An ORT session of a tapped graph; ``run`` feeds one batch (and an empty past to a decode graph)."""
+
+    session: Any
+    cache: Any  # runtime.layout.DecodeLayout of a decode graph, else None
+    providers: list[str]
+
+    def run(self, names: list[str], input_ids: np.ndarray, mask: np.ndarray,
+            mask_name: str = contract.ATTENTION_MASK) -> dict[str, np.ndarray]:
+        feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), mask_name: mask.astype(np.int64)}
+        if self.cache is not None:
+            feeds.update(self.cache.empty_past(input_ids.shape[0]))
+        return dict(zip(names, self.session.run(names, feeds)))
+
+
+@contextlib.contextmanager
+def tapped_session(model: ir.Model, *, provider: str = "cpu", threads: int | None = None) -> Iterator[TappedSession]:
+    """An ORT session of a tapped ``model`` (consumed: its unused nodes are removed first).
 
     ONNX Runtime reads models from files. A graph loaded from a file with external data keeps
     its weights there: the tapped graph (nodes and the taps' small constants only) is written
@@ -192,14 +221,7 @@ def run_tapped(
         del model
         info = create_session(tapped, provider=provider, threads=threads)
     cache = DecodeLayout.from_session(info.session, require_outputs=False) if decode else None
-    for input_ids, mask in batches:
-        feeds = {contract.INPUT_IDS: input_ids.astype(np.int64), mask_name: mask.astype(np.int64)}
-        if cache is not None:
-            feeds.update(cache.empty_past(input_ids.shape[0]))
-        consume(dict(zip(names, info.session.run(names, feeds))), mask)
-        if on_batch is not None:
-            on_batch(int(mask.sum()))
-    return info.providers_in_use
+    yield TappedSession(info.session, cache, info.providers_in_use)
 
 
 @contextlib.contextmanager

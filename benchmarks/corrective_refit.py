@@ -1,0 +1,97 @@
+"""Corrective refit (calib.corrective_refit) against prune's one-shot refit: held-out perplexity,
+one run, from one `pangu-light prune` output.
+
+    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/corrective_refit.py PRUNE_DIR \\
+        [--workdir /tmp/corrective] [--rounds 2] [--calib-samples 64] [--eval-samples 8] [--ridge 1e-5]
+
+PRUNE_DIR holds original.onnx, pruned.onnx (one-shot refit), plan.json and, for a rotate plan,
+rotation.npz. Each round runs both graphs on the wiki calibration split (the same windows prune
+drew with seed 0), refits every o_proj/down_proj in refit.npz, and scores the result on the same
+LAMBADA and wiki eval-split windows as the original and the one-shot graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from common import note
+
+from pangu_light.calib.calibrate import calibration_sequences
+from pangu_light.calib.corrective_refit import collect_cross_moments, corrective_projections, layer_targets
+from pangu_light.calib.evaluate import evaluate_graphs
+from pangu_light.calib.stats import batched
+from pangu_light.core.records import layer_origins
+from pangu_light.passes.analysis.model_map import ModelMap
+from pangu_light.passes.infra.graph_io import load_model, save_model_atomic
+from pangu_light.passes.infra.plan import load_plan
+from pangu_light.passes.rewrites.rotate_hidden import effective_basis
+from pangu_light.passes.rewrites.set_projection import SetProjectionPass, load_projections, save_projections
+from pangu_light.passes.surgery.rotation_basis import load_rotation
+from pangu_light.reports.table import format_table
+
+
+def hidden_map(prune_dir: Path, plan, original_map: ModelMap) -> np.ndarray:
+    if plan.hidden_method == "rotate" and len(plan.hidden) < plan.hidden_size:
+        return effective_basis(load_rotation(prune_dir / "rotation.npz").basis, original_map, len(plan.hidden))
+    select = np.zeros((plan.hidden_size, len(plan.hidden)))
+    select[sorted(plan.hidden), np.arange(len(plan.hidden))] = 1.0
+    return select
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prune_dir", type=Path)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/corrective"))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--ridge", type=float, default=1e-5)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    original_path, start_path = args.prune_dir / "original.onnx", args.prune_dir / "pruned.onnx"
+    plan = load_plan(args.prune_dir / "plan.json")
+    original_map = ModelMap.from_model(load_model(original_path))
+    basis = hidden_map(args.prune_dir, plan, original_map)
+    names = set(load_projections(args.prune_dir / "refit.npz"))
+    sequences, _ = calibration_sequences(original_path, "wiki", args.calib_samples, 256, 0, None)
+    graphs, seconds = [original_path, start_path], {}
+    current = start_path
+    for round_index in range(1, args.rounds + 1):
+        began = time.perf_counter()
+        compiled = load_model(current)
+        origins = layer_origins(compiled.metadata_props) or list(range(len(ModelMap.from_model(compiled).layers)))
+        moments = collect_cross_moments(load_model(original_path), load_model(current), layer_targets(origins, plan.clap),
+                                        batched(sequences, args.batch_size), threads=args.threads)
+        projections = corrective_projections(load_model(original_path), compiled, moments, basis, names,
+                                             ridge=args.ridge)
+        file = args.workdir / f"corrective{round_index}.npz"
+        save_projections(file, projections, {"rounds": round_index})
+        SetProjectionPass({"file": str(file)})(compiled)
+        current = args.workdir / f"corrective{round_index}.onnx"
+        save_model_atomic(compiled, current)
+        seconds[str(current)] = round(time.perf_counter() - began, 1)
+        note(f"round {round_index}: {len(projections)} projections in {seconds[str(current)]} s")
+        graphs.append(current)
+    rows, results = [], {}
+    for data in ("lambada", "wiki"):
+        results[data] = evaluate_graphs(graphs, data=data, samples=args.eval_samples, seq_len=256, quiet=True,
+                                        threads=args.threads)
+    base = {data: results[data][str(original_path)].perplexity for data in results}
+    for graph in graphs:
+        ppl = {data: results[data][str(graph)].perplexity for data in results}
+        rows.append([Path(graph).name, *(f"{ppl[d]:.2f} ({ppl[d] / base[d]:.3f}x)" for d in results),
+                     str(seconds.get(str(graph), ""))])
+    print(format_table([["graph", "lambada", "wiki", "seconds"], *rows]))
+    print(f"load average {os.getloadavg()}")
+    (args.workdir / "corrective.json").write_text(json.dumps({"rows": rows, "load": os.getloadavg()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
