@@ -3,6 +3,7 @@ one run, from one `pangu-light prune` output.
 
     OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/corrective_refit.py PRUNE_DIR \\
         [--workdir /tmp/corrective] [--rounds 2] [--calib-samples 64] [--eval-samples 8] [--ridge 1e-5]
+        [--dropped] [--all-projections]
 
 PRUNE_DIR holds original.onnx, pruned.onnx (one-shot refit), plan.json and, for a rotate plan,
 rotation.npz. Each round runs both graphs on the wiki calibration split (the same windows prune
@@ -18,29 +19,17 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 from common import note
 
 from pangu_light.calib.calibrate import calibration_sequences
-from pangu_light.calib.corrective_refit import collect_cross_moments, corrective_projections, layer_targets
+from pangu_light.calib.corrective_refit import refit_correctively
 from pangu_light.calib.evaluate import evaluate_graphs
-from pangu_light.calib.stats import batched
-from pangu_light.core.records import layer_origins
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.graph_io import load_model, save_model_atomic
 from pangu_light.passes.infra.plan import load_plan
-from pangu_light.passes.rewrites.rotate_hidden import effective_basis
-from pangu_light.passes.rewrites.set_projection import SetProjectionPass, load_projections, save_projections
+from pangu_light.passes.rewrites.set_projection import load_projections
 from pangu_light.passes.surgery.rotation_basis import load_rotation
 from pangu_light.reports.table import format_table
-
-
-def hidden_map(prune_dir: Path, plan, original_map: ModelMap) -> np.ndarray:
-    if plan.hidden_method == "rotate" and len(plan.hidden) < plan.hidden_size:
-        return effective_basis(load_rotation(prune_dir / "rotation.npz").basis, original_map, len(plan.hidden))
-    select = np.zeros((plan.hidden_size, len(plan.hidden)))
-    select[sorted(plan.hidden), np.arange(len(plan.hidden))] = 1.0
-    return select
 
 
 def main() -> None:
@@ -53,32 +42,33 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=1e-5)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dropped", action="store_true",
+                        help="the layer before removed layers also reproduces their residual updates")
+    parser.add_argument("--all-projections", action="store_true",
+                        help="refit every o_proj/down_proj (CLAP receivers too), not only those in refit.npz")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     original_path, start_path = args.prune_dir / "original.onnx", args.prune_dir / "pruned.onnx"
     plan = load_plan(args.prune_dir / "plan.json")
-    original_map = ModelMap.from_model(load_model(original_path))
-    basis = hidden_map(args.prune_dir, plan, original_map)
-    names = set(load_projections(args.prune_dir / "refit.npz"))
+    rotation = load_rotation(args.prune_dir / "rotation.npz") if plan.hidden_method == "rotate" else None
+    names = set(load_projections(args.prune_dir / "refit.npz")) if (args.prune_dir / "refit.npz").is_file() else set()
+    if args.all_projections:
+        pruned_map = ModelMap.from_model(load_model(start_path))
+        names = {lin.weight.name for layer in pruned_map.layers for lin in (layer.attention.o, layer.ffn.down)}
     sequences, _ = calibration_sequences(original_path, "wiki", args.calib_samples, 256, 0, None)
     graphs, seconds = [original_path, start_path], {}
-    current = start_path
+    current = args.workdir / "corrective.onnx"
+    save_model_atomic(load_model(start_path), current)
     for round_index in range(1, args.rounds + 1):
         began = time.perf_counter()
-        compiled = load_model(current)
-        origins = layer_origins(compiled.metadata_props) or list(range(len(ModelMap.from_model(compiled).layers)))
-        moments = collect_cross_moments(load_model(original_path), load_model(current), layer_targets(origins, plan.clap),
-                                        batched(sequences, args.batch_size), threads=args.threads)
-        projections = corrective_projections(load_model(original_path), compiled, moments, basis, names,
-                                             ridge=args.ridge)
-        file = args.workdir / f"corrective{round_index}.npz"
-        save_projections(file, projections, {"rounds": round_index})
-        SetProjectionPass({"file": str(file)})(compiled)
-        current = args.workdir / f"corrective{round_index}.onnx"
-        save_model_atomic(compiled, current)
-        seconds[str(current)] = round(time.perf_counter() - began, 1)
-        note(f"round {round_index}: {len(projections)} projections in {seconds[str(current)]} s")
-        graphs.append(current)
+        refit_correctively(original_path, current, plan, names, sequences, rotation=rotation, dropped=args.dropped,
+                           ridge=args.ridge, batch_size=args.batch_size, threads=args.threads,
+                           save_to=args.workdir / f"corrective{round_index}.npz")
+        kept = args.workdir / f"corrective{round_index}.onnx"
+        save_model_atomic(load_model(current), kept)
+        seconds[str(kept)] = round(time.perf_counter() - began, 1)
+        note(f"round {round_index}: {len(names)} projections in {seconds[str(kept)]} s")
+        graphs.append(kept)
     rows, results = [], {}
     for data in ("lambada", "wiki"):
         results[data] = evaluate_graphs(graphs, data=data, samples=args.eval_samples, seq_len=256, quiet=True,

@@ -41,7 +41,15 @@ from pangu_light.calib.taps import tapped_session
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
 
-__all__ = ["CrossMoments", "collect_cross_moments", "corrective_projections", "layer_targets", "tap_projection_inputs"]
+__all__ = [
+    "CrossMoments",
+    "collect_cross_moments",
+    "corrective_projections",
+    "hidden_outputs_map",
+    "layer_targets",
+    "refit_correctively",
+    "tap_projection_inputs",
+]
 
 PROJECTIONS = ("o", "down")
 
@@ -63,27 +71,37 @@ def tap_projection_inputs(model: ir.Model, model_map: ModelMap) -> dict[tuple[st
     return names
 
 
-Targets = dict[tuple[str, int], list[int]]  # (projection, compiled layer) -> original layers it stands for
+Source = tuple[str, int]  # (projection, original layer)
+Targets = dict[tuple[str, int], list[Source]]  # (projection, compiled layer) -> original outputs it stands for
 
 
-def layer_targets(origins: Sequence[int], clap: Sequence = ()) -> Targets:
+def layer_targets(origins: Sequence[int], clap: Sequence = (), *, dropped: bool = False) -> Targets:
     """What each compiled projection reproduces: its own original layer's output; a CLAP receiver's
-    o_proj also the attention outputs of the layers merged into it (``plan.clap``)."""
+    o_proj also the attention outputs of the layers merged into it (``plan.clap_merges``). ``dropped``:
+    the last kept layer before a run of removed layers also takes their whole residual updates
+    (attention and FFN outputs) into its down_proj's target (CLAP-merged attention excepted)."""
     targets: Targets = {}
+    merged = {merge.removed for merge in clap}
     for position, origin in enumerate(origins):
-        merged = [merge.removed for merge in clap if merge.into == origin]
-        targets[("o", position)] = [origin, *merged]
-        targets[("down", position)] = [origin]
+        targets[("o", position)] = [("o", origin), *(("o", m.removed) for m in clap if m.into == origin)]
+        targets[("down", position)] = [("down", origin)]
+        if dropped:
+            following = origins[position + 1] if position + 1 < len(origins) else None
+            gone = range(origin + 1, following if following is not None else origin + 1)
+            for removed in gone:
+                if removed not in merged:
+                    targets[("down", position)].append(("o", removed))
+                targets[("down", position)].append(("down", removed))
     return targets
 
 
 @dataclasses.dataclass
 class CrossMoments:
     """float64 sums over real tokens, per (projection, compiled layer) c: ``gram`` X'^T X' and,
-    per original layer l it stands for, ``cross[(projection, c, l)]`` = X'^T X_l."""
+    per original output it stands for (projection q of layer l), ``cross[(projection, c, (q, l))]`` = X'^T X_ql."""
 
     gram: dict[tuple[str, int], np.ndarray]
-    cross: dict[tuple[str, int, int], np.ndarray]
+    cross: dict[tuple[str, int, Source], np.ndarray]
     tokens: int
 
 
@@ -106,7 +124,7 @@ def collect_cross_moments(
     target_names = tap_projection_inputs(compiled, target_map)
     del source_map, target_map
     gram: dict[tuple[str, int], np.ndarray] = {}
-    cross: dict[tuple[str, int, int], np.ndarray] = {}
+    cross: dict[tuple[str, int, Source], np.ndarray] = {}
     tokens = 0
     with tapped_session(original, threads=threads) as source, tapped_session(compiled, threads=threads) as target:
         for input_ids, mask in batches:
@@ -116,7 +134,7 @@ def collect_cross_moments(
             for (proj, layer), name in target_names.items():
                 x_new = after[name].reshape(real.size, -1)[real]
                 originals = targets[(proj, layer)]
-                x_old = [before[source_names[(proj, l)]].reshape(real.size, -1)[real] for l in originals]
+                x_old = [before[source_names[source]].reshape(real.size, -1)[real] for source in originals]
                 # One product for all (one rounding path: with nothing pruned, cross == gram exactly).
                 both = (x_new.T @ np.concatenate([x_new, *x_old], axis=1)).astype(np.float64)
                 parts = np.split(both, np.cumsum([x.shape[1] for x in [x_new, *x_old]])[:-1], axis=1)
@@ -143,21 +161,23 @@ def corrective_projections(
     """New weights [out, in] (biases unchanged) for the compiled projections named in ``names``:
     the solution above, its target summed over the original layers the moments name. ``hidden_map``
     is P [H, k] (a 0/1 selection or the rotation's Q_k)."""
-    source, target = ModelMap.from_model(original), ModelMap.from_model(compiled)
+    source_map, target_map = ModelMap.from_model(original), ModelMap.from_model(compiled)
     hidden_map = np.asarray(hidden_map, dtype=np.float64)
 
-    def original_weight(proj: str, layer: int) -> np.ndarray:
-        linear = source.layers[layer].attention.o if proj == "o" else source.layers[layer].ffn.down
+    def original_weight(source: Source) -> np.ndarray:
+        proj, layer = source
+        layers = source_map.layers
+        linear = layers[layer].attention.o if proj == "o" else layers[layer].ffn.down
         return linear.weight.const_value.numpy().astype(np.float64).T @ hidden_map
 
     result = {}
-    for position, layer in enumerate(target.layers):
+    for position, layer in enumerate(target_map.layers):
         for proj, after in (("o", layer.attention.o), ("down", layer.ffn.down)):
             if after.weight.name not in names:
                 continue
             gram = moments.gram[(proj, position)]
-            rhs = sum(cross @ original_weight(proj, origin)
-                      for (p, c, origin), cross in moments.cross.items() if (p, c) == (proj, position))
+            rhs = sum(cross @ original_weight(source)
+                      for (p, c, source), cross in moments.cross.items() if (p, c) == (proj, position))
             lhs = gram.copy()
             lhs[np.diag_indices_from(lhs)] += ridge * float(np.mean(np.diag(gram)))
             bias = None if after.bias is None else after.bias.const_value.numpy()
@@ -170,3 +190,50 @@ def _solve(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.linalg.solve(lhs, rhs)
     except np.linalg.LinAlgError:  # an input that never varies: least squares instead
         return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+
+
+def hidden_outputs_map(plan, original_map: ModelMap, rotation=None) -> np.ndarray:
+    """P [H, k]: the plan's kept hidden channels as a 0/1 selection, or the rotation's Q_k."""
+    from pangu_light.passes.rewrites.rotate_hidden import effective_basis
+
+    if plan.hidden_method == "rotate" and len(plan.hidden) < plan.hidden_size:
+        if rotation is None:
+            raise PanguLightError("the corrective refit of a plan that rotates the hidden size needs its rotation")
+        return effective_basis(rotation.basis, original_map, len(plan.hidden))
+    select = np.zeros((plan.hidden_size, len(plan.hidden)))
+    select[sorted(plan.hidden), np.arange(len(plan.hidden))] = 1.0
+    return select
+
+
+def refit_correctively(
+    original_path, pruned_path, plan, names: set[str], sequences: np.ndarray, *, rotation=None,
+    rounds: int = 1, dropped: bool = False, ridge: float = DEFAULT_RIDGE, batch_size: int = 4,
+    threads: int | None = None, save_to, on_round: Callable[[int, int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``rounds`` corrective passes over the calibration ``sequences`` [N, T]: each refits the
+    projections named in ``names`` of the graph at ``pruned_path`` and rewrites that file
+    atomically. The last projections are saved to ``save_to`` (set-projection's file) and returned."""
+    from pangu_light.calib.stats import batched
+    from pangu_light.core.records import layer_origins
+    from pangu_light.passes.infra.graph_io import load_model, save_model_atomic
+    from pangu_light.passes.rewrites.set_projection import SetProjectionPass, save_projections
+
+    if rounds < 1:
+        raise PanguLightError(f"corrective refit rounds must be at least 1 (got {rounds})")
+    original = load_model(original_path)
+    hidden_map = hidden_outputs_map(plan, ModelMap.from_model(original), rotation)
+    projections = {}
+    for round_index in range(rounds):
+        if on_round is not None:
+            on_round(round_index + 1, rounds)
+        compiled = load_model(pruned_path)
+        origins = layer_origins(compiled.metadata_props) or list(range(len(ModelMap.from_model(compiled).layers)))
+        targets = layer_targets(origins, plan.clap_merges if plan.clap else (), dropped=dropped)
+        moments = collect_cross_moments(load_model(original_path), load_model(pruned_path), targets,
+                                        batched(sequences, batch_size), threads=threads, on_batch=on_batch)
+        projections = corrective_projections(original, compiled, moments, hidden_map, names, ridge=ridge)
+        save_projections(save_to, projections, {"corrective_rounds": round_index + 1, "dropped": dropped})
+        SetProjectionPass({"file": str(save_to)})(compiled)
+        save_model_atomic(compiled, pruned_path)
+    return projections

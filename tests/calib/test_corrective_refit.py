@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from test_refit import ACTIVATION_ERROR, RELATIVE, U32, padded_batch, relative, torch_projection_inputs
 
 from pangu_light.calib.corrective_refit import collect_cross_moments, corrective_projections, layer_targets
 from pangu_light.core.records import layer_origins
 from pangu_light.frontend.reimport import reimport
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.manager import run_pipeline
-from pangu_light.passes.infra.plan import PrunePlan
-
-from test_refit import ACTIVATION_ERROR, RELATIVE, U32, padded_batch, relative, torch_projection_inputs
+from pangu_light.passes.infra.plan import ClapMerge, PrunePlan
 
 HIDDEN_KEPT = 40
 
@@ -50,18 +49,20 @@ def test_corrective_refit_solves_the_least_squares_of_the_torch_activations(expo
     pruned = ir.load(pruned_path)
     origins = layer_origins(pruned.metadata_props)
     assert origins == [0, 2, 3]
-    moments = collect_cross_moments(ir.load(path), ir.load(pruned_path), layer_targets(origins),
-                                    [(ids.numpy(), mask.numpy())])
+    targets = layer_targets(origins, dropped=True)  # layer 0's down_proj also stands for layer 1
+    assert targets[("down", 0)] == [("down", 0), ("o", 1), ("down", 1)]
+    moments = collect_cross_moments(ir.load(path), ir.load(pruned_path), targets, [(ids.numpy(), mask.numpy())])
 
     before = torch_projection_inputs(hf_model, ids, mask)
     student = reimport(pruned_path).model
     after = torch_projection_inputs(student, ids, mask)
     for (proj, index), x_new in after.items():
-        x_old = before[(proj, origins[index])]
         # As the Gram test: float32 accumulation over n tokens plus the activations' own ORT error.
         n = len(x_new)
-        gram, cross = moments.gram[(proj, index)], moments.cross[(proj, index, origins[index])]
-        for got, left, right in ((gram, x_new, x_new), (cross, x_new, x_old)):
+        pairs = [(moments.gram[(proj, index)], x_new)]
+        pairs += [(moments.cross[(proj, index, source)], before[source]) for source in targets[(proj, index)]]
+        for got, right in pairs:
+            left = x_new
             magnitude = np.abs(left).T @ np.abs(right)
             bound = n * U32 * magnitude + ACTIVATION_ERROR * (
                 np.abs(left).sum(0)[:, None] + np.abs(right).sum(0)[None, :])
@@ -76,8 +77,8 @@ def test_corrective_refit_solves_the_least_squares_of_the_torch_activations(expo
     original_weights, pruned_weights = _weights(hf_model), _weights(student)
     for index, layer in enumerate(model_map.layers):
         for proj, linear in (("o", layer.attention.o), ("down", layer.ffn.down)):
-            x_new, x_old = after[(proj, index)], before[(proj, origins[index])]
-            target = x_old @ original_weights[(proj, origins[index])] @ select
+            x_new = after[(proj, index)]
+            target = sum(before[source] @ original_weights[source] for source in targets[(proj, index)]) @ select
             best = np.linalg.lstsq(x_new, target, rcond=None)[0]
             ours = projections[linear.weight.name][0].T
 
@@ -107,3 +108,16 @@ def test_nothing_pruned_and_no_ridge_gives_the_original_weights(exported_graph):
         for linear in (layer.attention.o, layer.ffn.down):
             if linear.weight.name in names:
                 assert relative(projections[linear.weight.name][0], linear.weight.const_value.numpy()) <= RELATIVE
+
+
+def test_targets_of_removed_and_merged_layers():
+    merge = ClapMerge(removed=2, into=1, groups=[(1, 0), (2, 1)])
+    origins = [0, 1, 4]  # layers 2 and 3 removed; 2's attention merged into 1
+    assert layer_targets(origins) == {
+        ("o", 0): [("o", 0)], ("down", 0): [("down", 0)], ("o", 1): [("o", 1)], ("down", 1): [("down", 1)],
+        ("o", 2): [("o", 4)], ("down", 2): [("down", 4)],
+    }
+    targets = layer_targets(origins, [merge], dropped=True)
+    assert targets[("o", 1)] == [("o", 1), ("o", 2)]
+    assert targets[("down", 1)] == [("down", 1), ("down", 2), ("o", 3), ("down", 3)]
+    assert targets[("down", 0)] == [("down", 0)] and targets[("down", 2)] == [("down", 4)]
