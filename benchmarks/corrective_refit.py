@@ -2,7 +2,7 @@
 one run, from one `pangu-light prune` output.
 
     OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/corrective_refit.py PRUNE_DIR \\
-        [--workdir /tmp/corrective] [--rounds 2] [--calib-samples 64] [--eval-samples 8] [--ridge 1e-5]
+        [--workdir /tmp/corrective] [--rounds 2 | --ridges 1e-3,1e-2] [--calib-samples 64] [--eval-samples 8]
         [--dropped] [--all-projections]
 
 PRUNE_DIR holds original.onnx, pruned.onnx (one-shot refit), plan.json and, for a rotate plan,
@@ -22,12 +22,21 @@ from pathlib import Path
 from common import note
 
 from pangu_light.calib.calibrate import calibration_sequences
-from pangu_light.calib.corrective_refit import refit_correctively
+from pangu_light.calib.corrective_refit import (
+    CORRECTIVE_RIDGE,
+    collect_cross_moments,
+    corrective_projections,
+    hidden_outputs_map,
+    layer_targets,
+    refit_correctively,
+)
 from pangu_light.calib.evaluate import evaluate_graphs
+from pangu_light.calib.stats import batched
+from pangu_light.core.records import layer_origins
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.graph_io import load_model, save_model_atomic
 from pangu_light.passes.infra.plan import load_plan
-from pangu_light.passes.rewrites.set_projection import load_projections
+from pangu_light.passes.rewrites.set_projection import SetProjectionPass, load_projections, save_projections
 from pangu_light.passes.surgery.rotation_basis import load_rotation
 from pangu_light.reports.table import format_table
 
@@ -39,7 +48,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--eval-samples", type=int, default=8)
-    parser.add_argument("--ridge", type=float, default=1e-5)
+    parser.add_argument("--ridge", type=float, default=CORRECTIVE_RIDGE)
+    parser.add_argument("--ridges", type=lambda text: [float(x) for x in text.split(",")], default=None,
+                        help="one moments pass (round 1), then one graph per ridge, e.g. 1e-3,1e-2,1e-1")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dropped", action="store_true",
@@ -57,9 +68,29 @@ def main() -> None:
         names = {lin.weight.name for layer in pruned_map.layers for lin in (layer.attention.o, layer.ffn.down)}
     sequences, _ = calibration_sequences(original_path, "wiki", args.calib_samples, 256, 0, None)
     graphs, seconds = [original_path, start_path], {}
-    current = args.workdir / "corrective.onnx"
-    save_model_atomic(load_model(start_path), current)
-    for round_index in range(1, args.rounds + 1):
+    if args.ridges:  # one pass of moments, one solve per ridge
+        began = time.perf_counter()
+        compiled = load_model(start_path)
+        origins = layer_origins(compiled.metadata_props) or list(range(len(ModelMap.from_model(compiled).layers)))
+        clap = plan.clap_merges if plan.clap else ()
+        moments = collect_cross_moments(load_model(original_path), load_model(start_path),
+                                        layer_targets(origins, clap, dropped=args.dropped),
+                                        batched(sequences, args.batch_size), threads=args.threads)
+        hidden_map = hidden_outputs_map(plan, ModelMap.from_model(load_model(original_path)), rotation)
+        note(f"moments in {time.perf_counter() - began:.0f} s")
+        for ridge in args.ridges:
+            projections = corrective_projections(load_model(original_path), compiled, moments, hidden_map, names,
+                                                 ridge=ridge)
+            file, graph = args.workdir / f"ridge{ridge:g}.npz", load_model(start_path)
+            save_projections(file, projections)
+            SetProjectionPass({"file": str(file)})(graph)
+            kept = args.workdir / f"ridge{ridge:g}.onnx"
+            save_model_atomic(graph, kept)
+            graphs.append(kept)
+    else:
+        current = args.workdir / "corrective.onnx"
+        save_model_atomic(load_model(start_path), current)
+    for round_index in range(1, 0 if args.ridges else args.rounds + 1):
         began = time.perf_counter()
         refit_correctively(original_path, current, plan, names, sequences, rotation=rotation, dropped=args.dropped,
                            ridge=args.ridge, batch_size=args.batch_size, threads=args.threads,

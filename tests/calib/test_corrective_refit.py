@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from test_refit import ACTIVATION_ERROR, RELATIVE, U32, padded_batch, relative, torch_projection_inputs
 
 from pangu_light.calib.corrective_refit import collect_cross_moments, corrective_projections, layer_targets
@@ -42,7 +43,8 @@ def _weights(model) -> dict[tuple[str, int], np.ndarray]:
     return result
 
 
-def test_corrective_refit_solves_the_least_squares_of_the_torch_activations(exported_graph, tmp_path):
+@pytest.mark.parametrize("ridge", [0.0, 1e-2])
+def test_corrective_refit_solves_the_least_squares_of_the_torch_activations(exported_graph, tmp_path, ridge):
     hf_model, path = exported_graph("llama")
     ids, mask = padded_batch(hf_model.config.vocab_size)
     plan, pruned_path = _pruned(path, tmp_path)
@@ -72,18 +74,23 @@ def test_corrective_refit_solves_the_least_squares_of_the_torch_activations(expo
     select[plan.hidden, np.arange(HIDDEN_KEPT)] = 1.0
     model_map = ModelMap.from_model(pruned)
     names = {linear.weight.name for layer in model_map.layers for linear in (layer.attention.o, layer.ffn.down)}
-    projections = corrective_projections(ir.load(path), pruned, moments, select, names, ridge=0.0)
+    projections = corrective_projections(ir.load(path), pruned, moments, select, names, ridge=ridge)
     assert len(projections) == 6
     original_weights, pruned_weights = _weights(hf_model), _weights(student)
     for index, layer in enumerate(model_map.layers):
         for proj, linear in (("o", layer.attention.o), ("down", layer.ffn.down)):
             x_new = after[(proj, index)]
             target = sum(before[source] @ original_weights[source] for source in targets[(proj, index)]) @ select
-            best = np.linalg.lstsq(x_new, target, rcond=None)[0]
+            # The penalty pulls toward the graph's own weights W': stacked [X'; sqrt(l) I] W = [Y; sqrt(l) W'].
+            current = pruned_weights[(proj, index)]
+            root = np.sqrt(ridge * np.mean(np.sum(x_new * x_new, axis=0)))
+            best = np.linalg.lstsq(np.vstack([x_new, root * np.eye(x_new.shape[1])]),
+                                   np.vstack([target, root * current]), rcond=None)[0]
             ours = projections[linear.weight.name][0].T
 
             def residual(weight):
-                return float(np.linalg.norm(x_new @ weight - target) ** 2)
+                fit, pull = np.linalg.norm(x_new @ weight - target), root * np.linalg.norm(weight - current)
+                return float(fit**2 + pull**2)
 
             # First order in the weights' error: the objective at our solution is the optimum's
             # to well within the activations' float32 error; the pruned graph's own weights (the
