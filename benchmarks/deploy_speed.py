@@ -12,7 +12,8 @@ GenAI's own graphs of the same model (its model builder; ``pip install -e .[gena
 shared KV buffer, greedy, the same prompt tokens, intra-op threads set by a config overlay);
 labelled ``genai DIRNAME``. Its prefill is the ``append_tokens`` call, its decode the
 ``generate_next_token`` loop (the first call uses the prefill's logits, so both loops run the
-graph new_tokens - 1 times). ``--baseline LABEL`` adds each graph's decode ratio to that row
+graph new_tokens - 1 times; ``min_length`` keeps GenAI from stopping at the end-of-text token,
+so both generate exactly new_tokens). ``--baseline LABEL`` adds each graph's decode ratio to that row
 (median of per-round ratios), e.g. ``--baseline "genai fp32"``.
 
 For each source graph, `pangu-light deploy` builds each of --weights (block 32, symmetric,
@@ -62,23 +63,30 @@ def main() -> int:
     parser.add_argument("--weights", default="fp32,int8,int4", help="deployments built of each source")
     parser.add_argument("--genai", type=Path, action="append", default=[], help="a GenAI builder output directory")
     parser.add_argument("--baseline", help="label of the row every decode ratio is also taken against")
+    parser.add_argument("--no-time-sources", action="store_true", help="time only the deployments (and GenAI)")
     args = parser.parse_args()
+    if args.no_time_sources and not args.baseline:
+        parser.error("--no-time-sources needs --baseline: the ratios are then taken to it alone")
 
-    graphs: list[tuple[str, Path, Path]] = []  # (label, path, its source)
+    graphs: list[tuple[str, Path, str]] = []  # (label, path, its source label)
+    stems = [source.stem for source in args.sources]
     for source in args.sources:
-        graphs.append((source.stem, source, source))
+        name = f"{source.parent.name}/{source.stem}" if stems.count(source.stem) > 1 else source.stem
+        graphs.append((name, source, name))
         for spec in args.weights.split(","):
             spec, _, flag = spec.partition("+")
             if flag not in ("", "nobias"):
                 parser.error(f"--weights {spec}+{flag}: the only suffix is +nobias")
             weights, _, head = spec.partition(":")
-            out = args.output / f"{source.stem}-{weights}{'-head-' + head if head else ''}{'-' + flag if flag else ''}"
+            suffix = f"{weights}{'-head-' + head if head else ''}{'-' + flag if flag else ''}"
+            out = args.output / f"{name.replace('/', '-')}-{suffix}"
             options = DeployOptions(weights=weights, lm_head_weights=head, padding_bias=not flag)
             record = build_deployment(source, out, options)
-            label = f"{source.stem} {weights} head {record.get('lm_head_weights') or 'fp32'} {flag}".rstrip()
-            graphs.append((label, out / "model.onnx", source))
+            label = f"{name} {weights} head {record.get('lm_head_weights') or 'fp32'} {flag}".rstrip()
+            graphs.append((label, out / "model.onnx", name))
     for directory in args.genai:
-        graphs.append((f"genai {directory.name}", directory / "model.onnx", args.sources[0]))
+        graphs.append((f"genai {directory.name}", directory / "model.onnx", graphs[0][0]))
+    timed = [g for g in graphs if not (args.no_time_sources and g[0] == g[2])]
     load_start = os.getloadavg()
     rows = {label: {"path": str(path), "nodes_file": len(onnx.load(str(path), load_external_data=False).graph.node),
                     "nodes_ort": _ort_nodes(path)} for label, path, _ in graphs}
@@ -87,13 +95,13 @@ def main() -> int:
         sessions = {
             label: _genai_model(path.parent, threads) if label.startswith("genai ")
             else create_session(path, provider="cpu", threads=threads)
-            for label, path, _ in graphs
+            for label, path, _ in timed
         }
-        decode = {label: [] for label, _, _ in graphs}
-        prefill = {label: [] for label, _, _ in graphs}
+        decode = {label: [] for label, _, _ in timed}
+        prefill = {label: [] for label, _, _ in timed}
         tokens = {}
         for round_index in range(args.rounds + 1):  # the order reversed every other round
-            for label, _, _ in (graphs if round_index % 2 == 0 else graphs[::-1]):
+            for label, _, _ in (timed if round_index % 2 == 0 else timed[::-1]):
                 if label.startswith("genai "):
                     new, prefill_s, decode_tps = _genai_generate(sessions[label], prompt[0], args.new_tokens)
                 else:
@@ -104,18 +112,22 @@ def main() -> int:
                 if round_index:
                     decode[label].append(decode_tps)
                     prefill[label].append(prefill_s * 1000)
-        for label, _, source in graphs:
-            base = source.stem
+        for label, _, base in timed:
+            if base not in decode:  # --no-time-sources: compare with the baseline alone
+                base = args.baseline
             ratios = [a / b for a, b in zip(decode[label], decode[base])]
             rows[label][f"t{threads}"] = {
                 "decode_tokens_per_second": statistics.median(decode[label]),
                 "prefill_ms": statistics.median(prefill[label]),
                 "decode_ratio": statistics.median(ratios),
                 "same_greedy_tokens": _same_prefix(tokens[label], tokens[base]),
+                "decode_rounds": decode[label],
+                "prefill_rounds_ms": prefill[label],
             }
             if args.baseline:
-                rows[label][f"t{threads}"]["vs_baseline"] = statistics.median(
-                    a / b for a, b in zip(decode[label], decode[args.baseline]))
+                vs = [a / b for a, b in zip(decode[label], decode[args.baseline])]
+                rows[label][f"t{threads}"].update(vs_baseline=statistics.median(vs),
+                                                  vs_baseline_spread=[min(vs), max(vs)])
     load_end = os.getloadavg()
     _print(rows, args, load_start, load_end)  # timings first: the perplexity pass takes a while
     if args.ppl_samples:
@@ -158,7 +170,10 @@ def _genai_generate(model, prompt: list[int], new_tokens: int) -> tuple[list[int
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
+    # min_length: GenAI's generator stops at the end-of-text token (ours runs on): without it,
+    # GenAI int4 stopped after 26 of 128 tokens on the default prompt, a shorter, cheaper run.
+    length = len(prompt) + new_tokens
+    params.set_search_options(do_sample=False, max_length=length, min_length=length)
     generator = og.Generator(model, params)
     start = time.perf_counter()
     generator.append_tokens([prompt])
@@ -199,18 +214,23 @@ def _print(rows, args, load_start, load_end) -> None:
     threads = [int(t) for t in args.threads.split(",")]
     head = f"{'graph':34s} {'nodes':>11s}"
     for t in threads:
-        head += f" | t={t}: {'tok/s':>6s} {'ratio':>5s} {'vs base':>7s} {'prefill':>8s} {'same':>5s}"
+        head += f" | t={t}: {'tok/s':>6s} {'ratio':>5s} {'vs base [min-max]':>17s} {'prefill':>8s} {'same':>5s}"
     print(head)
     for label, row in rows.items():
         line = f"{label:34s} {row['nodes_file']:5d}/{row['nodes_ort']:5d}"
         for t in threads:
+            if f"t{t}" not in row:
+                line += " | (not timed)"
+                continue
             r = row[f"t{t}"]
+            low, high = r.get("vs_baseline_spread", [float("nan")] * 2)
             line += (f" | {'':5s}{r['decode_tokens_per_second']:6.1f} {r['decode_ratio']:5.2f} "
-                     f"{r.get('vs_baseline', float('nan')):7.2f} "
+                     f"{r.get('vs_baseline', float('nan')):5.2f} [{low:4.2f}-{high:4.2f}] "
                      f"{r['prefill_ms']:6.1f}ms {r['same_greedy_tokens']:3d}/{args.new_tokens}")
         print(line)
-    print(f"ratio: decode tokens/s against the row's source graph (GenAI rows: the first source); vs base: "
-          f"against {args.baseline or '-'}; same: greedy tokens equal to the source's before the first difference")
+    print(f"ratio: decode tokens/s against the row's source graph (GenAI rows: the first source; untimed "
+          f"sources: the baseline); vs base: against {args.baseline or '-'}, median [smallest-largest] of the "
+          f"per-round ratios; same: greedy tokens equal to the source's before the first difference")
     print(f"nodes: in the file / after ONNX Runtime's optimiser; prompt {args.prompt} tokens, "
           f"{args.new_tokens} new, batch 1, greedy; medians of {args.rounds} alternating rounds; "
           f"load average {load_start[0]:.2f} -> {load_end[0]:.2f} on {os.cpu_count()} cores")
