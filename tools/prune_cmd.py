@@ -53,18 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_text_arguments(evaluation, role="eval", samples=32, seq_len=256)
     evaluation.add_argument("--no-eval", action="store_true", help="skip the perplexity before/after")
     parser.add_argument(
-        "--refit", choices=("refit", "corrective", "bias", "none"), default="refit",
+        "--refit", choices=("refit", "bias", "none"), default="refit",
         help="after pruning, refit each o_proj/down_proj that lost inputs to reproduce the unpruned "
-        "layer's output on the calibration tokens (ridge least squares, default); then refit them again "
-        "from the inputs the pruned graph itself feeds them (corrective: runs the unpruned and the pruned "
-        "graph over the calibration tokens once per round; CLAP receivers' o_proj are refit too, toward "
-        "the merged layers' attention as well); add the removed inputs' mean contribution as a bias "
-        "(bias: FLAP's compensation), or leave the weights (none)",
-    )
-    parser.add_argument(
-        "--corrective-rounds", type=int, default=1, metavar="N",
-        help="with --refit corrective: passes over the calibration tokens, each from the previous one's "
-        "weights (default 1)",
+        "layer's output on the calibration tokens (ridge least squares, default), add the removed "
+        "inputs' mean contribution as a bias (bias: FLAP's compensation), or leave the weights (none)",
     )
     parser.add_argument(
         "--hidden-method", choices=("auto", "select", "rotate"), default="auto",
@@ -121,8 +113,6 @@ def run(args: argparse.Namespace) -> int:
     model_map = ModelMap.from_model(model)
     targets.hidden_method = resolve_hidden_method(args.hidden_method, model_map, targets)
     refit = args.refit != "none"
-    if args.corrective_rounds < 1:
-        raise PanguLightError(f"--corrective-rounds must be at least 1 (got {args.corrective_rounds})")
     wanted = ["statistics", *(["the refit's Gram matrices"] if refit else []),
               *(["the residual stream's rotation"] if targets.hidden_method == "rotate" else [])]
     note(f"calibrating: {', '.join(wanted)} (one pass)")
@@ -143,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
                      rotation_file=str((out / "rotation.npz").resolve()), grams=collected.grams,
                      layer_scales=layer_scales)
     plan.targets["refit"] = args.refit
-    if args.refit == "corrective":
-        plan.targets["corrective_rounds"] = args.corrective_rounds
     plan.source["graph"] = record_path(original, out / "plan.json")
     plan.save(out / "plan.json")
     if not args.quiet:
@@ -164,15 +152,13 @@ def run(args: argparse.Namespace) -> int:
     if refit:
         grams, collected.grams = collected.grams, None
         refits = refit_and_set(load_model(original), pruned_model, grams, plan, rotation=rotation,
-                               method="bias" if args.refit == "bias" else "refit", save_to=refit_file)
+                               method=args.refit, save_to=refit_file)
         del grams
         if refits.skipped:
             note(f"left as they are (not refit): {'; '.join(refits.skipped)}")
         refit = bool(refits.projections)
     save_model_atomic(pruned_model, out / "pruned.onnx")
     rows = {"original": original_stats, "pruned": GraphStats.from_model(pruned_model)}
-    if args.refit == "corrective":
-        refit = _refit_correctively(original, out, plan, rotation, pruned_model, refits.projections, args, note)
     del model, pruned_model
     if not args.no_kv_cache:
         original_kv = graphs[True]
@@ -239,31 +225,3 @@ def _probe_layers(original: Path, stats, grams, args: argparse.Namespace, layers
         probe = sequences[: args.probe_samples, : args.probe_seq_len]
         return probe_layers(original, stats, grams, probe, batch_size=args.batch_size,
                             threads=args.threads, on_probe=lambda: bar.update(1))
-
-
-def _refit_correctively(original: Path, out: Path, plan, rotation, pruned_model, refit: dict, args, note) -> bool:
-    """``--refit corrective``: the one-shot refit's projections (and CLAP receivers') refit again from
-    the pruned graph's own inputs; rewrites pruned.onnx and refit.npz. True if any projection changed."""
-    from tqdm import tqdm
-
-    from pangu_light.calib.calibrate import calibration_sequences
-    from pangu_light.calib.corrective_refit import refit_correctively
-    from pangu_light.passes.analysis.model_map import ModelMap
-
-    receivers = {merge.into for merge in plan.clap_merges} if plan.clap else set()
-    kept = [i for i in range(len(plan.layers)) if i not in set(plan.drop_layers)]
-    names = set(refit)
-    for index, layer in zip(kept, ModelMap.from_model(pruned_model).layers):
-        if index in receivers:
-            names.add(layer.attention.o.weight.name)
-    if not names:
-        return False
-    sequences, _ = calibration_sequences(original, args.data, args.samples, args.seq_len, args.seed, args.tokenizer)
-    with tqdm(total=int(sequences.size) * args.corrective_rounds, unit="tok", desc="corrective refit",
-              disable=args.quiet, file=sys.stderr) as bar:
-        refit_correctively(
-            original, out / "pruned.onnx", plan, names, sequences, rotation=rotation, rounds=args.corrective_rounds,
-            batch_size=args.batch_size, threads=args.threads, save_to=out / "refit.npz", on_batch=bar.update,
-        )
-    note(f"corrective refit: {len(names)} projections, {args.corrective_rounds} round(s)")
-    return True

@@ -157,32 +157,6 @@ def test_prune_refits_the_projections_that_lost_inputs(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "refit" / "summary.json").read_text())["refit"] == "refit"
 
 
-def test_prune_corrective_refit_sets_its_projections_in_both_graphs(tiny_dir, tmp_path):
-    """--refit corrective rewrites the one-shot refit's projections (the same names; their values
-    are checked against least squares on PyTorch activations in tests/calib/test_corrective_refit.py)
-    and both pruned graphs carry exactly the file's weights; a CLAP receiver's o_proj is refit too."""
-    from pangu_light.passes.rewrites.set_projection import load_projections
-
-    common = [str(tiny_dir[0]), "--heads-per-group", "1", "--ffn", "40", "--drop-layers", "1", "--clap", *CALIB,
-              "--no-eval"]
-    assert main(["prune", *common, "-o", str(tmp_path / "refit")]) == 0
-    assert main(["prune", *common, "--refit", "corrective", "--corrective-rounds", "2",
-                 "-o", str(tmp_path / "corrective")]) == 0
-    one_shot = load_projections(tmp_path / "refit" / "refit.npz")
-    corrective = load_projections(tmp_path / "corrective" / "refit.npz")
-    assert set(one_shot) < set(corrective) and len(corrective) - len(one_shot) == 1  # the receiver's o_proj
-    for name in ("pruned.onnx", "pruned-kv.onnx"):
-        weights = ir.load(tmp_path / "corrective" / name).graph.initializers
-        for weight, (values, _) in corrective.items():
-            np.testing.assert_array_equal(weights[weight].const_value.numpy(), values.astype(np.float32))
-            if weight in one_shot:
-                assert not np.allclose(values, one_shot[weight][0])
-    plan = load_plan(tmp_path / "corrective" / "plan.json")
-    assert plan.targets["refit"] == "corrective" and plan.targets["corrective_rounds"] == 2
-    assert main(["prune", *common, "--refit", "corrective", "--corrective-rounds", "0",
-                 "-o", str(tmp_path / "zero")]) == 2
-
-
 def test_prune_spreads_by_sensitivity(tiny_dir, tmp_path):
     """--spread sensitivity reaches the planner with the Grams prune collected (the spread itself is
     checked in tests/calib/test_sensitivity.py); without a refit it is one clear line."""
