@@ -53,7 +53,12 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr x this (default 0.1)")
-    train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    train.add_argument(
+        "--warmup", metavar="STEPS|FRACTION", default="0.1",
+        help="linear warm-up of the learning rate from lr/W: whole steps (20; 0 for none) or a fraction of the run "
+        "(default 0.1: the first 10%% of the steps, or of --time-budget, and at least 4 steps); the cosine decay "
+        "follows it",
+    )
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices (default 0)")
     train.add_argument(
         "--betas", type=float, nargs=2, default=(0.9, 0.95), metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.95)"
@@ -132,6 +137,7 @@ def config_from_args(args: argparse.Namespace, graph: Path, output: Path, *, tim
 
     from pangu_light.frontend.distill import DistillConfig
     from pangu_light.frontend.distill.budget import parse_duration
+    from pangu_light.frontend.distill.schedule import parse_warmup
     from pangu_light.frontend.loading import resolve_model
     from pangu_light.passes.infra.graph_io import load_model_metadata
     from pangu_light.runtime.tokenizer import find_tokenizer_dir
@@ -166,6 +172,7 @@ def config_from_args(args: argparse.Namespace, graph: Path, output: Path, *, tim
         if tokens < 1:
             raise PanguLightError(f"--tokens must be at least 1 (got {tokens})")
         steps = math.ceil(tokens / (global_batch * args.seq_len))
+    warmup = parse_warmup(args.warmup)
     resume = args.resume if args.resume is True or args.resume is False else Path(args.resume)
     config = DistillConfig(
         graph=graph,
@@ -180,7 +187,8 @@ def config_from_args(args: argparse.Namespace, graph: Path, output: Path, *, tim
         grad_accum=args.grad_accum,
         lr=args.lr,
         min_lr_ratio=args.min_lr_ratio,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=warmup[0],
+        warmup_fraction=warmup[1],
         weight_decay=args.weight_decay,
         betas=tuple(args.betas),
         clip=args.clip,

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.frontend.distill.budget import parse_duration
     from pangu_light.frontend.distill.evaluation import eval_chunks
     from pangu_light.frontend.distill.local import LocalConfig, heldout_metrics, reconstruct
-    from pangu_light.frontend.distill.loop import attention_for
+    from pangu_light.frontend.distill.objective import attention_for
     from pangu_light.frontend.distill.usage import Stages, stamp
     from pangu_light.frontend.loading import load_hf_model
     from pangu_light.frontend.reimport import reimport

@@ -7,8 +7,9 @@ grad_accum x world_size windows of L tokens::
     loss   = (1 - a) T^2 KL(softmax(z_t / T) || softmax(z_s / T)) + a CE(z_s, next token)
              over the full vocabulary, every position (kd_loss: fused with both heads, chunked)
     update = AdamW(lr(t), betas, weight_decay) after clipping the global gradient norm
-    lr(t)  = lr * t / warmup                                            t < warmup
-             lr * (r + (1 - r) (1 + cos(pi (t - warmup) / (S - warmup))) / 2)   after (r = min_lr_ratio)
+    lr(t)  = lr * warm(t) * (r + (1 - r) (1 + cos(pi p(t))) / 2)        (r = min_lr_ratio)
+             warm rises linearly over the warm-up (W steps at least, a fraction F of the run),
+             p from 0 after it to 1 at the last step or at the end of the time budget (``schedule``)
 
 The teacher runs online, or (default) is replaced by its cached final hidden states, from which
 ``kd_loss`` recomputes its logits with one matmul (``frontend.teacher_cache``). With ``kd = "topk"``
@@ -32,7 +33,8 @@ Modules (each imports torch, numpy, ``core`` and the frontend modules it names; 
 the exporter and ``runtime``'s session and decode layout for the parity check):
 
 - ``config``: ``DistillConfig``, ``DistillResult``, the checks on the numbers, the fingerprint.
-- ``data``: the seeded window order (``schedule_windows``), ``lr_factor``, the teacher's states.
+- ``data``: the seeded window order (``schedule_windows``), the teacher's states.
+- ``schedule``: the learning rate's warm-up and cosine (``lr_factor``), ``--warmup``'s parser.
 - ``distributed``: the ``torchrun`` process group; DDP or FSDP2 around the student.
 - ``budget``: the wall-clock budget, the clock (rank 0's, broadcast), ``parse_duration``.
 - ``objective``: ``DistillObjective`` (student forward + fused loss), ``next_token_targets``.
@@ -57,9 +59,10 @@ The loss plot (``loss.png``) is drawn by ``pangu_light.reports.loss_plot``.
 """
 
 from pangu_light.frontend.distill.config import DistillConfig, DistillResult
-from pangu_light.frontend.distill.data import lr_factor, schedule_windows
+from pangu_light.frontend.distill.data import schedule_windows
 from pangu_light.frontend.distill.loop import distill
 from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
+from pangu_light.frontend.distill.schedule import lr_factor
 
 __all__ = [
     "DistillConfig", "DistillObjective", "DistillResult", "distill", "lr_factor", "next_token_targets",

@@ -29,7 +29,8 @@ class DistillConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # the warm-up's steps (at least, with a fraction)
+    warmup_fraction: float = 0.0  # the warm-up's share of the run (of its steps, or of the time budget)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0
@@ -64,6 +65,7 @@ class DistillConfig:
             "train_windows": _windows_digest(self.train_windows), "eval_windows": _windows_digest(self.eval_windows),
             "steps": self.steps, "micro_batch": self.micro_batch, "lr": self.lr,
             "min_lr_ratio": self.min_lr_ratio, "warmup_steps": self.warmup_steps,
+            "warmup_fraction": self.warmup_fraction,
             "weight_decay": self.weight_decay, "betas": list(self.betas), "clip": self.clip,
             "temperature": self.temperature, "ce_weight": self.ce_weight, "bf16": self.bf16, "seed": self.seed,
             "time_budget": self.time_budget, "top_k": self.top_k if self.kd == "topk" else None,
@@ -106,6 +108,12 @@ def check_config(config: DistillConfig) -> None:
         raise PanguLightError(f"plot axis {config.plot_axis!r}: use tokens or seconds")
     if config.init_weights is not None and not Path(config.init_weights).is_file():
         raise PanguLightError(f"initial weights {config.init_weights}: no such file")
+    if config.warmup_steps < 0:
+        raise PanguLightError(f"--warmup {config.warmup_steps} steps must be 0 or more")
+    if not 0.0 <= config.warmup_fraction < 1.0:
+        raise PanguLightError(f"--warmup fraction {config.warmup_fraction} must be at least 0 and below 1")
+    if config.warmup_fraction > 0 and config.warmup_steps < 1:
+        raise PanguLightError("a warm-up fraction needs at least one warm-up step (warmup_steps >= 1)")
     if config.lr <= 0:
         raise PanguLightError(f"--lr {config.lr} must be positive")
     if config.train_windows.ndim != 2 or len(config.train_windows) < 1:

@@ -1,5 +1,5 @@
-"""The training data of a run: which windows each step takes, the learning-rate schedule, and the
-teacher's final hidden states for those windows (from the on-disk cache, or computed online).
+"""The training data of a run: which windows each step takes, and the teacher's final hidden
+states for those windows (from the on-disk cache, or computed online).
 
 Order: the training windows are shuffled by ``seed`` once per epoch (epoch e uses
 ``default_rng([seed, e]).permutation``), and step s takes positions [s G, (s + 1) G) of that
@@ -10,7 +10,6 @@ is a function of the step alone, so a resumed run takes the same windows.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from pangu_light.frontend.distill.usage import Stages
 from pangu_light.frontend.kd_topk import TopKTeacher, teacher_topk
 from pangu_light.frontend.teacher_cache import TeacherCache, TopKCache, teacher_hidden
 
-__all__ = ["TrainingData", "lr_factor", "schedule_windows"]
+__all__ = ["TrainingData", "schedule_windows"]
 
 
 def schedule_windows(num_windows: int, seed: int, start: int, count: int) -> np.ndarray:
@@ -40,21 +39,6 @@ def schedule_windows(num_windows: int, seed: int, start: int, count: int) -> np.
         filled += take
         position += take
     return out
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float, spent: float | None = None) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
-
-    ``spent`` (the fraction of a time budget used, in [0, 1]) moves the cosine along with the
-    clock: its progress is then the larger of the step fraction and ``spent``, so a run that
-    stops on its budget has decayed to ``min_ratio`` just as one that runs all its steps."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    progress = min(max(step - warmup, 0) / span, 1.0)
-    if spent is not None:
-        progress = max(progress, min(max(spent, 0.0), 1.0))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 CHUNK_STEPS = 8  # under a time budget the teacher cache grows by the windows of this many steps

@@ -16,12 +16,14 @@ for each, so one run gives a curve per source on the same windows as every other
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["EvalTotals", "eval_chunks"]
+from pangu_light.frontend.distill.objective import next_token_targets
+
+__all__ = ["EvalTotals", "eval_chunks", "evaluate"]
 
 
 def eval_chunks(windows: np.ndarray, size: int, sources: Sequence[tuple[str, int]] | None = None
@@ -61,3 +63,18 @@ class EvalTotals:
                 out[f"eval_kl_{name}"] = kl_s / positions_s
                 out[f"eval_perplexity_{name}"] = math.exp(nll_s / targets_s)
         return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+             teacher_head: torch.Tensor, options, device: torch.device) -> dict[str, float]:
+    """``EvalTotals.metrics`` of ``model`` (a ``DistillObjective``, possibly wrapped) over (source,
+    ids, teacher hidden states) batches, ``options`` at T = 1 without CE; leaves it training."""
+    model.eval()
+    totals = EvalTotals()
+    for name, ids, teacher_h in batches:
+        targets = next_token_targets(ids)
+        _, kl, ce = model(ids.to(device), teacher_h.to(device), teacher_head, targets.to(device), options)
+        totals.add(name, float(kl), ids.numel(), float(ce), int((targets >= 0).sum()))
+    model.train()
+    return totals.metrics()

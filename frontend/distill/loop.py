@@ -1,10 +1,9 @@
 """The training loop of a distillation run: set-up (student, teacher, optimizer, data), the
-optimizer step over accumulated micro-batches, held-out evaluation, metrics, checkpoints, and at
-the end the outputs. Every rank runs it; only rank 0 writes."""
+optimizer step over accumulated micro-batches, held-out evaluation (``evaluation``) at its steps,
+metrics, checkpoints, and at the end the outputs. Every rank runs it; only rank 0 writes."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from contextlib import nullcontext
@@ -13,8 +12,6 @@ from typing import Any
 
 import torch
 
-from pangu_light.core import contract
-from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_text
 from pangu_light.frontend.distill import budget as budget_clock
 from pangu_light.frontend.distill.budget import Budget
@@ -26,19 +23,26 @@ from pangu_light.frontend.distill.checkpoint import (
     write_checkpoint,
 )
 from pangu_light.frontend.distill.config import DistillConfig, DistillResult, check_config, file_digest
-from pangu_light.frontend.distill.data import TrainingData, lr_factor
+from pangu_light.frontend.distill.data import TrainingData
 from pangu_light.frontend.distill.distributed import Dist, init_distributed, wrap_for_training
-from pangu_light.frontend.distill.evaluation import EvalTotals
-from pangu_light.frontend.distill.objective import DistillObjective, next_token_targets
+from pangu_light.frontend.distill.evaluation import evaluate
+from pangu_light.frontend.distill.objective import (
+    DistillObjective,
+    attention_for,
+    check_vocabulary,
+    freeze_embeddings,
+    loss_options,
+    next_token_targets,
+)
 from pangu_light.frontend.distill.outputs import write_outputs
+from pangu_light.frontend.distill.schedule import make_optimizer, make_scheduler, warmup_factor, warmup_record
 from pangu_light.frontend.distill.usage import Stages, stamp
-from pangu_light.frontend.kd_loss import KDLossOptions
 from pangu_light.frontend.kd_topk import TopKTeacher
 from pangu_light.frontend.reimport import Reimported, reimport
 from pangu_light.frontend.teacher_cache import teacher_identity
 from pangu_light.reports.loss_plot import plot_history
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "attention_for", "distill", "freeze_embeddings"]
+__all__ = ["METRICS_FILE", "PLOT_FILE", "distill"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -61,29 +65,6 @@ def distill(config: DistillConfig, *, student: Reimported | None = None, teacher
             torch.distributed.destroy_process_group()
 
 
-def freeze_embeddings(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
-    """Exclude the embedding and the lm_head (one tensor when tied) from training; refused when the
-    hidden size was pruned, since the sliced embedding then has to adapt to the new residual stream."""
-    h_s, h_t = student.get_input_embeddings().weight.shape[1], teacher.get_input_embeddings().weight.shape[1]
-    if h_s != h_t:
-        raise PanguLightError(
-            f"--freeze-embeddings: the student's hidden size {h_s} is not the teacher's {h_t}; freeze the "
-            "embeddings only when the hidden size was kept"
-        )
-    student.get_input_embeddings().weight.requires_grad_(False)
-    student.get_output_embeddings().weight.requires_grad_(False)
-
-
-def attention_for(graph, requested: str | None) -> str:
-    """The student's attention: ``requested``, else sdpa (eager for Gemma2's soft-capping)."""
-    if requested:
-        return requested
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
-    return "eager" if meta.get(contract.FAMILY) == "gemma2" else "sdpa"
-
-
 class _Run:
     def __init__(self, config: DistillConfig, dist: Dist, *, student: Reimported | None = None,
                  teacher: torch.nn.Module | None = None, stages: Stages | None = None,
@@ -94,6 +75,7 @@ class _Run:
         self.stages = Stages() if stages is None else stages
         self.out = Path(config.output)
         self.sharded = config.fsdp and dist.world > 1
+        self.last_spent: float | None = None
         loud = dist.main and not config.quiet
         self.say = (lambda m: print(m, file=sys.stderr, flush=True)) if loud else (lambda m: None)
 
@@ -118,12 +100,7 @@ class _Run:
             teacher = self.given_teacher.to(self.dist.device)
         for p in teacher.parameters():
             p.requires_grad_(False)
-        s_vocab, t_vocab = student.lm_head.weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-        if s_vocab != t_vocab:
-            raise PanguLightError(
-                f"the student's vocabulary ({s_vocab}) is not the teacher's ({t_vocab}): pass the teacher the "
-                "pruned graph was exported from"
-            )
+        check_vocabulary(student, teacher)
         self.teacher_head = teacher.get_output_embeddings().weight.detach().to(self.dist.device)
         if c.init_weights is not None:
             student.load_state_dict(torch.load(c.init_weights, map_location="cpu", weights_only=True))
@@ -133,31 +110,14 @@ class _Run:
         self.fingerprint = c.fingerprint(file_digest(Path(c.graph)), teacher_id)
         self.global_batch = c.micro_batch * c.grad_accum * self.dist.world
         self.seq_len = int(c.train_windows.shape[1])
-        self.loss_options = KDLossOptions(
-            temperature=c.temperature, ce_weight=c.ce_weight,
-            student_softcap=getattr(student.config, "final_logit_softcapping", None),
-            teacher_softcap=getattr(teacher.config, "final_logit_softcapping", None),
-            chunk=c.chunk, matmul_dtype=torch.bfloat16 if c.bf16 else torch.float32,
-        )
-        self.eval_options = dataclasses.replace(self.loss_options, temperature=1.0, ce_weight=0.0)
+        self.loss_options, self.eval_options = loss_options(c, student, teacher)
         student.train()
         student.to(self.dist.device)
         self.objective = DistillObjective(student, c.bf16, self.dist.device.type)
         self.model = wrap_for_training(self.objective, self.dist, fsdp=c.fsdp, say=self.say)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        # The fused AdamW kernel is ~4x faster than the foreach one on CPU; FSDP's DTensors take the default.
-        fused = {} if self.sharded else {"fused": True}
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=c.lr, betas=tuple(c.betas), eps=1e-8, **fused,
-        )
+        self.optimizer = make_optimizer(self.model, c, sharded=self.sharded)
         self.budget: Budget | None = None
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, c.steps, c.warmup_steps, c.min_lr_ratio,
-                                                   self.budget.progress() if self.budget else None)
-        )
+        self.scheduler = make_scheduler(self.optimizer, c, self.spent)
         self.history: list[dict[str, Any]] = []
         self.start_step = 0
         self.tokens_seen = 0
@@ -165,10 +125,11 @@ class _Run:
                                          global_batch=self.global_batch, say=self.say, stages=self.stages,
                                          eval_teacher=self.given_eval_teacher)
 
-
     # -- metrics and checkpoints --------------------------------------------------------------
-    def write_metrics(self) -> None:
+    def write_curves(self) -> None:
+        """metrics.jsonl and loss.png of the history so far (rank 0)."""
         write_text(self.out / METRICS_FILE, "".join(json.dumps(entry) + "\n" for entry in self.history))
+        plot_history(self.history, self.out / PLOT_FILE, x=self.c.plot_axis)
 
     def save_checkpoint(self, step: int) -> None:
         # A collective under FSDP: every rank gathers, rank 0 writes.
@@ -181,8 +142,7 @@ class _Run:
             fingerprint=self.fingerprint, sharded=self.sharded, spec=self.student.spec.to_json(),
             keep=self.c.keep_checkpoints,
         )
-        self.write_metrics()
-        plot_history(self.history, self.out / PLOT_FILE, x=self.c.plot_axis)
+        self.write_curves()
 
     def resume(self) -> None:
         self.history, self.start_step, self.tokens_seen = resume_from(
@@ -191,19 +151,12 @@ class _Run:
         )
         self.say(f"... resumed from {self.checkpoint} at step {self.start_step}")
 
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, Any]:
-        """Held-out perplexity of the student and its KL to the teacher (T = 1), every rank."""
-        self.model.eval()
-        totals = EvalTotals()
-        device = self.dist.device
-        for name, ids, teacher_h in self.data.eval_batches():
-            targets = next_token_targets(ids)
-            _, kl, ce = self.model(ids.to(device), teacher_h.to(device), self.teacher_head, targets.to(device),
-                                   self.eval_options)
-            totals.add(name, float(kl), ids.numel(), float(ce), int((targets >= 0).sum()))
-        self.model.train()
-        return {"step": step, "tokens": self.tokens_seen, **totals.metrics()}
+    def spent(self) -> float | None:
+        """The fraction of the time budget used (0 before training starts; None without a budget),
+        kept as the schedule read it for the next step's learning rate."""
+        if self.c.time_budget is not None:
+            self.last_spent = 0.0 if self.budget is None else self.budget.progress()
+        return self.last_spent
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
@@ -230,6 +183,7 @@ class _Run:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
+        warm = warmup_factor(step, c.steps, c.warmup_steps, self.last_spent, c.warmup_fraction)
         self.optimizer.step()
         if self.dist.world > 1:
             torch.distributed.all_reduce(totals)
@@ -239,7 +193,7 @@ class _Run:
         self.tokens_seen += tokens
         loss, kl, ce = (float(v) for v in totals)
         return {"step": step + 1, "tokens": self.tokens_seen, "loss": loss, "kl": kl, "ce": ce, "lr": lr,
-                "grad_norm": float(grad_norm), "seconds": seconds, "tokens_per_s": tokens / seconds}
+                "warmup": warm, "grad_norm": float(grad_norm), "seconds": seconds, "tokens_per_s": tokens / seconds}
 
     def run(self) -> DistillResult:
         c = self.c
@@ -253,6 +207,7 @@ class _Run:
         last = next((h for h in reversed(self.history) if "elapsed_s" in h), {})
         self.budget = Budget(self.dist, c.time_budget, already=last.get("elapsed_s", 0.0),
                              already_cpu=last.get("cpu_s", 0.0), already_wall=last.get("wall_s", 0.0))
+        self.spent()  # after a resume: the clock the schedule read for the next step
         if c.time_budget is not None:
             self.say(f"... set-up took {setup_s:.1f} s; training for at most {c.time_budget:.0f} s "
                      f"(and at most {c.steps} steps)")
@@ -272,10 +227,9 @@ class _Run:
             model_state = self.objective.student.state_dict()
         result = DistillResult(self.out, done, self.history, None, None, None, None, stopped)
         if self.dist.main:
-            self.write_metrics()
-            plot_history(self.history, self.out / PLOT_FILE, x=self.c.plot_axis)
+            self.write_curves()
             run_info = {"steps": done, "max_steps": c.steps, "stopped": stopped, "time_budget_s": c.time_budget,
-                        "setup_s": setup_s, "train_s": self.budget.elapsed}
+                        "setup_s": setup_s, "train_s": self.budget.elapsed, "warmup": warmup_record(c, self.history)}
             # Without sharding the trained module itself is exported (no third re-import of the graph).
             trained = None if self.sharded else self.objective.student
             result = write_outputs(c, self.student, model_state, history=self.history, fingerprint=self.fingerprint,
@@ -285,9 +239,13 @@ class _Run:
         return result
 
     def evaluate_at(self, step: int) -> dict[str, Any]:
-        """``evaluate``, stamped with the elapsed training time at which the model was in that state."""
+        """Held-out perplexity of the student and its KL to the teacher (T = 1), every rank, stamped
+        with the elapsed training time at which the model was in that state."""
         elapsed = self.budget.tick()
-        return stamp({**self.evaluate(step), "elapsed_s": elapsed}, cpu=self.budget.cpu_s, wall=self.budget.wall_s)
+        metrics = evaluate(self.model, self.data.eval_batches(), self.teacher_head, self.eval_options,
+                           self.dist.device)
+        entry = {"step": step, "tokens": self.tokens_seen, **metrics, "elapsed_s": elapsed}
+        return stamp(entry, cpu=self.budget.cpu_s, wall=self.budget.wall_s)
 
     def train(self) -> int:
         """Steps until ``c.steps`` or the time budget; evaluates and checkpoints along the way and at

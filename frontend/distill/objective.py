@@ -1,14 +1,22 @@
 """The module a training step runs: the student's forward and the fused distillation loss in one,
-so that DDP and FSDP see a single forward that uses every parameter."""
+so that DDP and FSDP see a single forward that uses every parameter; with which attention the
+student runs (``attention_for``), which of its parts stay fixed (``freeze_embeddings``), and the
+loss's options for training and for held-out evaluation (``loss_options``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from pangu_light.core import contract
+from pangu_light.core.errors import PanguLightError
 from pangu_light.frontend.kd_loss import KDLossOptions, fused_kd_loss
 from pangu_light.frontend.kd_topk import TopKTeacher, fused_topk_kd_loss
 
-__all__ = ["DistillObjective", "next_token_targets"]
+__all__ = [
+    "DistillObjective", "attention_for", "check_vocabulary", "freeze_embeddings", "loss_options", "next_token_targets",
+]
 
 
 class DistillObjective(torch.nn.Module):
@@ -42,3 +50,48 @@ def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
     targets = torch.full_like(ids, -100)
     targets[:, :-1] = ids[:, 1:]
     return targets
+
+
+def freeze_embeddings(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Exclude the embedding and the lm_head (one tensor when tied) from training; refused when the
+    hidden size was pruned, since the sliced embedding then has to adapt to the new residual stream."""
+    h_s, h_t = student.get_input_embeddings().weight.shape[1], teacher.get_input_embeddings().weight.shape[1]
+    if h_s != h_t:
+        raise PanguLightError(
+            f"--freeze-embeddings: the student's hidden size {h_s} is not the teacher's {h_t}; freeze the "
+            "embeddings only when the hidden size was kept"
+        )
+    student.get_input_embeddings().weight.requires_grad_(False)
+    student.get_output_embeddings().weight.requires_grad_(False)
+
+
+def attention_for(graph, requested: str | None) -> str:
+    """The student's attention: ``requested``, else sdpa (eager for Gemma2's soft-capping)."""
+    if requested:
+        return requested
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props}
+    return "eager" if meta.get(contract.FAMILY) == "gemma2" else "sdpa"
+
+
+def check_vocabulary(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Refuse a teacher whose vocabulary is not the student's (the wrong teacher for the graph)."""
+    s_vocab, t_vocab = student.lm_head.weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if s_vocab != t_vocab:
+        raise PanguLightError(
+            f"the student's vocabulary ({s_vocab}) is not the teacher's ({t_vocab}): pass the teacher the "
+            "pruned graph was exported from"
+        )
+
+
+def loss_options(config, student: torch.nn.Module, teacher: torch.nn.Module) -> tuple[KDLossOptions, KDLossOptions]:
+    """The training loss's options (``config``'s temperature, CE weight, chunk and matmul dtype, each
+    model's logit soft-cap) and held-out evaluation's (the same at T = 1 without CE)."""
+    train = KDLossOptions(
+        temperature=config.temperature, ce_weight=config.ce_weight,
+        student_softcap=getattr(student.config, "final_logit_softcapping", None),
+        teacher_softcap=getattr(teacher.config, "final_logit_softcapping", None),
+        chunk=config.chunk, matmul_dtype=torch.bfloat16 if config.bf16 else torch.float32,
+    )
+    return train, dataclasses.replace(train, temperature=1.0, ce_weight=0.0)

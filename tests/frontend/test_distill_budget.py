@@ -16,7 +16,7 @@ from test_distill import distill, history, setup  # noqa: F401  (setup is the mo
 from pangu_light.core.errors import PanguLightError
 from pangu_light.frontend.distill import budget, loop
 from pangu_light.frontend.distill.budget import parse_duration
-from pangu_light.frontend.distill.data import lr_factor
+from pangu_light.frontend.distill.schedule import lr_factor
 
 STEP_SECONDS = 10.0
 
@@ -48,7 +48,7 @@ def test_durations():
 def test_stops_within_one_step_of_the_budget(setup, tmp_path, fake_clock):  # noqa: F811
     out = tmp_path / "run"
     assert distill(setup, "uniform.onnx", out, "--time-budget", "35s", "--steps", "100", "--train-samples", "16",
-                   "--lr", "1e-3", "--eval-every", "2", "--plot-axis", "seconds") == 0
+                   "--lr", "1e-3", "--eval-every", "2", "--plot-axis", "seconds", "--warmup", "0") == 0
     summary = json.loads((out / "summary.json").read_text())
     # 3 steps end at 30 s; a 4th would end at 40 s > 35 s.
     assert summary["stopped"] == "time_budget" and summary["steps"] == 3 and summary["max_steps"] == 100
@@ -89,7 +89,7 @@ def test_a_budgeted_run_caches_only_what_it_reaches(setup, tmp_path, fake_clock,
     """Under a budget the teacher cache grows by CHUNK_STEPS steps' windows just before a step needs
     them, its time not counted (here a chunk takes 100 s of the fake clock); the losses are those
     of a run whose whole cache was built in its set-up (a constant learning rate, so that the
-    budget's clock-driven cosine does not differ)."""
+    budget's clock-driven cosine does not differ, and no warm-up, which counts time under a budget)."""
     import numpy as np
 
     from pangu_light.frontend.distill import data
@@ -107,7 +107,8 @@ def test_a_budgeted_run_caches_only_what_it_reaches(setup, tmp_path, fake_clock,
     out = tmp_path / "budget"
     # 64 windows would be 16 steps; 35 s of 10 s steps takes 3: chunks of 2 steps x 4 windows.
     assert distill(setup, "uniform.onnx", out, "--time-budget", "35s", "--train-samples", "64", "--lr", "1e-3",
-                   "--min-lr-ratio", "1", "--teacher-cache", str(cache), "--no-export", "--eval-every", "100") == 0
+                   "--min-lr-ratio", "1", "--teacher-cache", str(cache), "--no-export", "--eval-every", "100",
+                   "--warmup", "0") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["train_s"] == 30.0 and summary["max_steps"] == 16
     sizes = sorted(np.load(p, mmap_mode="r").shape[0] for p in cache.glob("teacher-*.npy"))
@@ -115,7 +116,7 @@ def test_a_budgeted_run_caches_only_what_it_reaches(setup, tmp_path, fake_clock,
     assert summary["stages"]["teacher_cache"]["wall_s"] > 0
     whole = tmp_path / "whole"
     assert distill(setup, "uniform.onnx", whole, "--steps", "3", "--train-samples", "64", "--lr", "1e-3",
-                   "--min-lr-ratio", "1", "--no-export", "--eval-every", "100") == 0
+                   "--min-lr-ratio", "1", "--no-export", "--eval-every", "100", "--warmup", "0") == 0
     a = [h["loss"] for h in history(out) if "loss" in h]
     b = [h["loss"] for h in history(whole) if "loss" in h]
     assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
