@@ -59,8 +59,8 @@ def parser() -> argparse.ArgumentParser:
     shape.add_argument("--absorb-max-spread", type=float, default=0.15, help="table4 partial absorption (0.15)")
     shape.add_argument("--fig2-levels", default="0.8:4,0.6:8,0.45:12",
                        help="fig2: params:dropped-layers per level (default 0.8:4,0.6:8,0.45:12)")
-    shape.add_argument("--fig2-methods", default="minitron,+CLAP+SLNP,rotate+refit",
-                       help="fig2: table3 rows to compare (default minitron,+CLAP+SLNP,rotate+refit)")
+    shape.add_argument("--fig2-methods", default="minitron,+CLAP+SLNP,prune-default",
+                       help="fig2: table3 rows to compare (default minitron,+CLAP+SLNP,prune-default)")
     shape.add_argument("--fig3-params", type=float, default=0.7, help="fig3: width pruning (default 0.7)")
     data = p.add_argument_group("data and evaluation")
     data.add_argument("--calib-samples", type=int, default=64, help="calibration windows (wiki; default 64)")
@@ -72,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=8, help="requests per forward call (default 8)")
     rec = p.add_argument_group("recovery (table3, table4)")
     rec.add_argument("--recover-minutes", type=float, default=0.0, help="wall-clock minutes per row (0: none)")
+    rec.add_argument("--recover-steps", type=int, help="optimizer steps per row instead of --recover-minutes "
+                     "(the same training for every row whatever the machine's load)")
     rec.add_argument("--recover-with", choices=("recover", "distill"), default="recover",
                      help="recover (local reconstruction, then KD; default) or distill (KD only)")
     rec.add_argument("--train-samples", type=int, default=256, help="training windows (wiki, calib split)")
