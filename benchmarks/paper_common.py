@@ -2,8 +2,8 @@
 paper_fig3.py, run through benchmarks/paper_tables.py).
 
 Every stage is the library function behind a CLI command, or the command itself (export in a
-subprocess, recover/distill through ``pangu_light.tools.cli.main``; the only command module read
-is ``prune``'s argument parser, for the defaults of table 3's prune-default row):
+subprocess, recover/distill through ``pangu_light.tools.cli.main``; benchmarks import no command
+module):
 
     export          pangu-light export MODEL -o orig.onnx                 (``export``; once per model)
     collect         calib.calibrate.collect_graph_all (wiki, calib split): statistics, and the
@@ -178,7 +178,7 @@ def recover(graph: Path, teacher: str, args: argparse.Namespace, out: Path) -> P
                "--train-samples", str(args.train_samples), "--eval-samples", str(args.recover_eval_samples),
                "--teacher-cache", str(out.parent / f"teacher-cache-{args.recover_with}-{slug(Path(teacher).name)}"),
                "--eval-every", "1000", "--save-every", "100000", "--quiet",
-               *(["--threads", str(args.threads)] if args.threads else [])]
+               *(["--threads", str(args.threads)] if args.threads else []), *shlex.split(args.recover_args or "")]
     note(" ".join(shlex.quote(part) for part in command))
     from pangu_light.tools.cli import main as pangu_light  # in this process: no second torch import
 
@@ -190,8 +190,9 @@ def recover(graph: Path, teacher: str, args: argparse.Namespace, out: Path) -> P
 def recovery_note(args: argparse.Namespace) -> str:
     budget = (f"{args.recover_steps} optimizer steps of 4 windows" if args.recover_steps
               else f"{args.recover_minutes:g} min of wall clock")
-    return (f"`pangu-light {args.recover_with}` for {budget} per row (after set-up), {args.train_samples} wiki "
-            f"windows of {args.seq_len} tokens, the unpruned model as teacher")
+    extra = f" {args.recover_args}" if args.recover_args else ""
+    return (f"`pangu-light {args.recover_with}{extra}` for {budget} per row (after set-up), {args.train_samples} "
+            f"wiki windows of {args.seq_len} tokens, the unpruned model as teacher")
 
 
 def latency(graphs: list[Path], args: argparse.Namespace) -> dict:

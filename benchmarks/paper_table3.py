@@ -9,8 +9,8 @@ the same recovery budget.
     +CLAP            params=P, drop_layers=N, clap=True,  slnp=False            3.2.1, eq. 5
     +CLAP+SLNP       params=P, drop_layers=N, clap=True,  slnp=True             3.2.2, eq. 6
     prune-default    what ``pangu-light prune --params P --drop-layers N``     this project's one-shot
-                     does with its defaults, read from prune's own argument     re-initialisation
-                     parser: today the residual stream rotated (hidden_method
+                     does with its defaults (its target options' defaults       re-initialisation
+                     from tools.arguments): the residual stream rotated (hidden_method
                      rotate for pre-norm families), the ridge refit of every
                      pruned o_proj/down_proj, no CLAP
 
@@ -40,20 +40,21 @@ ROWS = {  # row -> the Targets fields beyond params / drop_layers / spread (None
 
 
 def prune_defaults(params: float, drop_layers: int, model_map):
-    """(Targets, refit method) of ``pangu-light prune --params P --drop-layers N``: prune's argument
-    parser with nothing else given, its ``--hidden-method auto`` resolved for ``model_map``."""
+    """(Targets, refit method) of ``pangu-light prune --params P --drop-layers N``: the target options'
+    defaults from prune's own argument set-up (``tools.arguments``), prune's ``--hidden-method auto``
+    resolved for ``model_map`` and its ``--refit refit`` (benchmarks import no command module; the
+    test that this row's graph is prune's pruned.onnx catches a change of those two defaults)."""
     from pangu_light.calib.rotation import resolve_hidden_method
-    from pangu_light.tools import prune_cmd
-    from pangu_light.tools.arguments import targets_from_args
+    from pangu_light.tools.arguments import add_target_arguments, targets_from_args
 
     parser = argparse.ArgumentParser()
-    prune_cmd.add_arguments(parser)
-    args = parser.parse_args(["-o", "unused", "--params", str(params), "--drop-layers", str(drop_layers)])
+    add_target_arguments(parser)
+    args = parser.parse_args(["--params", str(params), "--drop-layers", str(drop_layers)])
     targets = targets_from_args(args)
     if targets.spread == "sensitivity":
         raise SystemExit("prune's default --spread is sensitivity: its layer probe is not wired into the experiments")
-    targets = dataclasses.replace(targets, hidden_method=resolve_hidden_method(args.hidden_method, model_map, targets))
-    return targets, args.refit
+    targets = dataclasses.replace(targets, hidden_method=resolve_hidden_method("auto", model_map, targets))
+    return targets, "refit"
 
 
 def row_targets(row: str, params: float, drop_layers: int, model_map):

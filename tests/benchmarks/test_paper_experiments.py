@@ -141,16 +141,17 @@ def test_table3_recovery_row_is_the_recovered_graph(tiny, tmp_path):
     out = tmp_path / "r"
     _run(tiny, out, "table3", "--params", "0.6", "--drop-layers", "1", "--table3-rows", "+CLAP+SLNP",
          "--recover-steps", "2", "--recover-with", "distill", "--train-samples", "8",
-         "--recover-eval-samples", "2")
+         "--recover-eval-samples", "2", "--recover-args=--no-bf16 --lr 3e-4")
     report = json.loads((out / "table3.json").read_text())
     assert list(report["rows"]) == ["unpruned", "+CLAP+SLNP", "+CLAP+SLNP + recovery"]
     recovered = report["rows"]["+CLAP+SLNP + recovery"]
     summary = json.loads((tiny[1] / "recover-clap-slnp" / "summary.json").read_text())
     assert summary["steps"] == 2  # the same optimizer steps for every row, whatever the load
+    assert summary["fingerprint"]["bf16"] is False and summary["fingerprint"]["lr"] == 3e-4  # --recover-args
     assert recovered["graph"] == "distilled.onnx"
     assert recovered["parameters"] == report["rows"]["+CLAP+SLNP"]["parameters"]  # same shape, trained weights
     assert recovered["perplexity"] != report["rows"]["+CLAP+SLNP"]["perplexity"]
-    assert "`pangu-light distill` for 2 optimizer steps" in (out / "table3.md").read_text()
+    assert "`pangu-light distill --no-bf16 --lr 3e-4` for 2 optimizer steps" in (out / "table3.md").read_text()
 
 
 def test_table4_post_norm_rows(tiny, tmp_path):
