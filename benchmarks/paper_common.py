@@ -6,9 +6,9 @@ subprocess, recover/distill through ``pangu_light.tools.cli.main``; benchmarks i
 module):
 
     export          pangu-light export MODEL -o orig.onnx                 (``export``; once per model)
-    calibrate       calib.calibrate.calibrate_graph (wiki, calib split)    (``calibrate``)
-    grams/rotation  calib.calibrate.collect_graph_grams, calib.rotation     (what ``prune`` collects)
-    build           plan -> compile -> refit (set-projection) -> save       (``prune``'s stages)
+    collect         calib.calibrate.collect_graph_all (wiki, calib split): statistics, and the
+                    refit's Grams and the rotation when a row needs them, one pass (as ``prune``)
+    build           plan -> compile -> refit_and_set (set-projection) -> save   (``prune``'s stages)
     score           held-out perplexity (calib.evaluate, eval split, the same windows for every
                     graph) and the zero-shot tasks (calib.scoring, the same items for every graph,
                     the first graph's tokenizer)                             (``eval`` / ``eval --tasks``)
@@ -65,60 +65,45 @@ def export(model: str, path: Path) -> Path:
     return path
 
 
-def calibrate(original: Path, args: argparse.Namespace):
-    from pangu_light.calib.calibrate import calibrate_graph
-
-    note(f"calibrate {original.name} --data wiki --samples {args.calib_samples} --seq-len {args.seq_len}")
-    return calibrate_graph(original, data="wiki", samples=args.calib_samples, seq_len=args.seq_len, seed=0,
-                           batch_size=4, threads=args.threads, quiet=True)
-
-
-def grams(original: Path, args: argparse.Namespace):
-    from pangu_light.calib.calibrate import collect_graph_grams
-
-    note(f"projection-input Grams of {original.name} (for the refit)")
-    return collect_graph_grams(original, data="wiki", samples=args.calib_samples, seq_len=args.seq_len, seed=0,
-                               batch_size=4, threads=args.threads, quiet=True)
-
-
-def rotation(original: Path, args: argparse.Namespace, path: Path):
-    """The residual stream's rotation (``--hidden-method rotate``), saved at ``path``."""
-    from pangu_light.calib.rotation import collect_graph_rotation
+def collect(original: Path, args: argparse.Namespace, *, grams: bool = False, rotation: Path | None = None):
+    """``calib.one_pass.Collected`` of ``original`` over ``--calib-samples`` wiki windows (calib split,
+    seed 0): the statistics, and the refit's Gram matrices (``grams``) and the residual stream's
+    rotation (saved at ``rotation``) when asked, from one tapped run, as ``prune`` collects them."""
+    from pangu_light.calib.calibrate import collect_graph_all
     from pangu_light.passes.rewrites.rotate_hidden import save_rotation
 
-    note(f"rotation of {original.name} (PCA of unit-normalised tokens)")
-    found = collect_graph_rotation(original, data="wiki", samples=args.calib_samples, seq_len=args.seq_len, seed=0,
-                                   batch_size=4, threads=args.threads, quiet=True)
-    save_rotation(path, found)
+    wanted = ["statistics", *(["Grams"] if grams else []), *(["rotation"] if rotation else [])]
+    note(f"calibrate {original.name} --data wiki --samples {args.calib_samples} --seq-len {args.seq_len}: "
+         f"{', '.join(wanted)} (one pass)")
+    found = collect_graph_all(original, data="wiki", samples=args.calib_samples, seq_len=args.seq_len, seed=0,
+                              batch_size=4, grams=grams, rotation=rotation is not None, threads=args.threads,
+                              quiet=True)
+    if rotation is not None:
+        save_rotation(rotation, found.rotation)
     return found
 
 
-def build(original: Path, plan, out: Path, *, grams=None, rotation=None, then: str | None = None) -> None:
-    """``compile --plan`` (then the pipeline ``then``), with ``grams`` the refit of every pruned
-    o_proj/down_proj (``prune``'s default; in the rotated basis for a rotate plan), saved at ``out``."""
+def calibrate(original: Path, args: argparse.Namespace):
+    """The calibration statistics of ``original`` alone (``collect`` without Grams or rotation)."""
+    return collect(original, args).stats
+
+
+def build(original: Path, plan, out: Path, *, grams=None, rotation=None, method: str = "refit",
+          then: str | None = None) -> None:
+    """``compile --plan`` (then the pipeline ``then``) saved at ``out``; with ``grams``, first the refit
+    of every pruned o_proj/down_proj by ``method`` in the basis the plan cut the hidden size in
+    (``calib.refit_plan.refit_and_set``, the step ``prune`` runs; ``rotation``: the plan's)."""
     import onnx_ir as ir
 
-    from pangu_light.calib.refit_plan import refit_for_plan
-    from pangu_light.passes.analysis.model_map import ModelMap
+    from pangu_light.calib.refit_plan import refit_and_set
     from pangu_light.passes.infra.manager import run_pipeline
-    from pangu_light.passes.rewrites.rotate_hidden import effective_basis
-    from pangu_light.passes.rewrites.set_projection import SetProjectionPass, save_projections
 
     model = ir.load(original)
     plan.attach(model)
     if plan.pipeline().passes:  # an identity plan (no target) has nothing to run
         run_pipeline(model, plan.pipeline())
     if grams is not None:
-        source = ir.load(original)
-        basis = None
-        if plan.hidden_method == "rotate":
-            basis = effective_basis(rotation.basis, ModelMap.from_model(source), len(plan.hidden))
-        refits = refit_for_plan(source, model, grams, plan, rotation=basis)
-        if refits.projections:
-            projections = out.with_suffix(".refit.npz")
-            save_projections(projections, refits.projections, refits.meta())
-            SetProjectionPass({"file": str(projections)})(model)
-            projections.unlink()
+        refit_and_set(ir.load(original), model, grams, plan, rotation=rotation, method=method)
     if then:
         run_pipeline(model, then)
     ir.save(model, out)
@@ -178,16 +163,22 @@ class Scorer:
         return row
 
 
+def recovering(args: argparse.Namespace) -> bool:
+    return bool(args.recover_steps) or args.recover_minutes > 0
+
+
 def recover(graph: Path, teacher: str, args: argparse.Namespace, out: Path) -> Path:
-    """``pangu-light recover`` (or ``distill``, ``--recover-with``) of ``graph`` for
+    """``pangu-light recover`` (or ``distill``, ``--recover-with``) of ``graph`` for ``--recover-steps``
+    optimizer steps (the same work for every row, whatever the machine's load) or else
     ``--recover-minutes``; the distilled graph. Every row shares the teacher cache."""
-    seconds = max(1, round(args.recover_minutes * 60))
-    command = [cli(), args.recover_with, str(graph), "--teacher", teacher, "-o", str(out),
-               "--time-budget", f"{seconds}s", "--data", "wiki", "--seq-len", str(args.seq_len),
+    budget = (["--steps", str(args.recover_steps)] if args.recover_steps
+              else ["--time-budget", f"{max(1, round(args.recover_minutes * 60))}s"])
+    command = [cli(), args.recover_with, str(graph), "--teacher", teacher, "-o", str(out), *budget,
+               "--data", "wiki", "--seq-len", str(args.seq_len),
                "--train-samples", str(args.train_samples), "--eval-samples", str(args.recover_eval_samples),
                "--teacher-cache", str(out.parent / f"teacher-cache-{args.recover_with}-{slug(Path(teacher).name)}"),
                "--eval-every", "1000", "--save-every", "100000", "--quiet",
-               *(["--threads", str(args.threads)] if args.threads else [])]
+               *(["--threads", str(args.threads)] if args.threads else []), *shlex.split(args.recover_args or "")]
     note(" ".join(shlex.quote(part) for part in command))
     from pangu_light.tools.cli import main as pangu_light  # in this process: no second torch import
 
@@ -197,8 +188,11 @@ def recover(graph: Path, teacher: str, args: argparse.Namespace, out: Path) -> P
 
 
 def recovery_note(args: argparse.Namespace) -> str:
-    return (f"`pangu-light {args.recover_with}` for {args.recover_minutes:g} min of wall clock per row (after "
-            f"set-up), {args.train_samples} wiki windows of {args.seq_len} tokens, the unpruned model as teacher")
+    budget = (f"{args.recover_steps} optimizer steps of 4 windows" if args.recover_steps
+              else f"{args.recover_minutes:g} min of wall clock")
+    extra = f" {args.recover_args}" if args.recover_args else ""
+    return (f"`pangu-light {args.recover_with}{extra}` for {budget} per row (after set-up), {args.train_samples} "
+            f"wiki windows of {args.seq_len} tokens, the unpruned model as teacher")
 
 
 def latency(graphs: list[Path], args: argparse.Namespace) -> dict:

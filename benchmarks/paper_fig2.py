@@ -4,8 +4,10 @@ compression levels, Pangu Light against the Minitron-style baseline.
     level            ``--fig2-levels P:N,...``: --params P with N layers dropped (the defaults aim at
                      about 1.3x, 1.6x and 2.1x measured on a CPU; the measured speedup is what is
                      plotted, whatever the level aimed at)
-    methods          ``--fig2-methods``, rows of benchmarks/paper_table3.py: minitron (plain slicing
-                     and removal), +CLAP+SLNP (the paper's Pangu Light), rotate+refit (this project's)
+    methods          ``--fig2-methods``, rows of benchmarks/paper_table3.py: minitron (the baseline:
+                     plain slicing and removal), prune-default (Pangu Light as this project's
+                     ``prune`` does it by default: rotate + refit, hidden-light spread), and
+                     optionally +CLAP / +CLAP+SLNP (the paper's own operators, no refit)
     speedup          the unpruned graph's median latency / the pruned graph's, every graph run
                      alternately in one process (benchmarks/ort_latency.py: batch 1, --latency-seq
                      tokens, --repeats rounds, no-cache graphs)
@@ -22,7 +24,11 @@ import argparse
 
 import numpy as np
 import paper_common as common
-from paper_table3 import ROWS
+from paper_table3 import ROWS, row_targets
+
+LABELS = {"minitron": "Minitron-style baseline (plain slicing and removal)",
+          "prune-default": "Pangu Light, prune's default (rotate + refit)",
+          "+CLAP+SLNP": "CLAP + SLNP (the paper's operators, no refit)"}
 
 
 def parse_levels(text: str) -> list[tuple[float, int]]:
@@ -45,7 +51,7 @@ def _accuracy_retained(row: dict, base: dict) -> float | None:
 def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     import onnx_ir as ir
 
-    from pangu_light.calib.planner import Targets, make_plan
+    from pangu_light.calib.planner import make_plan
     from pangu_light.passes.analysis.model_map import ModelMap
 
     methods = [m.strip() for m in args.fig2_methods.split(",") if m.strip()]
@@ -54,28 +60,31 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
         raise SystemExit(f"--fig2-methods: unknown {unknown}; choose from {', '.join(ROWS)}")
     work = args.workdir
     original = common.export(args.model, work / f"{common.slug(args.model.split('/')[-1])}.onnx")
-    stats = common.calibrate(original, args)
     model_map = ModelMap.from_model(ir.load(original))
-    needs_rotation = any(ROWS[m][0].get("hidden_method") == "rotate" for m in methods)
+    levels = parse_levels(args.fig2_levels)
+    chosen = {(level, m): row_targets(m, *level, model_map) for level in levels for m in methods}
     rotation_path = work / "fig2-rotation.npz"
-    rotation = common.rotation(original, args, rotation_path) if needs_rotation else None
-    gram_stats = common.grams(original, args) if any(ROWS[m][1] for m in methods) else None
+    collected = common.collect(
+        original, args, grams=any(refit for _, refit in chosen.values()),
+        rotation=rotation_path if any(t.hidden_method == "rotate" for t, _ in chosen.values()) else None)
+    stats = collected.stats
     scorer = common.Scorer(original, args)
     base = scorer.score(original, "unpruned")
     points, graphs = [], []
-    for params, drop in parse_levels(args.fig2_levels):
-        for method in methods:
-            fields, refit = ROWS[method]
-            plan = make_plan(model_map, stats, Targets(params=params, drop_layers=drop, **fields), rotation=rotation,
-                             rotation_file=str(rotation_path.resolve()))
-            out = work / f"fig2-{params:g}-{drop}-{common.slug(method)}.onnx"
-            common.note(f"level {params}:{drop} {method}: {plan.pipeline()}")
-            common.build(original, plan, out, grams=gram_stats if refit else None, rotation=rotation)
-            row = scorer.score(out, f"{params}:{drop} {method}")
-            points.append({"level": f"{params:g}:{drop}", "method": method, **row,
-                           "perplexity_retained": base["perplexity"]["perplexity"] / row["perplexity"]["perplexity"],
-                           "accuracy_retained": _accuracy_retained(row, base)})
-            graphs.append(out)
+    for ((params, drop), method), (targets, refit) in chosen.items():
+        plan = make_plan(model_map, stats, targets, rotation=collected.rotation,
+                         rotation_file=str(rotation_path.resolve()))
+        out = work / f"fig2-{params:g}-{drop}-{common.slug(method)}.onnx"
+        common.note(f"level {params}:{drop} {method}: {plan.pipeline()}; refit {refit or 'none'}")
+        common.build(original, plan, out, grams=collected.grams if refit else None, rotation=collected.rotation,
+                     method=refit or "refit")
+        row = scorer.score(out, f"{params}:{drop} {method}")
+        points.append({"level": f"{params:g}:{drop}", "method": method, **row, "targets": targets.to_json(),
+                       "refit": refit or "none",
+                       "perplexity_retained": base["perplexity"]["perplexity"] / row["perplexity"]["perplexity"],
+                       "accuracy_retained": _accuracy_retained(row, base)})
+        graphs.append(out)
+    del collected
     timing = common.latency([original, *graphs], args)
     for point, timed in zip(points, timing["rows"][1:], strict=True):
         point["speedup"], point["median_ms"], point["iqr_ms"] = timed["speedup"], timed["median_ms"], timed["iqr_ms"]
@@ -103,7 +112,8 @@ def _plot(report: dict, methods: list[str], args: argparse.Namespace) -> None:
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         for method in methods:
             chosen = sorted((p for p in report["points"] if p["method"] == method), key=lambda p: p["speedup"])
-            ax.plot([p["speedup"] for p in chosen], [p[key] for p in chosen], marker="o", label=method)
+            ax.plot([p["speedup"] for p in chosen], [p[key] for p in chosen], marker="o",
+                    label=LABELS.get(method, method))
             for p in chosen:
                 ax.annotate(p["level"], (p["speedup"], p[key]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")

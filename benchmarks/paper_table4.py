@@ -14,7 +14,9 @@ sandwich reference is always there).
 With ``--table4-params P`` every row is first pruned to P of the parameters (the same plan:
 S_channel selection + SLNP, ``calib.planner``), as in the paper, where the post-norms are handled
 in the pruned model; without it (default) the post-norm handling is measured alone. With
-``--recover-minutes M`` every row is recovered for the same M minutes and scored again.
+``--recover-steps S`` (or ``--recover-minutes M``) every row is recovered for the same S optimizer
+steps (or M minutes) and scored again (except the sandwich row of an unpruned model: it is the
+teacher itself, nothing to recover).
 Writes table4.md, table4.json.
 """
 
@@ -65,8 +67,10 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
         rows[row] = {**scorer.score(out, row), "targets": targets.to_json(), "post_norms_left": posts,
                      "post_norms": total_posts}
         graphs[row] = out
-    if args.recover_minutes > 0:
+    if common.recovering(args):
         for row, graph in graphs.items():
+            if graph == original:  # the teacher: distilling it into itself only adds noise
+                continue
             distilled = common.recover(graph, args.gemma_model, args, work / f"recover-t4-{common.slug(row)}")
             rows[f"{row} + recovery"] = {**scorer.score(distilled, f"{row} + recovery"),
                                          "targets": rows[row]["targets"]}
@@ -75,7 +79,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
             if graph != original:
                 graph.unlink()
     report = {"rows": rows, "eval": scorer.describe(), "calibration": dict(stats.meta),
-              "recovery": common.recovery_note(args) if args.recover_minutes > 0 else None}
+              "recovery": common.recovery_note(args) if common.recovering(args) else None}
     return report, _markdown(report, args)
 
 
@@ -84,7 +88,7 @@ def _markdown(report: dict, args: argparse.Namespace) -> list[str]:
     kept = ", ".join(f"{row} {r['post_norms_left']}" for row, r in rows.items() if "post_norms_left" in r)
     shape = f"pruned first to --params {args.table4_params}" if args.table4_params else "unpruned"
     recovery = (f"rows '+ recovery': {report['recovery']}" if report["recovery"]
-                else "no recovery (--recover-minutes 0)")
+                else "no recovery")
     return [
         f"- model: {args.gemma_model}, {shape}; --absorb-max-spread {args.absorb_max_spread}; "
         f"calibration {report['calibration']}",

@@ -14,11 +14,12 @@ average, the library versions and the time; the JSON holds every number (lm-eval
 per graph under ``lm_eval``). Exports, statistics and graphs go to ``--workdir`` (default
 OUTPUT/work; the exports are reused by later runs, pruned graphs deleted unless ``--keep``).
 
-Budgets: ``--limit`` items per task (every graph scores the same items) and ``--recover-minutes``
-of recovery per row (table3, table4; 0 skips recovery). What ran on a shared 2-core CPU (each
-experiment 4-14 minutes one-shot): ``--calib-samples 16 --eval-samples 8 --tasks
-lambada,piqa,winogrande --limit 20``; recovery there costs minutes of set-up per row on top of its
-budget (``--recover-with distill`` is the cheaper one); see docs/results.md for the numbers.
+Budgets: ``--limit`` items per task (every graph scores the same items) and ``--recover-steps``
+(or ``--recover-minutes``) of recovery per row (table3, table4; none by default). What ran on a
+shared 2-core CPU without bfloat16 instructions (docs/results.md, each 15-30 minutes): 16-32
+calibration windows, 8-16 perplexity windows, ``--limit 30-50``, ``--recover-with distill
+--recover-steps 2-4 --recover-args=--no-bf16`` (distill's bf16 autocast is emulated there, about 7x
+slower per step).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
     shape.add_argument("--absorb-max-spread", type=float, default=0.15, help="table4 partial absorption (0.15)")
     shape.add_argument("--fig2-levels", default="0.8:4,0.6:8,0.45:12",
                        help="fig2: params:dropped-layers per level (default 0.8:4,0.6:8,0.45:12)")
-    shape.add_argument("--fig2-methods", default="minitron,+CLAP+SLNP,rotate+refit",
-                       help="fig2: table3 rows to compare (default minitron,+CLAP+SLNP,rotate+refit)")
+    shape.add_argument("--fig2-methods", default="minitron,+CLAP+SLNP,prune-default",
+                       help="fig2: table3 rows to compare (default minitron,+CLAP+SLNP,prune-default)")
     shape.add_argument("--fig3-params", type=float, default=0.7, help="fig3: width pruning (default 0.7)")
     data = p.add_argument_group("data and evaluation")
     data.add_argument("--calib-samples", type=int, default=64, help="calibration windows (wiki; default 64)")
@@ -72,8 +73,12 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=8, help="requests per forward call (default 8)")
     rec = p.add_argument_group("recovery (table3, table4)")
     rec.add_argument("--recover-minutes", type=float, default=0.0, help="wall-clock minutes per row (0: none)")
+    rec.add_argument("--recover-steps", type=int, help="optimizer steps per row instead of --recover-minutes "
+                     "(the same training for every row whatever the machine's load)")
     rec.add_argument("--recover-with", choices=("recover", "distill"), default="recover",
                      help="recover (local reconstruction, then KD; default) or distill (KD only)")
+    rec.add_argument("--recover-args", help="more options for every recover/distill run, one string "
+                     "(e.g. '--no-bf16' on a CPU without bfloat16 instructions)")
     rec.add_argument("--train-samples", type=int, default=256, help="training windows (wiki, calib split)")
     rec.add_argument("--recover-eval-samples", type=int, default=4, help="held-out windows the runs report")
     speed = p.add_argument_group("speed (fig2)")

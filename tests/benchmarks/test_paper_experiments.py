@@ -71,20 +71,26 @@ def test_table3_every_row_one_shot(tiny, tmp_path):
     out = tmp_path / "r"
     _run(tiny, out, "table3", "--params", "0.45", "--drop-layers", "2")
     assert {p.name for p in out.iterdir()} == {"table3.md", "table3.json", "plan-minitron.json", "plan-clap.json",
-                                              "plan-clap-slnp.json", "plan-rotate-refit.json"}
+                                              "plan-clap-slnp.json", "plan-prune-default.json"}
     rows = json.loads((out / "table3.json").read_text())["rows"]
-    assert list(rows) == ["unpruned", "minitron", "+CLAP", "+CLAP+SLNP", "rotate+refit"]
+    assert list(rows) == ["unpruned", "minitron", "+CLAP", "+CLAP+SLNP", "prune-default"]
     assert rows["unpruned"]["parameter_fraction"] == 1
     plans = {n: json.loads((out / f"plan-{n}.json").read_text()) for n in ("minitron", "clap", "clap-slnp",
-                                                                           "rotate-refit")}
+                                                                           "prune-default")}
     assert len({json.dumps(p["drop_layers"]) for p in plans.values()}) == 1
     assert len(plans["minitron"]["drop_layers"]) == 2
     assert plans["minitron"]["clap"]["merges"] == [] and plans["clap"]["clap"]["merges"]
-    enabled = {n: (p["clap"]["enabled"], p["slnp"]["enabled"]) for n, p in plans.items() if n != "rotate-refit"}
+    enabled = {n: (p["clap"]["enabled"], p["slnp"]["enabled"]) for n, p in plans.items() if n != "prune-default"}
     assert enabled == {"minitron": (False, False), "clap": (True, False), "clap-slnp": (True, True)}
-    assert plans["rotate-refit"]["targets"]["hidden_method"] == "rotate" and plans["rotate-refit"]["clap"]["enabled"]
+    # the baseline slices and removes plainly; prune's default rotates and refits, without CLAP
+    assert [plans[n]["targets"]["hidden_method"] for n in plans] == ["select", "select", "select", "rotate"]
+    assert not plans["prune-default"]["clap"]["enabled"]
     assert [plans[n]["targets"]["refit"] for n in plans] == ["none", "none", "none", "refit"]
-    for name in ("minitron", "+CLAP", "+CLAP+SLNP", "rotate+refit"):
+    # one shape for every row: prune's default spread (hidden-light) of the same budget
+    assert {p["targets"]["spread"] for p in plans.values()} == {"hidden-light"}
+    assert len({len(p["hidden"]["keep"]) for p in plans.values()}) == 1
+    assert len({json.dumps([len(layer["ffn"]) for layer in p["layers"]]) for p in plans.values()}) == 1
+    for name in ("minitron", "+CLAP", "+CLAP+SLNP", "prune-default"):
         assert rows[name]["parameter_fraction"] == pytest.approx(0.45, abs=0.01)
     # one-shot rows differ from each other (CLAP and SLNP change weights), and every row saw the same items
     assert len({r["perplexity"]["perplexity"] for r in rows.values()}) == 5
@@ -94,24 +100,58 @@ def test_table3_every_row_one_shot(tiny, tmp_path):
     for line, row in zip(body, rows.values(), strict=True):
         assert f"| {row['perplexity']['perplexity']:.2f} |" in line
         assert f"{100 * row['lm_eval']['results']['winogrande']['acc,none']:.1f} ±" in line
-    assert [p.name for p in tiny[1].glob("*.onnx")] != [] and not list(tiny[1].glob("rotate-refit.onnx"))
+    assert [p.name for p in tiny[1].glob("*.onnx")] != [] and not list(tiny[1].glob("prune-default.onnx"))
     logged = [json.loads(line) for line in (tiny[1] / "scored-rows.jsonl").read_text().splitlines()]
     assert [entry["perplexity"] for entry in logged[-5:]] == [r["perplexity"] for r in rows.values()]
+
+
+def test_table3_prune_default_row_is_what_prune_builds(tiny, tmp_path):
+    """The row's graph has the function of ``pangu-light prune``'s pruned.onnx for the same budget and
+    calibration windows (the plans agree, and ORT gives the same logits up to float32 rounding)."""
+    import onnxruntime as ort
+
+    dirs, work = tiny
+    out, job = tmp_path / "r", tmp_path / "prune"
+    _run(tiny, out, "table3", "--params", "0.6", "--drop-layers", "1", "--table3-rows", "prune-default",
+         "--tasks", "", "--keep")
+    assert cli(["prune", str(dirs["llama"]), "--params", "0.6", "--drop-layers", "1", "-o", str(job), "--data",
+                "wiki", "--samples", "4", "--seq-len", "24", "--no-eval", "--no-kv-cache", "--quiet"]) == 0
+    ours, theirs = (json.loads(p.read_text()) for p in (out / "plan-prune-default.json", job / "plan.json"))
+    for key in ("drop_layers", "layers", "clap", "slnp", "post_norms"):
+        assert ours[key] == theirs[key], key
+    assert ours["hidden"]["keep"] == theirs["hidden"]["keep"]
+    assert ours["hidden"]["method"] == theirs["hidden"]["method"] == "rotate"
+    assert ours["targets"]["refit"] == theirs["targets"]["refit"] == "refit"
+    ids = np.random.default_rng(0).integers(0, 64, size=(2, 12))
+    logits = []
+    for graph in (work / "prune-default.onnx", job / "pruned.onnx"):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": ids}
+        if "attention_mask" in [i.name for i in session.get_inputs()]:
+            feeds["attention_mask"] = np.ones_like(ids)
+        logits.append(session.run(["logits"], feeds)[0])
+    scale = float(np.abs(logits[1]).max())
+    assert scale > 0 and np.abs(logits[0] - logits[1]).max() <= 1e-5 * scale
+    (work / "prune-default.onnx").unlink()
 
 
 def test_table3_recovery_row_is_the_recovered_graph(tiny, tmp_path):
     out = tmp_path / "r"
     _run(tiny, out, "table3", "--params", "0.6", "--drop-layers", "1", "--table3-rows", "+CLAP+SLNP",
-         "--recover-minutes", "0.02", "--train-samples", "8", "--recover-eval-samples", "2")
+         "--recover-steps", "2", "--recover-with", "distill", "--train-samples", "8",
+         "--recover-eval-samples", "2", "--recover-args=--no-bf16 --lr 3e-4")
     report = json.loads((out / "table3.json").read_text())
     assert list(report["rows"]) == ["unpruned", "+CLAP+SLNP", "+CLAP+SLNP + recovery"]
     recovered = report["rows"]["+CLAP+SLNP + recovery"]
     summary = json.loads((tiny[1] / "recover-clap-slnp" / "summary.json").read_text())
-    assert summary["recover"]["time_budget_s"] == 1 and summary["steps"] >= 1
+    assert summary["steps"] == 2  # the same optimizer steps for every row, whatever the load
+    assert summary["fingerprint"]["bf16"] is False and summary["fingerprint"]["lr"] == 3e-4  # --recover-args
     assert recovered["graph"] == "distilled.onnx"
     assert recovered["parameters"] == report["rows"]["+CLAP+SLNP"]["parameters"]  # same shape, trained weights
     assert recovered["perplexity"] != report["rows"]["+CLAP+SLNP"]["perplexity"]
-    assert "`pangu-light recover` for 0.02 min" in (out / "table3.md").read_text()
+    assert "`pangu-light distill --no-bf16 --lr 3e-4` for 2 optimizer steps" in (out / "table3.md").read_text()
 
 
 def test_table4_post_norm_rows(tiny, tmp_path):
@@ -135,14 +175,16 @@ def test_table4_post_norm_rows(tiny, tmp_path):
 
 def test_fig2_points_and_plot(tiny, tmp_path):
     out = tmp_path / "r"
-    _run(tiny, out, "fig2", "--fig2-levels", "0.8:0,0.6:1", "--fig2-methods", "minitron,rotate+refit",
+    _run(tiny, out, "fig2", "--fig2-levels", "0.8:0,0.6:1", "--fig2-methods", "minitron,prune-default",
          "--latency-seq", "16", "--repeats", "3")
     assert {p.name for p in out.iterdir()} == {"fig2.md", "fig2.json", "fig2.png"}
     assert (out / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "fig2.json").read_text())
     points = report["points"]
-    assert [(p["level"], p["method"]) for p in points] == [("0.8:0", "minitron"), ("0.8:0", "rotate+refit"),
-                                                           ("0.6:1", "minitron"), ("0.6:1", "rotate+refit")]
+    assert [(p["level"], p["method"]) for p in points] == [("0.8:0", "minitron"), ("0.8:0", "prune-default"),
+                                                           ("0.6:1", "minitron"), ("0.6:1", "prune-default")]
+    methods = [(p["targets"]["hidden_method"], p["refit"]) for p in points]
+    assert methods == [("select", "none"), ("rotate", "refit")] * 2
     base = report["unpruned"]
     for p in points:
         assert p["speedup"] > 0 and p["median_ms"] > 0
