@@ -69,8 +69,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "--ce-weight", type=float, default=0.0, help="weight a of the next-token cross-entropy (default 0: KL only)"
     )
     train.add_argument(
-        "--no-bf16", dest="bf16", action="store_false", help="float32 matmuls (default: bfloat16 autocast)"
+        "--bf16", dest="bf16", action="store_true", default=None,
+        help="bfloat16 autocast matmuls (default on a GPU, and on a CPU where they measure faster than float32: "
+        "CPUs without native bfloat16 instructions emulate them, tens of times slower)",
     )
+    train.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 matmuls")
     train.add_argument(
         "--kd", choices=("full", "topk"), default="full",
         help="full: KL over the whole vocabulary (default, exact); topk: KL over the teacher's --top-k tokens plus "
@@ -134,6 +137,9 @@ def config_from_args(args: argparse.Namespace, graph: Path, output: Path, *, tim
     ``time_budget`` seconds), and the global batch."""
     import numpy as np
     import torch
+
+    if args.bf16 is None:  # resolved here, in place: recover reads args.bf16 too
+        args.bf16 = resolve_bf16(quiet=getattr(args, "quiet", False))
 
     from pangu_light.frontend.distill import DistillConfig
     from pangu_light.frontend.distill.budget import parse_duration
@@ -237,3 +243,23 @@ def report(result, args: argparse.Namespace, global_batch: int) -> None:
             + (f", {result.graph} (ORT vs PyTorch max |diff| {result.export_max_abs_diff:.2e})" if result.graph else "")
         )
     print(f"curves: {result.output / 'loss.png'}, {result.output / 'metrics.jsonl'}")
+
+
+def resolve_bf16(*, quiet: bool = False) -> bool:
+    """The default for bfloat16 autocast: on with a GPU; on a CPU only where it measures at least as
+    fast as float32 (``bf16_speedup``), else float32 with one line saying why."""
+    import sys
+
+    import torch
+
+    from pangu_light.frontend.distill.objective import bf16_speedup
+
+    if torch.cuda.is_available():
+        return True
+    speedup = bf16_speedup()
+    if speedup >= 1.0:
+        return True
+    if not quiet:
+        print(f"bfloat16 matmuls are emulated on this CPU ({1 / speedup:.0f}x slower than float32): training in "
+              "float32 (--bf16 forces bfloat16)", file=sys.stderr)
+    return False
