@@ -26,7 +26,8 @@ Choices, each by the statistics of ``calib.stats`` (higher = more important):
 
 A parameter budget (``params``: a fraction of the current count) fixes the widths nobody
 gave (``calib.budget``: heads and FFN by one factor, the hidden size more gently, then the FFN
-width solved for the budget exactly). ``align`` rounds hidden and FFN widths to multiples of N.
+width solved for the budget exactly). ``align`` rounds hidden and FFN widths to multiples of N (each
+layer's spread FFN width too: largest remainders keep the total).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *,
         )
     # a width the user gave, or the sensitivity spread chose, is kept per layer
     spread_ffn = not targets.uniform and targets.ffn is None and targets.spread != "sensitivity"
-    for index, keep in _ffn_choice(model_map, stats, shape, not spread_ffn).items():
+    for index, keep in _ffn_choice(model_map, stats, shape, not spread_ffn, targets.align).items():
         plan.layers[index].ffn = keep
     plan.drop_layers = sorted(dropped)
     plan.clap = targets.clap
@@ -282,7 +283,9 @@ def _layers_to_drop(model_map: ModelMap, stats: CalibrationStats, targets: Targe
     return chosen
 
 
-def _ffn_choice(model_map: ModelMap, stats: CalibrationStats, shape: Shape, uniform: bool) -> dict[int, list[int]]:
+def _ffn_choice(
+    model_map: ModelMap, stats: CalibrationStats, shape: Shape, uniform: bool, align: int = 1
+) -> dict[int, list[int]]:
     kept_layers = [l for l in model_map.layers if l.index not in shape.dropped]
     widths = {l.index: shape.ffn[l.index] for l in kept_layers}
     total = sum(widths.values())
@@ -299,10 +302,39 @@ def _ffn_choice(model_map: ModelMap, stats: CalibrationStats, shape: Shape, unif
     chosen: dict[int, list[int]] = {l.index: [] for l in kept_layers}
     for _, index, m in entries[:total]:
         chosen[index].append(m)
+    if align > 1:
+        counts = _aligned_counts({i: len(keep) for i, keep in chosen.items()},
+                                 {l.index: l.ffn.intermediate_size for l in kept_layers}, total, align)
+        return {i: _top(stats.ffn[i], count) for i, count in counts.items()}
     for layer in kept_layers:  # every layer keeps at least one neuron
         if not chosen[layer.index]:
             chosen[layer.index] = _top(stats.ffn[layer.index], 1)
     return {index: sorted(keep) for index, keep in chosen.items()}
+
+
+def _aligned_counts(counts: dict[int, int], full: dict[int, int], total: int, align: int) -> dict[int, int]:
+    """Per-layer neuron counts rounded to multiples of ``align`` (or the layer's full width) that
+    still add up to ``total`` where the widths allow: each layer gets the whole blocks its share of
+    the global ranking holds, then the blocks left go to the largest remainders (ties: the lower
+    layer). Within a layer the global ranking orders neurons as the layer's own scores do, so the
+    kept neurons are its top ``count``. Every layer keeps at least one block."""
+    def blocks_in(index: int) -> int:  # the full width counts as one more block when it is not aligned
+        return -(-full[index] // align)
+
+    def width(index: int, blocks: int) -> int:
+        return min(full[index], blocks * align)
+
+    blocks = {i: min(blocks_in(i), max(1, c // align)) for i, c in counts.items()}
+    remainders = sorted(counts, key=lambda i: (-(counts[i] % align), i))
+    while sum(width(i, b) for i, b in blocks.items()) < total:
+        grown = False
+        for i in remainders:
+            if blocks[i] < blocks_in(i) and sum(width(j, b) for j, b in blocks.items()) < total:
+                blocks[i] += 1
+                grown = True
+        if not grown:
+            break
+    return {i: width(i, b) for i, b in blocks.items()}
 
 
 def _slnp_scales(model_map: ModelMap, hidden: list[int]) -> dict[str, float]:

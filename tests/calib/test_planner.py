@@ -6,8 +6,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.calib.budget import SPREADS
-from pangu_light.calib.planner import Targets, make_plan
+from pangu_light.calib.budget import SPREADS, resolve_shape
+from pangu_light.calib.planner import Targets, _ffn_choice, make_plan
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_stats import GraphStats
@@ -140,6 +140,29 @@ def test_budget_spreads_ffn_over_layers_unless_uniform_or_given(llama_map):
     assert len({len(l.ffn) for l in uniform.layers}) == 1
     given = make_plan(llama_map, stats, Targets(ffn=48))
     assert all(len(l.ffn) == 48 for l in given.layers)
+
+
+@pytest.mark.parametrize("align", [4, 8])
+def test_spread_ffn_widths_are_aligned_per_layer(llama_map, align):
+    """--align rounds each layer's spread FFN width, not only the mean width: a block of N neurons
+    is the unit of an int4 MatMul, so an unaligned layer wastes its cut. The total stays the
+    unaligned spread's, each layer moves by less than one block from it, and keeps its top
+    neurons by its own scores."""
+    stats = fake_stats(llama_map)
+    stats.ffn = [s ** (1 + 3 * i) for i, s in enumerate(stats.ffn)]  # unevenly skewed layers
+    targets = Targets(params=0.7, hidden=llama_map.hidden_size, align=align)
+    aligned = make_plan(llama_map, stats, targets)
+    shape = resolve_shape(llama_map, targets, set())
+    before = [len(keep) for _, keep in sorted(_ffn_choice(llama_map, stats, shape, False, 1).items())]
+    after = [len(l.ffn) for l in aligned.layers]
+    full = [l.ffn.intermediate_size for l in llama_map.layers]
+    assert len(set(before)) > 1 and before != after  # the case where rounding matters
+    assert all(w % align == 0 or w == f for w, f in zip(after, full))
+    assert sum(after) == sum(before) == len(full) * aligned.estimate["ffn"]
+    assert all(abs(a - b) < align for a, b in zip(after, before))
+    for layer, plan in zip(llama_map.layers, aligned.layers):
+        top = np.argsort(-stats.ffn[layer.index], kind="stable")[: len(plan.ffn)]
+        assert plan.ffn == sorted(top.tolist())
 
 
 def test_clap_merges_rank_groups_of_both_layers(llama_map):
