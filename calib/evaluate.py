@@ -46,6 +46,7 @@ def perplexity(
     threads: int | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Perplexity:
+    from pangu_light.calib.half import float32_copy_for_cpu
     from pangu_light.runtime.layout import DecodeLayout
     from pangu_light.runtime.session import create_session
 
@@ -53,7 +54,7 @@ def perplexity(
         raise PanguLightError("perplexity needs sequences of at least 2 tokens, shaped [N, L]")
     if batch_size < 1:
         raise PanguLightError(f"batch size must be at least 1 (got {batch_size})")
-    with _runnable(graph_path, provider) as runnable:
+    with float32_copy_for_cpu(graph_path, "evaluation", provider) as runnable:
         session = create_session(runnable, provider=provider, threads=threads).session
     # A decode graph evaluates with an empty past.
     decode = any(contract.is_past_input(spec.name) for spec in session.get_inputs())
@@ -87,19 +88,6 @@ def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
     target = np.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
     return log_norm - target
-
-
-def _runnable(graph_path, provider: str):
-    """The graph itself, or for a half graph on the CPU its float32 copy (``calib.half``); the
-    session holds the weights once created, so the copy can go when the block ends."""
-    from contextlib import nullcontext
-
-    from pangu_light.calib.half import float32_copy_for_cpu
-    from pangu_light.runtime.session import resolve_provider
-
-    if resolve_provider(provider) == "cpu":
-        return float32_copy_for_cpu(graph_path, "evaluation")
-    return nullcontext(Path(graph_path))
 
 
 def evaluate_graphs(

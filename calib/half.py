@@ -93,8 +93,12 @@ def say_float32_copy(dtype: ir.DataType, what: str) -> None:
 
 
 def file_half_dtype(path: str | os.PathLike) -> ir.DataType | None:
-    """The half dtype of the logits of the graph at ``path`` (read without its weights), or None."""
-    proto = onnx.load(str(path), load_external_data=False)
+    """The half dtype of the logits of the graph at ``path`` (read without its weights), or None;
+    None too for a file that cannot be read as ONNX (the session that loads it says why)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # missing, truncated or not ONNX: create_session gives the clear error
+        return None
     for output in proto.graph.output:
         dtype = ir.DataType(output.type.tensor_type.elem_type)
         if dtype in HALF:
@@ -103,10 +107,14 @@ def file_half_dtype(path: str | os.PathLike) -> ir.DataType | None:
 
 
 @contextmanager
-def float32_copy_for_cpu(path: str | os.PathLike, what: str) -> Iterator[Path]:
-    """``path`` itself for a float32 graph; for a half graph, a float32 copy in a temporary
-    directory (weights in a side file, widened one tensor at a time), removed on exit."""
-    dtype = file_half_dtype(path)
+def float32_copy_for_cpu(path: str | os.PathLike, what: str, provider: str = "cpu") -> Iterator[Path]:
+    """``path`` itself for a float32 graph or a provider other than the CPU; for a half graph on
+    the CPU, a float32 copy in a temporary directory (weights in a side file, widened one tensor
+    at a time), removed on exit. A session created inside the block holds the weights, so the
+    copy can go when the block ends."""
+    from pangu_light.runtime.session import resolve_provider
+
+    dtype = file_half_dtype(path) if resolve_provider(provider) == "cpu" else None
     if dtype is None:
         yield Path(path)
         return

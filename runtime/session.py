@@ -255,6 +255,14 @@ def create_session(
         session = ort.InferenceSession(str(path), session_options, providers=providers)
     except Exception as error:  # onnxruntime raises its own pybind exception types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "NOT_IMPLEMENTED" in first_line:
+            names = ", ".join(p if isinstance(p, str) else p[0] for p in providers)
+            raise RuntimeUserError(
+                f"ONNX Runtime has no kernel for an op of {str(path)!r} on {names} "
+                f"({first_line}). A float16/bfloat16 graph on the CPU provider is the usual cause: `run`, `eval` and "
+                "`calibrate` run a float32 copy of it by themselves; to time it, export with --dtype float32 or "
+                "use a GPU provider"
+            ) from None
         raise RuntimeUserError(
             f"ONNX Runtime could not load {str(path)!r} ({first_line}): check that it is a complete "
             "graph written by `pangu-light export` or `compile`"

@@ -12,6 +12,9 @@ Greedy (arg-max) by default. --temperature T > 0 samples instead: softmax(logits
 the --top-k most likely tokens and then to the --top-p nucleus; --seed makes the draws
 reproducible (each prompt of the batch has its own stream).
 
+A float16/bfloat16 graph on the CPU provider (which lacks half-precision kernels) runs as a
+float32 copy of itself, weights widened exactly, and says so in one line.
+
 --provider auto picks CANN (when the CANN libraries are present), else CUDA, else the CPU. The
 providers really in use are printed at the end with the speed; a provider that fell back to
 the CPU is reported with a warning (an error with --strict-provider). CANN options pass
@@ -83,9 +86,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise RuntimeUserError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     sampling = sampling_from_args(args)
-    with warnings.catch_warnings(record=True) as caught:
+    from pangu_light.calib.half import float32_copy_for_cpu
+
+    options = session_options_from_args(args)
+    with (warnings.catch_warnings(record=True) as caught,
+          float32_copy_for_cpu(args.model, "generation", options["provider"]) as runnable):
         warnings.simplefilter("always", ProviderFallbackWarning)
-        info = create_session(args.model, **session_options_from_args(args))
+        info = create_session(runnable, **options)
     for warning in caught:
         if issubclass(warning.category, ProviderFallbackWarning):
             print(f"warning: {warning.message}", file=sys.stderr)
