@@ -7,7 +7,7 @@ The pruned graph is re-imported into PyTorch with its per-layer shapes and train
 teacher's full-vocabulary distribution: loss = (1 - a) T^2 KL(teacher || student) + a CE
 (--temperature T, --ce-weight a; KL alone by default), AdamW with a cosine decay of the learning
 rate, gradient clipping and accumulation, bfloat16 autocast matmuls where they are fast (a GPU, or
-a CPU with native bfloat16; --bf16 / --no-bf16 force the choice).
+a CPU with bfloat16 instructions; --bf16 / --no-bf16 force the choice).
 The teacher's final hidden states are computed once and cached on disk (its logits are one
 matmul away), unless --online-teacher. Training text is the calibration split of --data, cut
 into --seq-len windows and shuffled by --seed; held-out perplexity and KL are measured on the

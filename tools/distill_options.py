@@ -70,8 +70,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--bf16", dest="bf16", action="store_true", default=None,
-        help="bfloat16 autocast matmuls (default on a GPU, and on a CPU where they measure faster than float32: "
-        "CPUs without native bfloat16 instructions emulate them, tens of times slower)",
+        help="bfloat16 autocast matmuls (default on a GPU, and on a CPU with bfloat16 instructions, AVX512-BF16 or "
+        "AMX: other CPUs emulate them, tens of times slower than float32)",
     )
     train.add_argument("--no-bf16", dest="bf16", action="store_false", help="float32 matmuls")
     train.add_argument(
@@ -246,20 +246,17 @@ def report(result, args: argparse.Namespace, global_batch: int) -> None:
 
 
 def resolve_bf16(*, quiet: bool = False) -> bool:
-    """The default for bfloat16 autocast: on with a GPU; on a CPU only where it measures at least as
-    fast as float32 (``bf16_speedup``), else float32 with one line saying why."""
+    """The default for bfloat16 autocast: on with a GPU; on a CPU only where it has bfloat16
+    instructions (``cpu_has_native_bf16``), else float32 with one line saying why."""
     import sys
 
     import torch
 
-    from pangu_light.frontend.distill.objective import bf16_speedup
+    from pangu_light.frontend.distill import objective
 
-    if torch.cuda.is_available():
-        return True
-    speedup = bf16_speedup()
-    if speedup >= 1.0:
+    if torch.cuda.is_available() or objective.cpu_has_native_bf16():
         return True
     if not quiet:
-        print(f"bfloat16 matmuls are emulated on this CPU ({1 / speedup:.0f}x slower than float32): training in "
-              "float32 (--bf16 forces bfloat16)", file=sys.stderr)
+        print("this CPU has no bfloat16 instructions (emulated bfloat16 matmuls measured tens of times slower): "
+              "training in float32 (--bf16 forces bfloat16)", file=sys.stderr)
     return False

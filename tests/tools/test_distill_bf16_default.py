@@ -1,5 +1,5 @@
-"""distill/recover's bfloat16 default: forced by --bf16 / --no-bf16, otherwise on only where bfloat16
-matmuls measure at least as fast as float32 (a CPU without native bfloat16 emulates them)."""
+"""distill/recover's bfloat16 default: forced by --bf16 / --no-bf16, otherwise on only where the CPU
+has bfloat16 instructions (a CPU without them emulates bfloat16 matmuls, tens of times slower)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ def test_flags_force_the_choice_and_the_default_is_left_to_the_machine():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU bfloat16 is always the default")
-@pytest.mark.parametrize("speedup, expected", [(0.05, False), (0.99, False), (1.0, True), (3.0, True)])
-def test_the_default_follows_the_measured_speedup(monkeypatch, capsys, speedup, expected):
-    monkeypatch.setattr(objective, "bf16_speedup", lambda: speedup)
-    assert resolve_bf16() is expected
+@pytest.mark.parametrize("native", [False, True])
+def test_the_default_follows_the_cpu(monkeypatch, capsys, native):
+    monkeypatch.setattr(objective, "cpu_has_native_bf16", lambda: native)
+    assert resolve_bf16() is native
     said = capsys.readouterr().err
-    assert ("emulated" in said and "--bf16" in said) is (not expected)
+    assert ("no bfloat16 instructions" in said and "--bf16" in said) is (not native)
+    assert resolve_bf16(quiet=True) is native and capsys.readouterr().err == ""
 
 
-def test_the_measurement_is_a_positive_ratio():
-    assert objective.bf16_speedup(size=64, repeats=1) > 0
+def test_the_cpu_answer_is_stable():
+    """The same answer every time: two runs on one machine (or a resumed run) never differ."""
+    assert len({objective.cpu_has_native_bf16() for _ in range(5)}) == 1
