@@ -78,12 +78,14 @@ class _FusedKD(torch.autograd.Function):
     top-k teacher of ``frontend.kd_topk``)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, teacher, targets, opts: KDLossOptions):
+    def forward(ctx, h_s, w_s, teacher, targets, opts: KDLossOptions, grad_enabled: bool = True):
         n = h_s.shape[0]
         m = max(int((targets >= 0).sum()), 1)
         T, a = opts.temperature, opts.ce_weight
         dtype = opts.matmul_dtype
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # forward always runs with grad off; the caller's mode says whether a backward can follow
+        # (under no_grad needs_input_grad is still True: evaluation paid for both gradients)
+        want = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         hs, ws = h_s.detach().to(dtype), w_s.detach().to(dtype)  # cast once per call, not per chunk
         ws_t = ws.t()
         device = h_s.device
@@ -148,7 +150,7 @@ class _FusedKD(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         gh = None if grad_h is None else (grad_h * grad_loss).to(h_dtype)
         gw = None if grad_w is None else (grad_w * grad_loss).to(w_dtype)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def fused_kd_loss(
@@ -168,7 +170,7 @@ def fused_kd_loss(
             f"student vocabulary {student_head.shape[0]} != teacher vocabulary {teacher_head.shape[0]}"
         )
     teacher = FullTeacher(teacher_hidden.float(), teacher_head, options)
-    return _FusedKD.apply(student_hidden, student_head, teacher, targets, options)
+    return _FusedKD.apply(student_hidden, student_head, teacher, targets, options, torch.is_grad_enabled())
 
 
 def reference_kd_loss(student_hidden, student_head, teacher_hidden, teacher_head, targets, options=KDLossOptions()):

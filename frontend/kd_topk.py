@@ -90,7 +90,7 @@ def fused_topk_kd_loss(student_hidden: torch.Tensor, student_head: torch.Tensor,
         raise ValueError("student rows, teacher rows and targets must agree")
     if int(teacher.index.max()) >= student_head.shape[0]:
         raise ValueError(f"teacher token ids reach {int(teacher.index.max())}, past the student's vocabulary")
-    return _FusedKD.apply(student_hidden, student_head, teacher, targets, options)
+    return _FusedKD.apply(student_hidden, student_head, teacher, targets, options, torch.is_grad_enabled())
 
 
 def reference_topk_kd_loss(student_hidden, student_head, teacher: TopKTeacher, targets, options=None):

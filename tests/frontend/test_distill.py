@@ -108,6 +108,32 @@ def test_fused_loss_equals_autograd(options, n):
         assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
 
 
+@pytest.mark.parametrize("options", [KDLossOptions(chunk=7), KDLossOptions(temperature=2.0, ce_weight=0.3, chunk=16)])
+def test_no_grad_gives_the_same_loss_without_computing_gradients(options, monkeypatch):
+    """Held-out evaluation runs under no_grad: the same (loss, kl, ce), and none of the gradient
+    matmuls (dL/dh_s per chunk, dL/dW_s per block) that a training step needs."""
+    generator = torch.Generator().manual_seed(2)
+    h_s = torch.randn(41, 12, generator=generator, requires_grad=True)
+    w_s = (torch.randn(90, 12, generator=generator) * 0.7).requires_grad_()
+    h_t, w_t = torch.randn(41, 20, generator=generator), torch.randn(90, 20, generator=generator)
+    targets = torch.randint(0, 90, (41,), generator=generator)
+    calls, mm = [0], torch.mm
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", counted)
+    training = fused_kd_loss(h_s, w_s, h_t, w_t, targets, options)
+    training_calls, calls[0] = calls[0], 0
+    with torch.no_grad():
+        evaluating = fused_kd_loss(h_s, w_s, h_t, w_t, targets, options)
+    chunks = -(-41 // options.chunk)
+    assert training_calls - calls[0] == chunks + 1  # one dL/dh_s per chunk, one dL/dW_s block
+    for a, b in zip(training, evaluating):
+        assert abs(float(a.detach()) - float(b)) <= 1e-6 * abs(float(b)) + 1e-7
+
+
 def test_bfloat16_matmuls_stay_close():
     generator = torch.Generator().manual_seed(1)
     h_s, w_s = torch.randn(64, 32, generator=generator), torch.randn(300, 32, generator=generator) * 0.3
