@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pangu_light.calib.budget import resolve_shape
+from pangu_light.calib.budget import SPREADS, resolve_shape
 from pangu_light.calib.rotation import plan_rotation
 from pangu_light.calib.sensitivity import sensitivity_shape
 from pangu_light.calib.stats import CalibrationStats
@@ -79,6 +79,21 @@ class Targets:
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
+    def check(self) -> None:
+        """The errors that need no model: raised before any export or calibration is paid for."""
+        if self.params is not None and not 0 < self.params <= 1:
+            raise PanguLightError(f"--params {self.params}: give the fraction of parameters to keep, in (0, 1]")
+        if self.align < 1:
+            raise PanguLightError(f"--align must be at least 1 (got {self.align})")
+        if self.spread not in SPREADS:
+            raise PanguLightError(f"--spread {self.spread!r}: use one of {', '.join(SPREADS)}")
+        if self.drop_layers is not None and self.drop_layers < 0:
+            raise PanguLightError(f"cannot drop {self.drop_layers} layers")
+        if self.layers is not None and self.drop_layers is not None:
+            raise PanguLightError("give either the number of layers to drop or which layers, not both")
+        if self.hidden is not None and self.hidden < 1:
+            raise PanguLightError(f"hidden={self.hidden}: keep at least 1 channel")
+
 
 # ------------------------------------------------------------------------------ the plan
 
@@ -90,8 +105,7 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *,
     ``grams`` (``calib.gram.GramStats`` of this graph) and ``layer_scales`` (its
     ``calib.sensitivity_probe.LayerScales``) with spread sensitivity."""
     _check_stats(model_map, stats)
-    if targets.align < 1:
-        raise PanguLightError(f"--align must be at least 1 (got {targets.align})")
+    targets.check()
     dropped = _layers_to_drop(model_map, stats, targets)
     shape = resolve_shape(model_map, targets, dropped)
     if targets.spread == "sensitivity":

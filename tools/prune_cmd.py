@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
             "prune needs a target: --params 0.7, or widths such as --hidden 448 --heads-per-group 2 "
             "--ffn 1152, or --drop-layers 6 (see `pangu-light prune --help`)"
         )
+    targets.check()  # before the export and calibration it would otherwise wait for
     out: Path = output_directory(args.output)
     start = time.perf_counter()
     note = job_notes(args.quiet)

@@ -191,3 +191,26 @@ def test_bad_input_is_one_clear_line(tiny_graph, tiny_dir, tmp_path, capsys, arg
     assert main([a.format(**values) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--params", "0"], "give the fraction of parameters to keep, in (0, 1]"),
+        (["--params", "1.5"], "give the fraction of parameters to keep, in (0, 1]"),
+        (["--params", "0.8", "--align", "0"], "--align must be at least 1"),
+        (["--drop-layers", "-1"], "cannot drop -1 layers"),
+    ],
+)
+def test_prune_refuses_bad_targets_before_exporting(tiny_dir, tmp_path, capsys, monkeypatch, extra, message):
+    """A ratio that keeps nothing is an error in a second, not after the export and calibration."""
+    from pangu_light.tools import prune_cmd
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before checking the targets")
+
+    monkeypatch.setattr(prune_cmd, "export_kinds", no_export)
+    assert main(["prune", str(tiny_dir[0]), "-o", str(tmp_path / "job"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "job").exists()
