@@ -143,7 +143,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "--uniform", action="store_true", help="the same shape in every layer (a standard Hugging Face config)"
     )
     group.add_argument(
-        "--align", type=int, default=1, metavar="N", help="round kept hidden/FFN widths to multiples of N"
+        "--align", type=int, default=1, metavar="N",
+        help="round kept hidden/FFN widths (each layer's too) to multiples of N, e.g. 32 for int4 blocks",
     )
     group.add_argument(
         "--clap", action="store_true", help="merge each dropped layer's best KV groups into its neighbour (CLAP)"
