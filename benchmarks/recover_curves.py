@@ -22,7 +22,9 @@ the budget counts; set-up excluded), ``wall_s`` and ``cpu_s`` (the process's wal
 since it started: set-up included). DIR/recover_curves.png plots held-out perplexity on both
 sources against training wall minutes and against process CPU minutes, with the teacher's
 perplexity on the same windows; DIR/recover_curves.json holds every curve, each run's set-up
-stages, tokens/s, the machine and its load average at each run's start and end. At the end
+stages, tokens/s, the matmul precision the run resolved (distill picks float32 on a CPU that
+emulates bfloat16; the runs are --quiet, so it is read from each summary's fingerprint), the
+machine and its load average at each run's start and end. At the end
 every distilled graph, the pruned start and the teacher are evaluated under ONNX Runtime
 (float32) on the same windows. A run that fails its re-export check (it then writes no summary or
 graph) keeps its curve and is reported as failing it; the table gives each run's max |diff|.
@@ -64,6 +66,13 @@ def _run(name: str, command: list[str], out: Path) -> dict:
     if not (out / "metrics.jsonl").is_file():
         raise SystemExit(f"{name} wrote no metrics (exit status {code}); see its output above")
     return {"wall_s": seconds, "load_start": load_start, "load_end": os.getloadavg(), "returncode": code}
+
+
+def matmul_precision(summary: dict) -> str:
+    """The matmul precision a run trained and evaluated in, from its summary's fingerprint
+    ("unknown" without one: a run that failed its re-export check writes no summary)."""
+    bf16 = summary.get("fingerprint", {}).get("bf16")
+    return "unknown" if bf16 is None else ("bfloat16" if bf16 else "float32")
 
 
 def _curve(history: list[dict], source: str) -> list[tuple[float, float, float, float]]:
@@ -172,6 +181,7 @@ def main() -> None:
             "local_s": summary.get("recover", {}).get("local_s", 0.0), "warmup": summary.get("warmup"),
             "reexport_max_abs_diff": summary.get("export_max_abs_diff"),
             "reexport_check": "passed" if summary.get("distilled_graph") else "failed (no summary or graph)",
+            "matmuls": matmul_precision(summary),
             "stages": summary.get("stages"), "median_kd_tokens_per_s": statistics.median(speeds) if speeds else None,
             "tokens": last["tokens"], "final_cpu_s": last.get("cpu_s"), "final_wall_s": last.get("wall_s"),
             "curves": {source: _curve(history, source) for source in SOURCES},
@@ -187,13 +197,14 @@ def main() -> None:
         print(f"perplexity on {data} (eval split, {args.eval_samples} x 256 tokens; ONNX Runtime, float32):")
         print(format_table([(f"  {label}", f"{value:.2f}", f"({value / values['teacher']:.2f}x teacher)")
                             for label, value in values.items()]))
-    table = [("run", "load start/end", "set-up s", "local s", "KD s", "KD steps", "tokens", "KD tok/s (median)",
-              "CPU min", "wall min", "re-export |diff|")]
+    table = [("run", "matmuls", "load start/end", "set-up s", "local s", "KD s", "KD steps", "tokens",
+              "KD tok/s (median)", "CPU min", "wall min", "re-export |diff|")]
     for name, r in record.items():
         load = "-" if r["load_start"] is None else f"{r['load_start'][0]:.1f}/{r['load_end'][0]:.1f}"
         diff = r["reexport_max_abs_diff"]
-        table.append((name, load, f"{r['setup_s'] or 0:.0f}", f"{r['local_s']:.0f}", f"{r['kd_train_s']:.0f}",
-                      str(r["kd_steps"]), f"{r['tokens']:,}", f"{r['median_kd_tokens_per_s'] or 0:.0f}",
+        table.append((name, r["matmuls"], load, f"{r['setup_s'] or 0:.0f}", f"{r['local_s']:.0f}",
+                      f"{r['kd_train_s']:.0f}", str(r["kd_steps"]), f"{r['tokens']:,}",
+                      f"{r['median_kd_tokens_per_s'] or 0:.0f}",
                       f"{(r['final_cpu_s'] or 0) / 60:.1f}", f"{(r['final_wall_s'] or 0) / 60:.1f}",
                       "failed" if diff is None else f"{diff:.2e} passed"))
     print(format_table(table))
