@@ -4,6 +4,7 @@ top-k KD, from the same pruned start with the same budget (numbers for reports, 
     python benchmarks/recover_curves.py PRUNE_DIR --workdir DIR [--budget 10m] [--teacher smollm2-135m]
         [--train-samples 512] [--local-fraction 0.3] [--top-k 64] [--eval-interval 90s]
         [--eval-samples 8] [--threads N] [--methods local,full,topk] [--shared-cache] [--lr LR] [--warmup W]
+        [--precision auto|float32|bfloat16]
 
 PRUNE_DIR is a `pangu-light prune` output (its pruned.onnx is the start of every run, its
 original.onnx the teacher's graph). The runs go one after another, each a CLI subprocess with the
@@ -24,7 +25,10 @@ sources against training wall minutes and against process CPU minutes, with the 
 perplexity on the same windows; DIR/recover_curves.json holds every curve, each run's set-up
 stages, tokens/s, the matmul precision the run resolved (distill picks float32 on a CPU that
 emulates bfloat16; the runs are --quiet, so it is read from each summary's fingerprint), the
-machine and its load average at each run's start and end. At the end
+machine and its load average at each run's start and end. ``--precision auto`` (the default)
+leaves the choice to distill, which times one small matmul per process: under load that timing
+is noisy and runs of one benchmark can then differ; float32 / bfloat16 force it for every run
+(--no-bf16 / --bf16). At the end
 every distilled graph, the pruned start and the teacher are evaluated under ONNX Runtime
 (float32) on the same windows. A run that fails its re-export check (it then writes no summary or
 graph) keeps its curve and is reported as failing it; the table gives each run's max |diff|.
@@ -47,6 +51,7 @@ from common import note
 from pangu_light.reports.table import format_table
 
 SOURCES = ("lambada", "wiki")
+PRECISION_FLAGS = {"auto": [], "float32": ["--no-bf16"], "bfloat16": ["--bf16"]}
 
 
 def _cli() -> str:
@@ -124,6 +129,8 @@ def main() -> None:
     parser.add_argument("--methods", default="full,local,topk")
     parser.add_argument("--shared-cache", action="store_true", help="full and local share one teacher cache")
     parser.add_argument("--lr", help="distill's peak learning rate (default: distill's)")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="matmul precision of every run (default: distill's own choice per run)")
     parser.add_argument("--warmup", help="distill's --warmup, steps or a fraction of the run (default: distill's)")
     args = parser.parse_args()
 
@@ -139,7 +146,8 @@ def main() -> None:
               "--time-budget", args.budget, "--eval-every", "100000", "--eval-interval", args.eval_interval,
               "--save-every", "100000", "--plot-axis", "seconds", "--quiet",
               *(["--threads", str(args.threads)] if args.threads else []),
-              *(["--lr", args.lr] if args.lr else []), *(["--warmup", args.warmup] if args.warmup else [])]
+              *(["--lr", args.lr] if args.lr else []), *(["--warmup", args.warmup] if args.warmup else []),
+              *PRECISION_FLAGS[args.precision]]
     cache = {name: work / ("cache-full" if args.shared_cache and name == "local" else f"cache-{name}")
              for name in ("full", "local", "topk")}
     commands = {
