@@ -6,6 +6,7 @@ loss's options for training and for held-out evaluation (``loss_options``)."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import torch
@@ -99,20 +100,28 @@ def loss_options(config, student: torch.nn.Module, teacher: torch.nn.Module) -> 
     return train, dataclasses.replace(train, temperature=1.0, ce_weight=0.0)
 
 
-def bf16_speedup(size: int = 384, repeats: int = 3) -> float:
-    """How many times faster a bfloat16-autocast matmul is than a float32 one on this machine's CPU
-    (best of ``repeats``, after one warm-up each). A CPU without native bfloat16 instructions
-    emulates them: measured 62x SLOWER (a ratio of 0.016) on an AVX2 EPYC, which made every
-    distillation step there 7-20x slower. Costs well under a second."""
-    a = torch.randn(size, size)
+def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, bf16: bool) -> float:
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        torch.mm(a, b)
+    return time.perf_counter() - start
 
-    def best(enabled: bool) -> float:
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-                a @ a
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
 
-    return best(False) / best(True)
+def bf16_speedup(rows: int = 256, inner: int = 576, cols: int = 8192, pairs: int = 5) -> float:
+    """How many times faster a bfloat16-autocast matmul is than a float32 one on this machine's CPU:
+    the median over ``pairs`` of t_float32 / t_bfloat16, each pair timed back to back (after one
+    warm-up pair), on a ``[rows, inner] @ [inner, cols]`` product shaped like a slice of the
+    lm_head matmul that dominates a small student's step. A CPU without native bfloat16
+    instructions emulates them (measured 62x SLOWER, a ratio of 0.016, on an AVX2 EPYC, which made
+    every distillation step there 7-20x slower). Pairs and the median, not the best of each
+    precision timed apart on a 384 x 384 square: on a loaded 2-core machine that older measurement
+    gave 0.05 to 79 in fresh processes on one CPU, so the default precision was a coin toss; a
+    square that small also does not rank the precisions as the lm_head's shape does. About 1 s."""
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    ratios = []
+    for pair in range(pairs + 1):
+        float32 = _matmul_seconds(a, b, False)
+        bfloat16 = _matmul_seconds(a, b, True)
+        if pair:
+            ratios.append(float32 / bfloat16)
+    return statistics.median(ratios)

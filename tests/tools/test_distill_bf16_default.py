@@ -34,4 +34,20 @@ def test_the_default_follows_the_measured_speedup(monkeypatch, capsys, speedup, 
 
 
 def test_the_measurement_is_a_positive_ratio():
-    assert objective.bf16_speedup(size=64, repeats=1) > 0
+    assert objective.bf16_speedup(rows=8, inner=16, cols=32, pairs=1) > 0
+
+
+def test_one_disturbed_pair_does_not_decide(monkeypatch):
+    """Pairs timed back to back, then the median: bfloat16 twice as fast in four pairs, and one pair
+    where the float32 timing was preempted (100x) or the bfloat16 one was (x100) changes nothing."""
+    for outlier in ((0.1, 0.0005), (0.001, 0.05)):
+        timings = iter([(0.003, 0.003)] + [(0.001, 0.0005)] * 2 + [outlier] + [(0.001, 0.0005)] * 2)
+        pair = []
+
+        def fake(a, b, bf16):
+            if not bf16:
+                pair[:] = next(timings)
+            return pair[1] if bf16 else pair[0]
+
+        monkeypatch.setattr(objective, "_matmul_seconds", fake)
+        assert objective.bf16_speedup(pairs=5) == pytest.approx(2.0)
