@@ -4,6 +4,7 @@ top-k KD, from the same pruned start with the same budget (numbers for reports, 
     python benchmarks/recover_curves.py PRUNE_DIR --workdir DIR [--budget 10m] [--teacher smollm2-135m]
         [--train-samples 512] [--local-fraction 0.3] [--top-k 64] [--eval-interval 90s]
         [--eval-samples 8] [--threads N] [--methods local,full,topk] [--shared-cache] [--lr LR] [--warmup W]
+        [--precision auto|float32|bfloat16]
 
 PRUNE_DIR is a `pangu-light prune` output (its pruned.onnx is the start of every run, its
 original.onnx the teacher's graph). The runs go one after another, each a CLI subprocess with the
@@ -22,7 +23,11 @@ the budget counts; set-up excluded), ``wall_s`` and ``cpu_s`` (the process's wal
 since it started: set-up included). DIR/recover_curves.png plots held-out perplexity on both
 sources against training wall minutes and against process CPU minutes, with the teacher's
 perplexity on the same windows; DIR/recover_curves.json holds every curve, each run's set-up
-stages, tokens/s, the machine and its load average at each run's start and end. At the end
+stages, tokens/s, the matmul precision the run resolved (distill picks float32 on a CPU without
+bfloat16 instructions; the runs are --quiet, so it is read from each summary's fingerprint), the
+machine and its load average at each run's start and end. ``--precision auto`` (the default)
+leaves the choice to distill; float32 / bfloat16 force it for every run (--no-bf16 / --bf16), so
+that curves from machines of different kinds compare. At the end
 every distilled graph, the pruned start and the teacher are evaluated under ONNX Runtime
 (float32) on the same windows. A run that fails its re-export check (it then writes no summary or
 graph) keeps its curve and is reported as failing it; the table gives each run's max |diff|.
@@ -45,6 +50,7 @@ from common import note
 from pangu_light.reports.table import format_table
 
 SOURCES = ("lambada", "wiki")
+PRECISION_FLAGS = {"auto": [], "float32": ["--no-bf16"], "bfloat16": ["--bf16"]}
 
 
 def _cli() -> str:
@@ -64,6 +70,13 @@ def _run(name: str, command: list[str], out: Path) -> dict:
     if not (out / "metrics.jsonl").is_file():
         raise SystemExit(f"{name} wrote no metrics (exit status {code}); see its output above")
     return {"wall_s": seconds, "load_start": load_start, "load_end": os.getloadavg(), "returncode": code}
+
+
+def matmul_precision(summary: dict) -> str:
+    """The matmul precision a run trained and evaluated in, from its summary's fingerprint
+    ("unknown" without one: a run that failed its re-export check writes no summary)."""
+    bf16 = summary.get("fingerprint", {}).get("bf16")
+    return "unknown" if bf16 is None else ("bfloat16" if bf16 else "float32")
 
 
 def _curve(history: list[dict], source: str) -> list[tuple[float, float, float, float]]:
@@ -115,6 +128,8 @@ def main() -> None:
     parser.add_argument("--methods", default="full,local,topk")
     parser.add_argument("--shared-cache", action="store_true", help="full and local share one teacher cache")
     parser.add_argument("--lr", help="distill's peak learning rate (default: distill's)")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="matmul precision of every run (default: distill's own choice per run)")
     parser.add_argument("--warmup", help="distill's --warmup, steps or a fraction of the run (default: distill's)")
     args = parser.parse_args()
 
@@ -130,7 +145,8 @@ def main() -> None:
               "--time-budget", args.budget, "--eval-every", "100000", "--eval-interval", args.eval_interval,
               "--save-every", "100000", "--plot-axis", "seconds", "--quiet",
               *(["--threads", str(args.threads)] if args.threads else []),
-              *(["--lr", args.lr] if args.lr else []), *(["--warmup", args.warmup] if args.warmup else [])]
+              *(["--lr", args.lr] if args.lr else []), *(["--warmup", args.warmup] if args.warmup else []),
+              *PRECISION_FLAGS[args.precision]]
     cache = {name: work / ("cache-full" if args.shared_cache and name == "local" else f"cache-{name}")
              for name in ("full", "local", "topk")}
     commands = {
@@ -172,6 +188,7 @@ def main() -> None:
             "local_s": summary.get("recover", {}).get("local_s", 0.0), "warmup": summary.get("warmup"),
             "reexport_max_abs_diff": summary.get("export_max_abs_diff"),
             "reexport_check": "passed" if summary.get("distilled_graph") else "failed (no summary or graph)",
+            "matmuls": matmul_precision(summary),
             "stages": summary.get("stages"), "median_kd_tokens_per_s": statistics.median(speeds) if speeds else None,
             "tokens": last["tokens"], "final_cpu_s": last.get("cpu_s"), "final_wall_s": last.get("wall_s"),
             "curves": {source: _curve(history, source) for source in SOURCES},
@@ -187,13 +204,14 @@ def main() -> None:
         print(f"perplexity on {data} (eval split, {args.eval_samples} x 256 tokens; ONNX Runtime, float32):")
         print(format_table([(f"  {label}", f"{value:.2f}", f"({value / values['teacher']:.2f}x teacher)")
                             for label, value in values.items()]))
-    table = [("run", "load start/end", "set-up s", "local s", "KD s", "KD steps", "tokens", "KD tok/s (median)",
-              "CPU min", "wall min", "re-export |diff|")]
+    table = [("run", "matmuls", "load start/end", "set-up s", "local s", "KD s", "KD steps", "tokens",
+              "KD tok/s (median)", "CPU min", "wall min", "re-export |diff|")]
     for name, r in record.items():
         load = "-" if r["load_start"] is None else f"{r['load_start'][0]:.1f}/{r['load_end'][0]:.1f}"
         diff = r["reexport_max_abs_diff"]
-        table.append((name, load, f"{r['setup_s'] or 0:.0f}", f"{r['local_s']:.0f}", f"{r['kd_train_s']:.0f}",
-                      str(r["kd_steps"]), f"{r['tokens']:,}", f"{r['median_kd_tokens_per_s'] or 0:.0f}",
+        table.append((name, r["matmuls"], load, f"{r['setup_s'] or 0:.0f}", f"{r['local_s']:.0f}",
+                      f"{r['kd_train_s']:.0f}", str(r["kd_steps"]), f"{r['tokens']:,}",
+                      f"{r['median_kd_tokens_per_s'] or 0:.0f}",
                       f"{(r['final_cpu_s'] or 0) / 60:.1f}", f"{(r['final_wall_s'] or 0) / 60:.1f}",
                       "failed" if diff is None else f"{diff:.2e} passed"))
     print(format_table(table))
