@@ -5,21 +5,19 @@ algebra each row claims: SLNP keeps ||g||, absorption scales by s_inv, ...)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from pangu_light.tools.cli import main as cli
 
 from families import tiny_model
 from reference import save_char_tokenizer
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 TINY = ["--calib-samples", "4", "--seq-len", "24", "--eval-samples", "2", "--tasks", "lambada,winogrande",
         "--limit", "2", "--quiet"]
 
@@ -27,11 +25,7 @@ pytestmark = [pytest.mark.tiny_budget, pytest.mark.slow]
 
 
 def _script():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("paper_tables", BENCHMARKS / "paper_tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("paper_tables")
 
 
 @pytest.fixture(scope="module")
