@@ -202,7 +202,7 @@ def export_model(
     args, dynamic_shapes, input_names, output_names = _example_and_dynamic(model, options.kv_cache)
     if not options.kv_cache:
         dynamic_shapes = tuple(dynamic_shapes[name] for name in input_names)
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), _layer_types_in_sorted_order(), torch.no_grad():
         program = torch.onnx.export(
             wrapper,
             args,
@@ -269,6 +269,43 @@ def _strip_scopes(scopes: str, prefix: str) -> str:
     parts = ast.literal_eval(scopes)
     stripped = [p[len(prefix):] if p.startswith(prefix) else ("" if p == _WRAPPED else p) for p in parts]
     return repr(stripped)
+
+
+class _SortedSet(set):
+    """A set that iterates in sorted order (of ``repr``); otherwise the builtin set."""
+
+    def __iter__(self):
+        return iter(sorted(set.__iter__(self), key=repr))
+
+
+# Modules whose forward iterates ``set(config.layer_types)``: Gemma3 builds one rotary table per
+# layer type in that order, which Python's per-process string hashing shuffles, so two exports of
+# one model in two processes ordered and named their nodes differently (the structure cache and a
+# fresh trace disagreed: same function, different graphs).
+_SET_ORDER_MODULES = ("transformers.models.gemma3.modeling_gemma3",)
+
+
+@contextlib.contextmanager
+def _layer_types_in_sorted_order():
+    """Make the modules above iterate their sets in sorted order while tracing."""
+    import importlib
+
+    patched = []
+    for name in _SET_ORDER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        patched.append((module, module.__dict__.get("set")))
+        module.set = _SortedSet
+    try:
+        yield
+    finally:
+        for module, previous in patched:
+            if previous is None:
+                del module.set
+            else:
+                module.set = previous
 
 
 @contextlib.contextmanager

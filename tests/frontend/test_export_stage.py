@@ -35,8 +35,7 @@ def structure_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family", [
     "llama",  # tied embedding
-    # sandwich norms and buffers: passed in its branch, differs in a clean clone (open, see issue [scale])
-    pytest.param("gemma3", marks=pytest.mark.xfail(reason="node lists differ in a clean clone", strict=False)),
+    "gemma3",  # sandwich norms, buffers, and a set of layer types (see test_export_determinism.py)
 ])
 def test_export_from_safetensors_equals_export_of_the_loaded_model(exported_graph, family, tmp_path, structure_cache):
     model, _ = exported_graph(family)
