@@ -76,8 +76,7 @@ def resolve_shape(model_map: ModelMap, targets, dropped: set[int]) -> Shape:
             if values is not None and len(set(values)) > 1:
                 raise PanguLightError(f"--uniform: {what} differs between layers ({values})")
 
-    if targets.spread not in SPREADS:
-        raise PanguLightError(f"--spread {targets.spread!r}: use one of {', '.join(SPREADS)}")
+    # the targets' model-free errors (spread name, --params range) are Targets.check's, run first
     if targets.spread == "sensitivity" and (targets.params is None or targets.uniform or fixed_heads or fixed_ffn):
         raise PanguLightError("--spread sensitivity spreads a --params budget's heads and FFN width over the layers: "
                               "give --params, and neither --uniform, --heads-per-group nor --ffn")
@@ -109,8 +108,6 @@ def resolve_shape(model_map: ModelMap, targets, dropped: set[int]) -> Shape:
 
     if targets.params is None:
         return shape_at(1.0, SPREADS["even"])
-    if not 0 < targets.params <= 1:
-        raise PanguLightError(f"--params {targets.params}: give the fraction of parameters to keep, in (0, 1]")
     before = count_parameters(model_map, full)
     budget = targets.params * before
 

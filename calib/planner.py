@@ -278,17 +278,13 @@ def _check_stats(model_map: ModelMap, stats: CalibrationStats) -> None:
 
 
 def _layers_to_drop(model_map: ModelMap, stats: CalibrationStats, targets: Targets) -> set[int]:
-    n = len(model_map.layers)
-    if targets.layers is not None and targets.drop_layers is not None:
-        raise PanguLightError("give either the number of layers to drop or which layers, not both")
+    n = len(model_map.layers)  # both given, or a negative count: Targets.check
     if targets.layers is not None:
         bad = [i for i in targets.layers if not 0 <= i < n]
         if bad:
             raise PanguLightError(f"layer {bad[0]} does not exist; the model has {n} layers (0..{n - 1})")
         chosen = set(targets.layers)
     elif targets.drop_layers:
-        if not 0 <= targets.drop_layers:
-            raise PanguLightError(f"cannot drop {targets.drop_layers} layers")
         chosen = set(int(i) for i in np.argsort(stats.block_influence, kind="stable")[: targets.drop_layers])
     else:
         chosen = set()
