@@ -335,15 +335,13 @@ def _aligned_counts(counts: dict[int, int], full: dict[int, int], total: int, al
         return min(full[index], blocks * align)
 
     blocks = {i: min(blocks_in(i), max(1, c // align)) for i, c in counts.items()}
+    kept = sum(width(i, b) for i, b in blocks.items())
     remainders = sorted(counts, key=lambda i: (-(counts[i] % align), i))
-    while sum(width(i, b) for i, b in blocks.items()) < total:
-        grown = False
+    while kept < total and any(blocks[i] < blocks_in(i) for i in remainders):
         for i in remainders:
-            if blocks[i] < blocks_in(i) and sum(width(j, b) for j, b in blocks.items()) < total:
+            if kept < total and blocks[i] < blocks_in(i):
+                kept += width(i, blocks[i] + 1) - width(i, blocks[i])
                 blocks[i] += 1
-                grown = True
-        if not grown:
-            break
     return {i: width(i, b) for i, b in blocks.items()}
 
 
