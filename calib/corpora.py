@@ -21,6 +21,8 @@ Sources (``load_documents``), nothing downloaded at run time:
 - a ``.jsonl`` file: one JSON object per line with a string field ``text``, one document each.
 
 A name wins over a file of the same name in the working directory (pass ``./wiki`` for the file).
+A mixture ``a+b`` (names or files) shares the asked-for windows evenly between its sources, each
+cut from its own split (``mixture_parts``; a file whose name holds a ``+`` is one source).
 
 Splits (``split_documents``): exact duplicates (after collapsing whitespace) are removed, then
 each document goes to ``eval`` when the first 8 bytes of the sha256 of its text, read as a
@@ -59,6 +61,7 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import atomic_write
 
 __all__ = [
+    "mixture_parts",
     "CALIB_DEFAULT",
     "EVAL_DEFAULT",
     "EVAL_FRACTION",
@@ -268,6 +271,14 @@ def token_sequences(
         raise PanguLightError(f"samples must be at least 1, got {samples}")
     if seq_len < 2:
         raise PanguLightError(f"seq_len must be at least 2 tokens, got {seq_len}")
+    parts = mixture_parts(source)
+    if len(parts) > 1:
+        shares = [None] * len(parts) if samples is None else _even_shares(samples, len(parts), source)
+        return np.concatenate([
+            token_sequences(part, encode, samples=share, seq_len=seq_len, split=split, seed=seed, eos_id=eos_id,
+                            eval_fraction=eval_fraction)
+            for part, share in zip(parts, shares)
+        ])
     documents = split_documents(load_documents(source), split, eval_fraction)
     stream = _token_stream(documents, encode, eos_id)
     available = len(stream) // seq_len
@@ -283,6 +294,25 @@ def token_sequences(
     windows = stream[: available * seq_len].reshape(available, seq_len)
     picked = np.random.default_rng(seed).choice(available, size=samples, replace=False)
     return windows[np.sort(picked)]
+
+
+def mixture_parts(source: str) -> list[str]:
+    """The sources of a mixture ``a+b`` (each a name or a file), or ``[source]``. A file whose own
+    name holds a ``+`` is one source."""
+    if "+" not in source or Path(source).is_file():
+        return [source]
+    parts = source.split("+")
+    if any(not part for part in parts):
+        raise PanguLightError(f"text {source!r}: a mixture is names or files joined by '+', e.g. wiki+lambada")
+    return parts
+
+
+def _even_shares(samples: int, parts: int, source: str) -> list[int]:
+    """``samples`` split over ``parts`` sources as evenly as it goes (the first ones take the rest)."""
+    if samples < parts:
+        raise PanguLightError(f"{samples} sequences cannot be shared by the {parts} sources of {source!r}: "
+                              f"ask for at least {parts}")
+    return [samples // parts + (index < samples % parts) for index in range(parts)]
 
 
 def _token_stream(documents: Sequence[str], encode: Encode, eos_id: int | None) -> np.ndarray:

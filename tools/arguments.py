@@ -29,8 +29,10 @@ def add_text_arguments(parser: argparse.ArgumentParser, *, role: str, samples: i
     parser.add_argument(
         f"--{prefix}data",
         default=default,
-        help=f"text: wiki, lambada, or a .txt/.jsonl file (default {default}); the {role} split is used, "
-        "so calibration and evaluation never share a document",
+        help=f"text: wiki, lambada, a .txt/.jsonl file, or a mixture of them joined by + (wiki+lambada: "
+        f"the sequences shared evenly) (default {default}); the {role} split is used, so calibration and "
+        "evaluation never share a document. A pruned model keeps most of what its calibration text "
+        "exercises: calibrate on text like yours",
     )
     parser.add_argument(
         f"--{prefix}samples",
@@ -140,6 +142,13 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
         "calibration text; needs prune's default --refit refit)",
     )
     group.add_argument(
+        "--selection", choices=("scores", "obs", "obs-ffn", "obs-heads"), default="scores",  # planner.SELECTIONS
+        help="which query heads and FFN neurons fill the kept widths: scores (default) ranks them by the "
+        "paper's S_head and S_ffn; obs (prune only) removes, one at a time, the head or neuron whose loss the "
+        "refit of o_proj/down_proj can best make up for (structured Optimal Brain Surgeon on the refit's Gram "
+        "matrices); obs-ffn and obs-heads do that for one axis only. The widths are the same either way",
+    )
+    group.add_argument(
         "--uniform", action="store_true", help="the same shape in every layer (a standard Hugging Face config)"
     )
     group.add_argument(
@@ -195,6 +204,7 @@ def targets_from_args(args: argparse.Namespace):
         layers=args.layers,
         params=args.params,
         spread=args.spread,
+        selection=args.selection,
         uniform=args.uniform,
         align=args.align,
         clap=args.clap,

@@ -249,6 +249,33 @@ def test_too_little_text_says_how_much_there_is(tmp_path):
         token_sequences("lambada", byte_encode, samples=5000, seq_len=100_000, split="calib")
 
 
+def test_a_mixture_shares_the_windows_evenly_between_its_sources(tmp_path):
+    path = write_text(tmp_path, "a.txt", "\n\n".join(f"{i:05d} words here" for i in range(200)))
+    mixed = token_sequences(f"lambada+{path}", byte_encode, samples=5, seq_len=8, split="calib", seed=2)
+    own = [token_sequences(source, byte_encode, samples=n, seq_len=8, split="calib", seed=2)
+           for source, n in (("lambada", 3), (path, 2))]  # the first source takes the odd one
+    assert np.array_equal(mixed, np.concatenate(own))
+    everything = token_sequences(f"{path}+{path}", byte_encode, samples=None, seq_len=8, split="all")
+    alone = token_sequences(path, byte_encode, samples=None, seq_len=8, split="all")
+    assert np.array_equal(everything, np.concatenate([alone, alone]))
+    # a file whose name holds a '+' is one source
+    plus = write_text(tmp_path, "a+b.txt", "abcdefgh\n\nijklmnop")
+    assert token_sequences(plus, byte_encode, samples=None, seq_len=8, split="all").shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "source, samples, problem",
+    [
+        ("wiki+", 4, "a mixture is names or files joined by '\\+', e.g. wiki\\+lambada"),
+        ("wiki+lambada", 1, "1 sequences cannot be shared by the 2 sources of 'wiki\\+lambada': ask for at least 2"),
+        ("wiki+nothing-here", 4, "nothing-here"),
+    ],
+)
+def test_bad_mixtures_are_errors(source, samples, problem):
+    with pytest.raises(PanguLightError, match=problem):
+        token_sequences(source, byte_encode, samples=samples, seq_len=16, split="calib")
+
+
 @pytest.mark.parametrize(
     "samples, seq_len, problem",
     [
