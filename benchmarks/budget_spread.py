@@ -21,6 +21,7 @@ statistics, Grams and rotation
                 per layer by the layer probe (calib.sensitivity; probe on 2 x 128 calib tokens)
     default+flap-heads  the default spread, query heads ranked by FLAP's fluctuation metric
                 (variance of each head's o_proj input times its weight columns' norm)
+    default+obs the default spread's widths, filled by the refit-aware elimination (calib.obs)
 
 Measured 2026-12-03 (AMD EPYC, 2 cores shared with three other jobs, load average 5-7; calib 64 x
 256, eval 8 x 256; perplexity x unpruned, LAMBADA / wiki; unpruned 56.57 / 27.27)::
@@ -78,7 +79,10 @@ def allocations(model_map: ModelMap, params: float, align: int) -> dict[str, Tar
     hidden = model_map.hidden_size
     heads = max(l.attention.num_heads // l.attention.num_kv_heads for l in model_map.layers)
     rows = {"default": Targets(params=params, align=align), "even": Targets(params=params, align=align, spread="even"),
-            "default+flap-heads": Targets(params=params, align=align)}  # heads ranked by FLAP's fluctuation
+            "default+flap-heads": Targets(params=params, align=align),  # heads ranked by FLAP's fluctuation
+            "default+obs": Targets(params=params, align=align, selection="obs"),
+            "default+obs-ffn": Targets(params=params, align=align, selection="obs-ffn"),
+            "default+obs-heads": Targets(params=params, align=align, selection="obs-heads")}
     for fraction, name in ((1.0, "full"), (0.9375, "15/16"), (0.875, "7/8"), (0.75, "3/4")):
         rows[f"hidden-{name}"] = Targets(params=params, hidden=int(32 * round(fraction * hidden / 32)), align=align)
     rows["heads-kept"] = Targets(params=params, heads_per_group=heads, align=align)

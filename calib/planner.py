@@ -12,6 +12,8 @@ Choices, each by the statistics of ``calib.stats`` (higher = more important):
   width and ``uniform`` is off, the same total is spread over the layers by one ranking of
   the neurons' scores divided by their layer's mean score (raw scores grow with depth,
   which would starve the first layers);
+- ``selection`` obs / obs-ffn / obs-heads: the widths as above, then who fills them is chosen
+  again by the refit-aware elimination of ``calib.obs`` (the o_proj/down_proj Grams);
 - layers: the ``drop_layers`` layers with the lowest Block Influence (eq. 4), or named ones;
 - CLAP (3.2.1): each removed layer merges into the nearest kept layer before it (a removed
   first layer: the next kept one); the KV groups of the kept layer and of all layers merging
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from pangu_light.calib.budget import SPREADS, resolve_shape
+from pangu_light.calib.obs import obs_ffn_neurons, obs_query_heads
 from pangu_light.calib.rotation import plan_rotation
 from pangu_light.calib.sensitivity import sensitivity_shape
 from pangu_light.calib.stats import CalibrationStats
@@ -49,7 +52,9 @@ from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.analysis.parameters import Shape, count_parameters, shape_of
 from pangu_light.passes.infra.plan import ClapMerge, PrunePlan
 
-__all__ = ["Targets", "make_plan"]
+__all__ = ["SELECTIONS", "Targets", "make_plan"]
+
+SELECTIONS = ("scores", "obs", "obs-ffn", "obs-heads")
 
 
 
@@ -75,6 +80,7 @@ class Targets:
     absorb_max_spread: float | None = None  # absorb only post-norms whose log 1/rms spread is at most this
     hidden_method: str = "select"  # "select" (S_channel) or "rotate" (leading components of a rotation)
     spread: str = "hidden-light"  # how a budget shrinks the widths nobody gave (calib.budget)
+    selection: str = "scores"  # which heads/neurons fill the widths: "scores" (S_head, S_ffn) or "obs" (calib.obs)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -93,6 +99,8 @@ class Targets:
             raise PanguLightError("give either the number of layers to drop or which layers, not both")
         if self.hidden is not None and self.hidden < 1:
             raise PanguLightError(f"hidden={self.hidden}: keep at least 1 channel")
+        if self.selection not in SELECTIONS:
+            raise PanguLightError(f"--selection {self.selection!r}: use one of {', '.join(SELECTIONS)}")
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -131,6 +139,8 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *,
     spread_ffn = not targets.uniform and targets.ffn is None and targets.spread != "sensitivity"
     for index, keep in _ffn_choice(model_map, stats, shape, not spread_ffn, targets.align).items():
         plan.layers[index].ffn = keep
+    if targets.selection.startswith("obs"):
+        _select_by_obs(model_map, plan, grams, targets.selection)
     plan.drop_layers = sorted(dropped)
     plan.clap = targets.clap
     if targets.clap and dropped:
@@ -320,6 +330,30 @@ def _ffn_choice(
         if not chosen[layer.index]:
             chosen[layer.index] = _top(stats.ffn[layer.index], 1)
     return {index: sorted(keep) for index, keep in chosen.items()}
+
+
+def _select_by_obs(model_map: ModelMap, plan: PrunePlan, grams, which) -> None:
+    """Keep the plan's widths, choose who fills them by the refit-aware elimination (calib.obs)."""
+    if grams is None:
+        raise PanguLightError("--selection obs needs the refit's Gram matrices: run it in prune, with its default "
+                              "--refit refit")
+    for layer, layer_plan in zip(model_map.layers, plan.layers):
+        attention = layer.attention
+        rep = attention.num_heads // attention.num_kv_heads
+        per_group = len(layer_plan.heads) // max(len(layer_plan.kv_groups), 1)
+        if per_group < rep and which != "obs-ffn":
+            layer_plan.heads = obs_query_heads(
+                grams.gram["o"][layer.index], _weight(attention.o), attention.head_dim, rep,
+                layer_plan.kv_groups, per_group,
+            )
+        if len(layer_plan.ffn) < layer.ffn.intermediate_size and which != "obs-heads":
+            layer_plan.ffn = obs_ffn_neurons(grams.gram["down"][layer.index], _weight(layer.ffn.down),
+                                             len(layer_plan.ffn))
+
+
+def _weight(linear) -> np.ndarray:
+    """A projection's weight in the MatMul layout [in, out], float64."""
+    return linear.weight.const_value.numpy().astype(np.float64).T
 
 
 def _aligned_counts(counts: dict[int, int], full: dict[int, int], total: int, align: int) -> dict[int, int]:

@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
             "--ffn 1152, or --drop-layers 6 (see `pangu-light prune --help`)"
         )
     targets.check()  # before the export and calibration it would otherwise wait for
+    if targets.selection != "scores" and args.refit != "refit":
+        raise PanguLightError(
+            f"--selection {targets.selection} chooses for the refit: it needs --refit refit (the default)")
     out: Path = output_directory(args.output)
     start = time.perf_counter()
     note = job_notes(args.quiet)

@@ -169,6 +169,18 @@ def test_prune_spreads_by_sensitivity(tiny_dir, tmp_path):
     assert main(["prune", *args, "--refit", "none", "-o", str(tmp_path / "plain")]) == 2
 
 
+def test_prune_selects_by_obs_with_the_grams_it_collected(tiny_dir, tmp_path):
+    """--selection obs keeps the default's widths and fills them as calib.obs chooses from prune's
+    own Grams (the choice itself is checked in tests/calib/test_obs.py); the plan records it."""
+    common = [str(tiny_dir[0]), "--heads-per-group", "1", "--ffn", "40", *CALIB, "--no-eval", "--no-kv-cache"]
+    assert main(["prune", *common, "-o", str(tmp_path / "scores")]) == 0
+    assert main(["prune", *common, "--selection", "obs", "-o", str(tmp_path / "obs")]) == 0
+    scores, obs = load_plan(tmp_path / "scores" / "plan.json"), load_plan(tmp_path / "obs" / "plan.json")
+    assert obs.targets["selection"] == "obs" and obs.estimate == scores.estimate
+    assert [len(l.ffn) for l in obs.layers] == [len(l.ffn) for l in scores.layers]
+    assert [l.ffn for l in obs.layers] != [l.ffn for l in scores.layers]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -200,6 +212,7 @@ def test_bad_input_is_one_clear_line(tiny_graph, tiny_dir, tmp_path, capsys, arg
         (["--params", "1.5"], "give the fraction of parameters to keep, in (0, 1]"),
         (["--params", "0.8", "--align", "0"], "--align must be at least 1"),
         (["--drop-layers", "-1"], "cannot drop -1 layers"),
+        (["--params", "0.8", "--selection", "obs", "--refit", "none"], "it needs --refit refit"),
     ],
 )
 def test_prune_refuses_bad_targets_before_exporting(tiny_dir, tmp_path, capsys, monkeypatch, extra, message):
