@@ -118,7 +118,8 @@ def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *,
     shape = resolve_shape(model_map, targets, dropped)
     if targets.spread == "sensitivity":
         shape = sensitivity_shape(model_map, stats, grams, shape,
-                                  targets.params * count_parameters(model_map, shape_of(model_map)), layer_scales)
+                                  targets.params * count_parameters(model_map, shape_of(model_map)), layer_scales,
+                                  align=targets.align)
     plan = PrunePlan.identity(model_map)
     plan.hidden = _top(stats.channel, shape.hidden)
     if targets.hidden_method == "rotate":

@@ -28,6 +28,14 @@ overshot. No layer is cut beyond the probe's widths (one query head fewer per gr
 the probe calibrates each curve there, and on SmolLM2-135M letting layers whose probes barely moved
 the loss fall to one head per group and a quarter of the FFN gave 6.3x LAMBADA perplexity where
 the uniform spread gives 2.4x.
+
+With ``align`` N > 1 (``prune --align``, whole int4 blocks) every FFN width stays a multiple of N or
+the layer's full width: a removal step is whole blocks (``step`` rounded down to blocks, at least
+one), except the first from an unaligned full width, which lands on the multiple of N below; the
+floor is the probe's width rounded up to a block; the fill adds whole blocks, or what is left up
+to the full width. Where no whole block fits under the budget and the count is still more than
+``BUDGET_TOLERANCE`` (1%) below it (a narrow model: a block of 8 neurons at hidden 56 is 1% of a
+107k budget), one block goes over it, within the same tolerance above, as the planner's budget does.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import heapq
 
 import numpy as np
 
+from pangu_light.calib.budget import BUDGET_TOLERANCE
 from pangu_light.calib.gram import GramStats
 from pangu_light.calib.refit import DEFAULT_RIDGE
 from pangu_light.calib.sensitivity_probe import LayerScales, probe_widths
@@ -104,10 +113,12 @@ def _layer_costs(model_map: ModelMap, stats: CalibrationStats, grams: GramStats,
 
 
 def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramStats | None, shape: Shape,
-                      budget: float, scales: LayerScales | None, step: int = 8) -> Shape:
+                      budget: float, scales: LayerScales | None, step: int = 8, align: int = 1) -> Shape:
     """``shape`` (a budget's answer) with heads per group and FFN widths spread over the layers by
     cost: the same hidden size, KV groups and dropped layers, at most ``budget`` parameters and
-    within 0.5% of it where the FFN floors allow."""
+    within 0.5% of it where the FFN floors allow. ``align`` > 1: every FFN width a multiple of it
+    or the layer's full width, and the count within ``BUDGET_TOLERANCE`` of the budget (one block
+    over it where no block fits under it closer)."""
     if grams is None or scales is None:
         raise PanguLightError("--spread sensitivity needs the refit's Gram statistics and the layer probe, which "
                               "prune measures (with its default --refit refit); use --spread hidden-light otherwise")
@@ -127,7 +138,16 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     # what it measured (a first-order probe says nothing about a layer cut to one head).
     floors = {i: probe_widths(model_map, i) for i in live}
     head_floor = {i: max(1, floors[i][0]) for i in live}
-    floor = {i: max(step, floors[i][1]) for i in live}
+    if align > 1:  # whole blocks: a step of as many blocks as fit in ``step`` (at least one)
+        step = align * max(1, step // align)
+    floor = {i: min(full_ffn[i], _round_up(max(step, floors[i][1]), align)) for i in live}
+
+    def lower(i: int) -> int:  # the next FFN width down: ``step`` fewer, rounded up to a block, not below the floor
+        return max(floor[i], _round_up(ffn[i] - step, align))
+
+    def upper(i: int, most: int) -> int:  # the next width up by at most min(step, most): the full width or a block
+        grown = ffn[i] + min(step, most)
+        return full_ffn[i] if grown >= full_ffn[i] else align * (grown // align)
 
     def current() -> Shape:
         return dataclasses.replace(
@@ -151,7 +171,7 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
             if heads[i] <= head_floor[i]:
                 return None
             return ((c.heads[heads[i] - 1] - c.heads[heads[i]]) / unit_params[i][0], i, axis)
-        width = min(step, ffn[i] - floor[i])
+        width = ffn[i] - lower(i)
         if width <= 0:
             return None
         return ((c.ffn[ffn[i] - width] - c.ffn[ffn[i]]) / (width * unit_params[i][1]), i, axis)
@@ -167,7 +187,7 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
             heads[i] -= 1
             total -= unit_params[i][0]
         else:
-            width = min(step, ffn[i] - floor[i])
+            width = ffn[i] - lower(i)
             ffn[i] -= width
             total -= width * unit_params[i][1]
         if (entry := candidate(i, axis)) is not None:
@@ -175,12 +195,24 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     if total > budget:
         raise PanguLightError("--spread sensitivity cannot meet the budget within what the layer probe measured "
                               "(one query head fewer per group, half of each FFN); use --spread hidden-light")
-    # The last neurons removed can overshoot the budget by up to ``step``: fill the room back.
+    # The last neurons removed can overshoot the budget by up to ``step``: fill the room back (in blocks).
     while True:
         room = [((costs[i].ffn[ffn[i]] - costs[i].ffn[ffn[i] + width]) / width, -i, width) for i in live
-                if (width := min(step, full_ffn[i] - ffn[i], int((budget - total) // unit_params[i][1]))) > 0]
+                if (width := upper(i, int((budget - total) // unit_params[i][1])) - ffn[i]) > 0]
         if not room:
-            return current()
+            break
         _, i, width = max(room)
         ffn[-i] += width
         total += width * unit_params[-i][1]
+    if align > 1 and total < budget * (1 - BUDGET_TOLERANCE):  # no whole block fits under the budget:
+        over = [((costs[i].ffn[ffn[i]] - costs[i].ffn[ffn[i] + width]) / width, -i, width) for i in live
+                if 0 < (width := upper(i, align) - ffn[i]) and total + width * unit_params[i][1]
+                <= budget * (1 + BUDGET_TOLERANCE)]  # one block over it, within the planner's tolerance
+        if over:
+            _, i, width = max(over)
+            ffn[-i] += width
+    return current()
+
+
+def _round_up(width: int, align: int) -> int:
+    return align * -(-width // align)

@@ -153,7 +153,8 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--align", type=int, default=1, metavar="N",
-        help="round kept hidden/FFN widths (each layer's too) to multiples of N, e.g. 32 for int4 blocks",
+        help="round kept hidden/FFN widths (each layer's too, with every --spread) to multiples of N or the full "
+        "width, e.g. 32 for int4 blocks",
     )
     group.add_argument(
         "--clap", action="store_true", help="merge each dropped layer's best KV groups into its neighbour (CLAP)"

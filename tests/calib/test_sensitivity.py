@@ -9,11 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.calib.budget import resolve_shape
+from pangu_light.calib.budget import BUDGET_TOLERANCE, resolve_shape
 from pangu_light.calib.gram import collect_grams
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.refit import refit_projection
-from pangu_light.calib.sensitivity import _layer_costs, head_order, prefix_residuals
+from pangu_light.calib.sensitivity import _layer_costs, head_order, prefix_residuals, sensitivity_shape
 from pangu_light.calib.sensitivity_probe import LayerScales, probe_layers, probe_widths
 from pangu_light.calib.stats import calibrate
 from pangu_light.core.errors import PanguLightError
@@ -21,6 +21,7 @@ from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.analysis.parameters import count_parameters, shape_of
 
 from reference import left_padded_batch
+from reference_sensitivity import unaligned_sensitivity_shape
 
 
 def test_prefix_residuals_equal_least_squares():
@@ -111,6 +112,44 @@ def test_sensitivity_spread_meets_the_budget_at_lower_cost(llama_calibrated, bud
     assert total_cost(model_map, stats, grams, scales, spread) < total_cost(model_map, stats, grams, scales, default)
     for layer_plan, layer in zip(plan.layers, model_map.layers):  # the planner's own ranking inside a layer
         assert layer_plan.ffn == sorted(np.argsort(-stats.ffn[layer.index], kind="stable")[: len(layer_plan.ffn)])
+
+
+@pytest.mark.parametrize("align,budget", [(4, 0.9), (4, 0.7), (8, 0.9), (8, 0.8), (5, 0.9), (5, 0.7)])
+def test_sensitivity_spread_honours_align(llama_calibrated, align, budget):
+    """--align N: every kept FFN width a multiple of N or the layer's full width (96: 5 does not divide
+    it), the budget met within the planner's tolerance, at no more cost than the aligned default.
+    (8, 0.7): the aligned default itself cannot land in the budget on this model."""
+    model_map, stats, grams, scales, *_ = llama_calibrated
+    targets = Targets(params=budget, spread="sensitivity", align=align)
+    plan = make_plan(model_map, stats, targets, grams=grams, layer_scales=scales)
+    light = make_plan(model_map, stats, Targets(params=budget, align=align))
+    before = count_parameters(model_map, shape_of(model_map))
+    assert abs(plan.estimate["parameters_after"] - budget * before) <= BUDGET_TOLERANCE * budget * before
+    assert plan.estimate["hidden"] == light.estimate["hidden"]  # resolve_shape's, aligned
+    assert plan.estimate["hidden"] % align == 0 or plan.estimate["hidden"] == model_map.hidden_size
+    for layer_plan, layer in zip(plan.layers, model_map.layers):
+        full = layer.ffn.intermediate_size
+        assert len(layer_plan.ffn) % align == 0 or len(layer_plan.ffn) == full, (layer.index, len(layer_plan.ffn))
+        assert len(layer_plan.ffn) >= full // 2  # not below the probe's width
+    shape = resolve_shape(model_map, targets, set())
+    spread, default = (dataclasses.replace(shape, heads_per_group=[len(l.heads) // len(l.kv_groups) for l in p.layers],
+                                           ffn=[len(l.ffn) for l in p.layers]) for p in (plan, light))
+    assert count_parameters(model_map, spread) <= count_parameters(model_map, default) * (1 + BUDGET_TOLERANCE)
+    assert total_cost(model_map, stats, grams, scales, spread) <= total_cost(model_map, stats, grams, scales, default)
+
+
+@pytest.mark.parametrize("budget", [0.9, 0.8, 0.7])
+def test_align_one_is_the_unaligned_spread(llama_calibrated, budget):
+    """align 1 (the default) gives exactly the spread from before align (tests/reference_sensitivity.py)."""
+    model_map, stats, grams, scales, *_ = llama_calibrated
+    shape = resolve_shape(model_map, Targets(params=budget, spread="sensitivity"), set())
+    params = budget * count_parameters(model_map, shape_of(model_map))
+    expected = unaligned_sensitivity_shape(model_map, stats, grams, shape, params, scales)
+    got = sensitivity_shape(model_map, stats, grams, shape, params, scales, align=1)
+    assert got == expected
+    plan = make_plan(model_map, stats, Targets(params=budget, spread="sensitivity"), grams=grams, layer_scales=scales)
+    assert [len(l.ffn) for l in plan.layers] == expected.ffn
+    assert [len(l.heads) // len(l.kv_groups) for l in plan.layers] == expected.heads_per_group
 
 
 def test_a_layer_that_changes_nothing_is_cut_first(llama_calibrated):
