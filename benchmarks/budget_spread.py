@@ -58,10 +58,9 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import onnx_ir as ir
-from common import export_graph, note
+from common import add_graph_arguments, note, start
 from refit_quality import ALIAS, held_out_perplexities, statistics
 from rotation_quality import build, rotation_file
 
@@ -93,19 +92,13 @@ def allocations(model_map: ModelMap, params: float, align: int) -> dict[str, Tar
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_graph_arguments(parser, ALIAS, workdir="/tmp/budget-spread", eval_samples=8)
     parser.add_argument("--params", type=float, default=0.8)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/budget-spread"))
-    parser.add_argument("--graph", type=Path, help="an existing no-cache export of smollm2-135m (default: export one)")
     parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--eval-samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--align", type=int, default=32, help="planner --align for every row (prune's default is 1)")
     parser.add_argument("--rows", help="only these rows, comma-separated (default: all)")
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    started, load_start = time.perf_counter(), os.getloadavg()
-    original = args.graph or export_graph(ALIAS, args.workdir)
+    original, started, load_start = start(args, ALIAS)
     stats, grams = statistics(original, args.workdir, args.calib_samples, args.seq_len, args.threads)
     rotation_path = rotation_file(original, args.workdir, args.calib_samples, args.seq_len, args.threads)
     rotation = load_rotation(rotation_path)

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import onnx_ir as ir
-from common import export_graph, note
+from common import add_graph_arguments, note, start
 from refit_quality import ALIAS, held_out_perplexities, tokenizer
 from rotation_quality import build
 
@@ -89,19 +89,13 @@ def calibration(graph: Path, text: str, workdir: Path, seq_len: int, threads: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_graph_arguments(parser, ALIAS, workdir="/tmp/calibration-text", eval_samples=8)
     parser.add_argument("--params", type=float, default=0.8)
     parser.add_argument("--texts", default="wiki:64,lambada:64,wiki+lambada:128",
                         help="calibration texts, SOURCE:SAMPLES, comma-separated (SOURCE as prune's --data)")
     parser.add_argument("--selections", default="scores,obs-ffn", help="prune --selection values, comma-separated")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/calibration-text"))
-    parser.add_argument("--graph", type=Path, help="an existing no-cache export of smollm2-135m (default: export one)")
-    parser.add_argument("--eval-samples", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    started, load_start = time.perf_counter(), os.getloadavg()
-    original = args.graph or export_graph(ALIAS, args.workdir)
+    original, started, load_start = start(args, ALIAS)
     model_map = ModelMap.from_model(ir.load(original))
     books_and_wiki = held_out_perplexities(original, args.eval_samples, args.seq_len, args.threads)
     encode, bos = tokenizer(original)

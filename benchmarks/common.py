@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
 import time
@@ -22,3 +24,19 @@ def export_graph(alias: str, workdir: Path) -> Path:
         cli = Path(sys.executable).with_name("pangu-light")
         subprocess.run([str(cli), "export", alias, "-o", str(path)], check=True, stdout=sys.stderr)
     return path
+
+
+def add_graph_arguments(parser: argparse.ArgumentParser, alias: str, *, workdir: str, eval_samples: int) -> None:
+    """--workdir, --graph, --eval-samples, --seq-len and --threads, as the quality benchmarks take them."""
+    parser.add_argument("--workdir", type=Path, default=Path(workdir))
+    parser.add_argument("--graph", type=Path, help=f"an existing no-cache export of {alias} (default: export one)")
+    parser.add_argument("--eval-samples", type=int, default=eval_samples)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def start(args: argparse.Namespace, alias: str) -> tuple[Path, float, tuple[float, float, float]]:
+    """(the graph to prune: --graph or a fresh export, the start time, the load average now)."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    return args.graph or export_graph(alias, args.workdir), started, load_start

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import onnx_ir as ir
-from common import export_graph, note
+from common import add_graph_arguments, note, start
 from refit_quality import ALIAS, held_out_perplexities, statistics, tokenizer
 
 from pangu_light.calib.planner import Targets, make_plan
@@ -80,16 +80,10 @@ def build(original: Path, plan, grams, refit: bool, rotation, out: Path) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/rotation-quality"))
-    parser.add_argument("--graph", type=Path, help="an existing no-cache export of smollm2-135m (default: export one)")
+    add_graph_arguments(parser, ALIAS, workdir="/tmp/rotation-quality", eval_samples=32)
     parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--eval-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    started, load_start = time.perf_counter(), os.getloadavg()
-    original = args.graph or export_graph(ALIAS, args.workdir)
+    original, started, load_start = start(args, ALIAS)
     stats, grams = statistics(original, args.workdir, args.calib_samples, args.seq_len, args.threads)
     rotation_path = rotation_file(original, args.workdir, args.calib_samples, args.seq_len, args.threads)
     rotation = load_rotation(rotation_path)
