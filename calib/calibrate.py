@@ -91,14 +91,17 @@ def collect_graph_all(
     threads: int | None = None, tokenizer: Path | None = None, quiet: bool = False,
 ):
     """``calib.one_pass.Collected``: the statistics of ``model_path`` over the calibration text,
-    and its Gram matrices and rotation when asked, from one tapped run."""
+    and its Gram matrices and rotation when asked, from one tapped run; ``sequences`` holds the
+    token windows (a later probe reuses them instead of tokenising the corpus again)."""
     from tqdm import tqdm
 
     from pangu_light.calib.one_pass import collect_all
 
     sequences, meta = calibration_sequences(model_path, data, samples, seq_len, seed, tokenizer)
     with tqdm(total=int(sequences.size), unit="tok", desc="calibrate", disable=quiet, file=sys.stderr) as bar:
-        return collect_all(
+        collected = collect_all(
             model_path, batched(sequences, batch_size), grams=grams, rotation=rotation,
             aggregation=aggregation, provider=provider, threads=threads, meta=meta, on_batch=bar.update,
         )
+    collected.sequences = sequences
+    return collected

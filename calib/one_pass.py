@@ -42,6 +42,7 @@ class Collected:
     stats: CalibrationStats
     grams: GramStats | None
     rotation: Rotation | None
+    sequences: np.ndarray | None = None  # the token windows it ran on (set by calibrate.collect_graph_all)
 
 
 @dataclass

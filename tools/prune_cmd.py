@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         save_rotation(out / "rotation.npz", rotation)
     layer_scales = None
     if targets.spread == "sensitivity" and collected.grams is not None:
-        layer_scales = _probe_layers(original, stats, collected.grams, args, len(model_map.layers))
+        layer_scales = _probe_layers(original, stats, collected.grams, collected.sequences, args,
+                                     len(model_map.layers))
         write_json(out / "layer_probe.json", layer_scales.to_json())
     plan = make_plan(model_map, stats, targets, rotation=rotation,
                      rotation_file=str((out / "rotation.npz").resolve()), grams=collected.grams,
@@ -214,15 +215,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _probe_layers(original: Path, stats, grams, args: argparse.Namespace, layers: int):
+def _probe_layers(original: Path, stats, grams, sequences, args: argparse.Namespace, layers: int):
     """``calib.sensitivity_probe`` on the first ``--probe-seq-len`` tokens of the first ``--probe-samples``
-    calibration sequences."""
+    calibration sequences (the windows calibration ran on)."""
     from tqdm import tqdm
 
-    from pangu_light.calib.calibrate import calibration_sequences
     from pangu_light.calib.sensitivity_probe import probe_layers
 
-    sequences, _ = calibration_sequences(original, args.data, args.samples, args.seq_len, args.seed, args.tokenizer)
     with tqdm(total=1 + 2 * layers, unit="probe", desc="layer probe", disable=args.quiet, file=sys.stderr) as bar:
         if args.probe_samples < 1 or args.probe_seq_len < 2:
             raise PanguLightError("--probe-samples must be at least 1 and --probe-seq-len at least 2")

@@ -157,12 +157,24 @@ def test_prune_refits_the_projections_that_lost_inputs(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "refit" / "summary.json").read_text())["refit"] == "refit"
 
 
-def test_prune_spreads_by_sensitivity(tiny_dir, tmp_path):
+def test_prune_spreads_by_sensitivity(tiny_dir, tmp_path, monkeypatch):
     """--spread sensitivity reaches the planner with the Grams prune collected (the spread itself is
-    checked in tests/calib/test_sensitivity.py); without a refit it is one clear line."""
+    checked in tests/calib/test_sensitivity.py), its probe runs on the calibration windows without
+    tokenising the text again; without a refit it is one clear line."""
+    from pangu_light.calib import calibrate
+
+    drawn = []
+
+    def counted(*args, **kwargs):
+        drawn.append(args)
+        return tokenise(*args, **kwargs)
+
+    tokenise = calibrate.calibration_sequences
+    monkeypatch.setattr(calibrate, "calibration_sequences", counted)
     out = tmp_path / "job"
     args = [str(tiny_dir[0]), "--params", "0.7", "--spread", "sensitivity", *CALIB, "--no-eval"]
     assert main(["prune", *args, "-o", str(out)]) == 0
+    assert len(drawn) == 1
     plan = load_plan(out / "plan.json")
     assert plan.targets["spread"] == "sensitivity"
     assert abs(plan.estimate["parameter_ratio"] - 0.7) <= 0.01
