@@ -62,7 +62,6 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import atomic_write
 
 __all__ = [
-    "mixture_parts",
     "CALIB_DEFAULT",
     "EVAL_DEFAULT",
     "EVAL_FRACTION",
@@ -71,6 +70,7 @@ __all__ = [
     "describe",
     "lambada_examples",
     "load_documents",
+    "mixture_parts",
     "split_documents",
     "token_sequences",
 ]

@@ -185,7 +185,7 @@ def corrective_projections(
         proj, layer = source
         layers = source_map.layers
         linear = layers[layer].attention.o if proj == "o" else layers[layer].ffn.down
-        return linear.weight.const_value.numpy().astype(np.float64).T @ hidden_map
+        return linear.matmul_weight() @ hidden_map
 
     result = {}
     for position, layer in enumerate(target_map.layers):
@@ -197,7 +197,7 @@ def corrective_projections(
                       for (p, c, source), cross in moments.cross.items() if (p, c) == (proj, position))
             lhs, damping = gram.copy(), ridge * float(np.mean(np.diag(gram)))
             lhs[np.diag_indices_from(lhs)] += damping
-            current = after.weight.const_value.numpy().astype(np.float64).T  # W' [in', k]
+            current = after.matmul_weight()  # W' [in', k]
             bias = None if after.bias is None else after.bias.const_value.numpy()
             result[after.weight.name] = (_solve(lhs, rhs + damping * current).T, bias)
     return result

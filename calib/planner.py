@@ -344,17 +344,12 @@ def _select_by_obs(model_map: ModelMap, plan: PrunePlan, grams, which) -> None:
         per_group = len(layer_plan.heads) // max(len(layer_plan.kv_groups), 1)
         if per_group < rep and which != "obs-ffn":
             layer_plan.heads = obs_query_heads(
-                grams.gram["o"][layer.index], _weight(attention.o), attention.head_dim, rep,
+                grams.gram["o"][layer.index], attention.o.matmul_weight(), attention.head_dim, rep,
                 layer_plan.kv_groups, per_group,
             )
         if len(layer_plan.ffn) < layer.ffn.intermediate_size and which != "obs-heads":
-            layer_plan.ffn = obs_ffn_neurons(grams.gram["down"][layer.index], _weight(layer.ffn.down),
+            layer_plan.ffn = obs_ffn_neurons(grams.gram["down"][layer.index], layer.ffn.down.matmul_weight(),
                                              len(layer_plan.ffn))
-
-
-def _weight(linear) -> np.ndarray:
-    """A projection's weight in the MatMul layout [in, out], float64."""
-    return linear.weight.const_value.numpy().astype(np.float64).T
 
 
 def _aligned_counts(counts: dict[int, int], full: dict[int, int], total: int, align: int) -> dict[int, int]:

@@ -115,7 +115,7 @@ def refit_for_plan(
             if why:
                 result.skipped.append(f"{after.weight.name}: {why}")
                 continue
-            weight = hidden.take(before.weight.const_value.numpy().astype(np.float64).T)
+            weight = hidden.take(before.matmul_weight())
             if method == "refit":
                 fit = refit_projection(grams.gram[proj][index], grams.sum[proj][index], grams.tokens, kept[proj],
                                        weight, ridge=ridge, intercept=intercept)
@@ -180,7 +180,7 @@ def fluctuation_ranking(
 
 
 def _fluctuation(grams: GramStats, proj: str, index: int, linear: Linear) -> np.ndarray:
-    weight = linear.weight.const_value.numpy().astype(np.float64).T
+    weight = linear.matmul_weight()
     return fluctuation(grams.gram[proj][index], grams.sum[proj][index], grams.tokens, weight)
 
 

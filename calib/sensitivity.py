@@ -195,9 +195,12 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     if total > budget:
         raise PanguLightError("--spread sensitivity cannot meet the budget within what the layer probe measured "
                               "(one query head fewer per group, half of each FFN); use --spread hidden-light")
+    def growth(i: int, width: int) -> tuple[float, int, int]:  # loss saved per neuron given back (ties: lower i)
+        return ((costs[i].ffn[ffn[i]] - costs[i].ffn[ffn[i] + width]) / width, -i, width)
+
     # The last neurons removed can overshoot the budget by up to ``step``: fill the room back (in blocks).
     while True:
-        room = [((costs[i].ffn[ffn[i]] - costs[i].ffn[ffn[i] + width]) / width, -i, width) for i in live
+        room = [growth(i, width) for i in live
                 if (width := upper(i, int((budget - total) // unit_params[i][1])) - ffn[i]) > 0]
         if not room:
             break
@@ -205,7 +208,7 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
         ffn[-i] += width
         total += width * unit_params[-i][1]
     if align > 1 and total < budget * (1 - BUDGET_TOLERANCE):  # no whole block fits under the budget:
-        over = [((costs[i].ffn[ffn[i]] - costs[i].ffn[ffn[i] + width]) / width, -i, width) for i in live
+        over = [growth(i, width) for i in live
                 if 0 < (width := upper(i, align) - ffn[i]) and total + width * unit_params[i][1]
                 <= budget * (1 + BUDGET_TOLERANCE)]  # one block over it, within the planner's tolerance
         if over:

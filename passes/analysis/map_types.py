@@ -64,6 +64,10 @@ class Linear:
     def in_features(self) -> int:
         return int(self.weight.shape[1])
 
+    def matmul_weight(self) -> np.ndarray:
+        """The weight in the MatMul layout ``y = x W``: [in, out], float64 (for refits and rankings)."""
+        return self.weight.const_value.numpy().astype(np.float64).T
+
 
 @dataclasses.dataclass
 class HeadCountConstant:

@@ -136,7 +136,7 @@ def test_the_planner_keeps_its_widths_and_changes_only_who_fills_them(llama_map,
         assert a.kv_groups == b.kv_groups and len(a.heads) == len(b.heads) and len(a.ffn) == len(b.ffn)
         rep = layer.attention.num_heads // layer.attention.num_kv_heads
         assert sorted({h // rep for h in b.heads}) == b.kv_groups
-        o_weight = layer.attention.o.weight.const_value.numpy().astype(np.float64).T
+        o_weight = layer.attention.o.matmul_weight()
         if selection != "obs-ffn" and len(a.heads) < layer.attention.num_heads:
             assert b.heads == obs_query_heads(grams.gram["o"][layer.index], o_weight, layer.attention.head_dim, rep,
                                               b.kv_groups, len(b.heads) // len(b.kv_groups))
