@@ -14,7 +14,8 @@ heads' rows, d per head; down_proj: the kept neurons), with H the plan's kept hi
 The compiled graph is read only for names and shapes, and to check that its projection still
 holds exactly W[K][:, H]^T, i.e. that only prune/slice passes touched it. A projection that
 another pass rewrote is left as it is and reported in ``skipped``: CLAP receivers (their o_proj
-reads merged heads of several layers, whose one-shot targets the original Gram cannot give) and
+reads merged heads of several layers, whose one-shot targets the original Gram cannot give; given
+``receivers``, the moments of ``calib.clap_refit``'s probe graph, they are refit from those) and
 post-norm absorption (sandwich families; it scales o_proj/down_proj rows by gamma * s_inv, so a
 refit would have to be done before it: refit the graph without absorption, or absorb after).
 Sandwich families without absorption (Gemma2/3, GLM4) refit as the others: the post-norm reads
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from pangu_light.calib.clap_refit import ReceiverMoments, refit_receiver
 from pangu_light.calib.gram import GramStats
 from pangu_light.calib.refit import (
     DEFAULT_RIDGE,
@@ -79,8 +81,13 @@ def refit_for_plan(
     ridge: float = DEFAULT_RIDGE,
     intercept: bool = False,
     rotation: np.ndarray | None = None,
+    receivers: ReceiverMoments | None = None,
+    receiver_target: str = "next",
 ) -> ProjectionRefits:
     """New o_proj/down_proj weights (and biases) for ``compiled`` = ``original`` pruned by ``plan``.
+
+    ``receivers`` (``calib.clap_refit``): the CLAP receivers' o_proj are refit too, over their
+    merged heads, toward ``receiver_target`` ("own", "next" or "span"); without them they are skipped.
 
     No intercept by default: on SmolLM2-135M at the 0.62 shape it measured slightly better
     (benchmarks/refit_quality.py: LAMBADA 848 vs 888, wiki 417 vs 423)."""
@@ -108,6 +115,13 @@ def refit_for_plan(
             "o": (source.layers[index].attention.o, layer.attention.o),
             "down": (source.layers[index].ffn.down, layer.ffn.down),
         }
+        if receivers is not None and index in receivers.foreign:
+            weights = {layer: hidden.take(source.layers[layer].attention.o.matmul_weight())
+                       for layer in [index, *receivers.cross[index]]}
+            fit = refit_receiver(receivers, plan, index, weights, head_dim, target=receiver_target, ridge=ridge)
+            before = pairs.pop("o")[0]
+            result.projections[layer.attention.o.weight.name] = (fit.T, _bias(before, Refit(fit, None), hidden))
+            result.refit.append(f"layer {position}: o (CLAP receiver, target {receiver_target})")
         for proj, (before, after) in pairs.items():
             if len(kept[proj]) == before.in_features:
                 continue  # no input removed: nothing to refit

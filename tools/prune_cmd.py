@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs' mean contribution as a bias (bias: FLAP's compensation), or leave the weights (none)",
     )
     parser.add_argument(
+        "--clap-refit", choices=("next", "own", "span", "none"), default="next",
+        help="with --clap and --refit refit: refit each CLAP receiver's o_proj over its merged heads (the "
+        "merged heads computed on the unpruned model's input: one more forward pass over the calibration "
+        "text) to reproduce the receiver's own attention output plus that of the removed layer next to it "
+        "(next, default), its own only (own), or that of every layer merged into it too (span); none leaves "
+        "the copied weights",
+    )
+    parser.add_argument(
         "--hidden-method", choices=("auto", "select", "rotate"), default="auto",
         help="how the hidden size shrinks: keep the channels with the highest S_channel (select), or "
         "rotate the residual stream into the PCA basis of its unit-normalised tokens (calibration) and keep "
@@ -138,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
                      rotation_file=str((out / "rotation.npz").resolve()), grams=collected.grams,
                      layer_scales=layer_scales)
     plan.targets["refit"] = args.refit
+    if plan.clap:
+        plan.targets["clap_refit"] = args.clap_refit
     plan.source["graph"] = record_path(original, out / "plan.json")
     plan.save(out / "plan.json")
     if not args.quiet:
@@ -156,8 +166,10 @@ def run(args: argparse.Namespace) -> int:
     pruned_model = compile_with_plan(model, original, out / "pruned.onnx")
     if refit:
         grams, collected.grams = collected.grams, None
+        receivers = _receiver_moments(original, plan, collected.sequences, args) if args.refit == "refit" else None
         refits = refit_and_set(load_model(original), pruned_model, grams, plan, rotation=rotation,
-                               method=args.refit, save_to=refit_file)
+                               method=args.refit, save_to=refit_file, receivers=receivers,
+                               receiver_target=args.clap_refit)
         del grams
         if refits.skipped:
             note(f"left as they are (not refit): {'; '.join(refits.skipped)}")
@@ -213,6 +225,22 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(summary))
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))} in {out}")
     return 0
+
+
+def _receiver_moments(original: Path, plan, sequences, args: argparse.Namespace):
+    """``calib.clap_refit`` moments of the plan's CLAP receivers (None: no receiver, or --clap-refit none)."""
+    from tqdm import tqdm
+
+    from pangu_light.calib.clap_refit import collect_receiver_moments, receiver_groups
+    from pangu_light.calib.stats import batched
+    from pangu_light.passes.infra.graph_io import load_model
+
+    if args.clap_refit == "none" or not plan.clap or not receiver_groups(plan):
+        return None
+    with tqdm(total=int(sequences.size), unit="tok", desc="CLAP receivers", disable=args.quiet,
+              file=sys.stderr) as bar:
+        return collect_receiver_moments(load_model(original), plan, batched(sequences, args.batch_size),
+                                        threads=args.threads, on_batch=bar.update)
 
 
 def _probe_layers(original: Path, stats, grams, sequences, args: argparse.Namespace, layers: int):

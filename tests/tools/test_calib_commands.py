@@ -157,6 +157,34 @@ def test_prune_refits_the_projections_that_lost_inputs(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "refit" / "summary.json").read_text())["refit"] == "refit"
 
 
+def test_prune_refits_clap_receivers(tiny_dir, tmp_path):
+    """With --clap, the receiver's o_proj (merged heads) is refit unless --clap-refit none (the fit
+    itself is checked against numpy least squares in tests/calib/test_clap_refit.py); the choice is
+    recorded in plan.json."""
+    from pangu_light.passes.analysis.model_map import ModelMap
+    from pangu_light.passes.rewrites.set_projection import load_projections
+
+    common = [str(tiny_dir[0]), "--drop-layers", "1", "--clap", "--clap-groups", "sum", *CALIB, "--no-eval",
+              "--no-kv-cache"]
+    for target in ("own", "span", "none"):
+        assert main(["prune", *common, "--clap-refit", target, "-o", str(tmp_path / target)]) == 0
+    plan = load_plan(tmp_path / "own" / "plan.json")
+    assert plan.targets["clap_refit"] == "own"
+    (merge,) = plan.clap_merges
+    assert any(layer != merge.into for layer, _ in merge.groups)  # "sum": the removed layer's groups too
+    position = merge.into - (merge.removed < merge.into)
+    weights = {}
+    for target in ("own", "span", "none"):
+        graph = ir.load(tmp_path / target / "pruned.onnx")
+        value = ModelMap.from_model(graph).layers[position].attention.o.weight
+        weights[target] = value.const_value.numpy()
+        if target != "none":
+            written = load_projections(tmp_path / target / "refit.npz")[value.name][0]
+            np.testing.assert_array_equal(written.astype(np.float32), weights[target])
+    assert not np.array_equal(weights["own"], weights["none"])
+    assert not np.array_equal(weights["own"], weights["span"])
+
+
 def test_prune_spreads_by_sensitivity(tiny_dir, tmp_path, monkeypatch):
     """--spread sensitivity reaches the planner with the Grams prune collected (the spread itself is
     checked in tests/calib/test_sensitivity.py), its probe runs on the calibration windows without
