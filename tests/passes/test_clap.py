@@ -311,3 +311,37 @@ def test_dropped_layer_that_does_not_exist_is_refused(exported_graph):
     _, path = exported_graph("llama")
     with pytest.raises(PanguLightError, match="drop_layers names layer 4"):
         run_pipeline(_plan_with(path, [ClapMerge(4, 1, [(1, 0)])], drop=[4]), "drop-layers{plan=true}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rotate_then_clap_matches_torch(exported_graph, family, tmp_path):
+    """A rotate plan with CLAP merges: rotate-hidden folds each layer's gamma into its own q/k/v,
+    then the merge copies rows; the graph equals the same rotation then merge on the PyTorch module."""
+    from reference_rotation import torch_rotate_hidden
+
+    from pangu_light.passes.rewrites.rotate_hidden import Rotation, random_rotation, save_rotation
+
+    hf_model, path = exported_graph(family)
+    hidden, kept = hf_model.config.hidden_size, 40
+    rng = np.random.default_rng(4)
+    names = [f"{n}.weight" for n, m in hf_model.named_modules() if type(m).__name__.endswith("RMSNorm")
+             and not n.endswith(("q_norm", "k_norm"))]
+    rotation = Rotation(random_rotation(hidden, 4), {name: rng.dirichlet(np.ones(hidden)) for name in names})
+    save_rotation(tmp_path / "rotation.npz", rotation)
+    correction = {name: float(np.sqrt(hidden / kept * e[:kept].sum())) for name, e in rotation.energy.items()}
+
+    model = ir.load(path)
+    kv_groups, heads, drop, merges = scenario(hf_model, "chain")
+    plan = make_clap_plan(model, kv_groups, heads, drop, merges)
+    plan.hidden_method, plan.hidden = "rotate", list(range(kept))
+    plan.rotation = {"file": str(tmp_path / "rotation.npz")}
+    plan.attach(model)
+    run_pipeline(model, plan.pipeline(), verify=True)
+    ir.save(model, tmp_path / "p.onnx")
+    reference = torch_clap(torch_rotate_hidden(hf_model, rotation.basis, kept, correction), kv_groups, heads, drop,
+                           merges)
+    assert no_cache_diff(tmp_path / "p.onnx", reference) <= TOLERANCE
+    ids, mask = left_padded_batch(hf_model.config.vocab_size)  # the merge mattered
+    plain = torch_drop_layers(torch_prune_attention(torch_rotate_hidden(hf_model, rotation.basis, kept, correction),
+                                                    kv_groups, heads), drop)
+    assert max_diff_on_tokens(torch_logits(reference, ids, mask), torch_logits(plain, ids, mask), mask) > 1e-3
