@@ -9,11 +9,12 @@ on the LAMBADA and wiki eval splits, one run.
 Variants (prune flags after ``--drop-layers N``):
 
     plain      plain removal (lowest Block Influence)
-    clap       --clap --clap-refit none: the paper's CLAP, the merged weights as copied
-    own        --clap --clap-refit own: each receiver's o_proj refit to its own attention output
-    next       --clap: ... plus the attention of the removed layer next to it (the default)
-    span       --clap --clap-refit span: ... plus the attention of every layer merged into it
-    m15-X      the same with --clap-margin 1.5 (a moved group must outscore the receiver's own by 1.5x)
+    clap       --clap --clap-margin 1 --clap-refit none: the paper's CLAP, the merged weights as copied
+    own        --clap --clap-margin 1 --clap-refit own: each receiver's o_proj refit to its own attention
+    next       --clap --clap-margin 1 --clap-refit next: ... plus the removed layer next to it's
+    span       --clap --clap-margin 1 --clap-refit span: ... plus every merged layer's
+    m15-X      the same with prune's default margin, 1.5 (a moved group must outscore the receiver's
+               own by 1.5x); m15-next is what `prune --clap` does
 
 Measured 2026-12-07 (AMD EPYC, 2 cores, load 1.2-2, one job at a time; calibration: prune's default
 64 x 256 of wiki+lambada; eval 32 x 256 per set; perplexity x unpruned, LAMBADA / wiki, unpruned
@@ -50,16 +51,17 @@ from pangu_light.tools.cli import main as cli
 ALIAS = "smollm2-135m"
 FLAGS = {
     "plain": [],
-    "clap": ["--clap", "--clap-refit", "none"],
-    "own": ["--clap", "--clap-refit", "own"],
-    "next": ["--clap", "--clap-refit", "next"],
-    "span": ["--clap", "--clap-refit", "span"],
+    "clap": ["--clap", "--clap-margin", "1", "--clap-refit", "none"],
+    "own": ["--clap", "--clap-margin", "1", "--clap-refit", "own"],
+    "next": ["--clap", "--clap-margin", "1", "--clap-refit", "next"],
+    "span": ["--clap", "--clap-margin", "1", "--clap-refit", "span"],
 }
 
 
 def flags(variant: str) -> list[str]:
     if variant.startswith("m15-"):
-        return [*FLAGS[variant[4:]], "--clap-margin", "1.5"]
+        FLAGS[variant[4:]]  # an unknown name fails here
+        return ["--clap", "--clap-refit", variant[4:]]  # prune's default margin, 1.5
     return FLAGS[variant]
 
 

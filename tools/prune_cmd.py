@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.passes.rewrites.rotate_hidden import save_rotation
 
     targets = dataclasses.replace(targets_from_args(args), hidden_method=args.hidden_method)
-    if dataclasses.replace(targets, hidden_method="select") in (type(targets)(), type(targets)(align=args.align)):
+    untargeted = dataclasses.replace(targets, hidden_method="select", clap_margin=type(targets)().clap_margin)
+    if untargeted in (type(targets)(), type(targets)(align=args.align)):
         raise PanguLightError(
             "prune needs a target: --params 0.7, or widths such as --hidden 448 --heads-per-group 2 "
             "--ffn 1152, or --drop-layers 6 (see `pangu-light prune --help`)"
