@@ -87,7 +87,8 @@ def refit_for_plan(
     """New o_proj/down_proj weights (and biases) for ``compiled`` = ``original`` pruned by ``plan``.
 
     ``receivers`` (``calib.clap_refit``): the CLAP receivers' o_proj are refit too, over their
-    merged heads, toward ``receiver_target`` ("own", "next" or "span"); without them they are skipped.
+    merged heads, toward ``receiver_target`` ("own", "next" or "span"; sandwich families always
+    "own"); without them, or after post-norm absorption, they are skipped.
 
     No intercept by default: on SmolLM2-135M at the 0.62 shape it measured slightly better
     (benchmarks/refit_quality.py: LAMBADA 848 vs 888, wiki 417 vs 423)."""
@@ -115,13 +116,16 @@ def refit_for_plan(
             "o": (source.layers[index].attention.o, layer.attention.o),
             "down": (source.layers[index].ffn.down, layer.ffn.down),
         }
-        if receivers is not None and index in receivers.foreign:
+        if receivers is not None and index in receivers.foreign and not plan.absorb_post_norms:
+            # A post-norm reads each layer's o_proj output before the residual Add: another layer's
+            # raw o_proj output is not what it added, so sandwich families fit the receiver's own.
+            target = "own" if "post_attn" in source.layers[index].norms else receiver_target
             weights = {layer: hidden.take(source.layers[layer].attention.o.matmul_weight())
                        for layer in [index, *receivers.cross[index]]}
-            fit = refit_receiver(receivers, plan, index, weights, head_dim, target=receiver_target, ridge=ridge)
+            fit = refit_receiver(receivers, plan, index, weights, head_dim, target=target, ridge=ridge)
             before = pairs.pop("o")[0]
             result.projections[layer.attention.o.weight.name] = (fit.T, _bias(before, Refit(fit, None), hidden))
-            result.refit.append(f"layer {position}: o (CLAP receiver, target {receiver_target})")
+            result.refit.append(f"layer {position}: o (CLAP receiver, target {target})")
         for proj, (before, after) in pairs.items():
             if len(kept[proj]) == before.in_features:
                 continue  # no input removed: nothing to refit

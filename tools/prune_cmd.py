@@ -236,8 +236,8 @@ def _receiver_moments(original: Path, plan, sequences, args: argparse.Namespace)
     from pangu_light.calib.stats import batched
     from pangu_light.passes.infra.graph_io import load_model
 
-    if args.clap_refit == "none" or not plan.clap or not receiver_groups(plan):
-        return None
+    if args.clap_refit == "none" or not plan.clap or plan.absorb_post_norms or not receiver_groups(plan):
+        return None  # (absorbed post-norms rewrote the receivers' o_proj: the refit skips them)
     with tqdm(total=int(sequences.size), unit="tok", desc="CLAP receivers", disable=args.quiet,
               file=sys.stderr) as bar:
         return collect_receiver_moments(load_model(original), plan, batched(sequences, args.batch_size),

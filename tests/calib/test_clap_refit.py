@@ -41,14 +41,19 @@ FOREIGN = [(2, 0), (3, 1)]  # the probe's foreign blocks: sorted
 @pytest.fixture(scope="module")
 def clap_case(exported_graph):
     hf_model, path = exported_graph("llama")
-    plan = PrunePlan.identity(ModelMap.from_model(ir.load(path)))
-    for layer_plan, groups, kept in zip(plan.layers, KV_GROUPS, HEADS):
-        layer_plan.kv_groups, layer_plan.heads = list(groups), list(kept)
-    plan.drop_layers, plan.clap = list(DROP), True
-    plan.clap_merges = [ClapMerge(removed, 1, list(GROUPS)) for removed in DROP]
-    plan.validate()
+    plan = _clap_plan(path, GROUPS)
     ids, mask = left_padded_batch(hf_model.config.vocab_size, lengths=(40, 33, 27, 21, 12), seed=3)
     return hf_model, path, plan, ids, mask
+
+
+def _clap_plan(path, groups) -> PrunePlan:
+    plan = PrunePlan.identity(ModelMap.from_model(ir.load(path)))
+    for layer_plan, kv_groups, kept in zip(plan.layers, KV_GROUPS, HEADS):
+        layer_plan.kv_groups, layer_plan.heads = list(kv_groups), list(kept)
+    plan.drop_layers, plan.clap = list(DROP), True
+    plan.clap_merges = [ClapMerge(removed, 1, list(groups)) for removed in DROP]
+    plan.validate()
+    return plan
 
 
 def torch_probe(hf_model, rotated: bool = False):
@@ -171,6 +176,23 @@ def test_refit_for_plan_sets_the_receiver_and_the_rest_as_before(clap_case, tmp_
     assert np.array_equal(with_receiver.projections[name][0], expected.T)
     for other, projection in plain.projections.items():  # the other projections do not change
         assert np.array_equal(with_receiver.projections[other][0], projection[0])
+
+
+def test_sandwich_receivers_fit_their_own_output(exported_graph):
+    """Gemma2's post-norm reads each layer's raw o_proj output, so another layer's is no target:
+    the receiver fits its own whatever target was asked for."""
+    hf_model, path = exported_graph("gemma2")  # layers 1 and 3 are of one attention type
+    plan = _clap_plan(path, [(3, 1), (1, 0)])
+    ids, mask = left_padded_batch(hf_model.config.vocab_size, lengths=(40, 33, 27, 21, 12), seed=3)
+    moments = collect_receiver_moments(ir.load(path), plan, [(ids.numpy(), mask.numpy())])
+    fits = refit_for_plan(ir.load(path), _compiled(path, plan), _grams(path, ids, mask), plan, receivers=moments,
+                          receiver_target="span")
+    assert "layer 1: o (CLAP receiver, target own)" in fits.refit
+    weights = {i: hf_model.model.layers[i].self_attn.o_proj.weight.detach().numpy().T.astype(np.float64)
+               for i in (1, *DROP)}
+    own = refit_receiver(moments, plan, 1, weights, hf_model.config.head_dim, target="own")
+    (name,) = [n for n in fits.projections if ".1.self_attn.o_proj" in n]
+    assert np.array_equal(fits.projections[name][0], own.T)
 
 
 def _compiled(path, plan) -> ir.Model:
