@@ -49,20 +49,18 @@ from refit_quality import held_out_perplexities
 from pangu_light.tools.cli import main as cli
 
 ALIAS = "smollm2-135m"
-FLAGS = {
-    "plain": [],
-    "clap": ["--clap", "--clap-margin", "1", "--clap-refit", "none"],
-    "own": ["--clap", "--clap-margin", "1", "--clap-refit", "own"],
-    "next": ["--clap", "--clap-margin", "1", "--clap-refit", "next"],
-    "span": ["--clap", "--clap-margin", "1", "--clap-refit", "span"],
-}
+REFIT = {"clap": "none", "own": "own", "next": "next", "span": "span"}  # CLAP variant -> --clap-refit
 
 
 def flags(variant: str) -> list[str]:
-    if variant.startswith("m15-"):
-        FLAGS[variant[4:]]  # an unknown name fails here
-        return ["--clap", "--clap-refit", variant[4:]]  # prune's default margin, 1.5
-    return FLAGS[variant]
+    """prune's flags after --drop-layers N for ``variant`` (see the module docstring)."""
+    base = variant.removeprefix("m15-")
+    if variant == "plain":
+        return []
+    if base not in REFIT:
+        raise SystemExit(f"unknown variant {variant!r}; use plain, {', '.join(REFIT)}, or m15- before one of those")
+    margin = [] if base != variant else ["--clap-margin", "1"]  # m15-: prune's default margin, 1.5
+    return ["--clap", *margin, "--clap-refit", REFIT[base]]
 
 
 def main() -> None:

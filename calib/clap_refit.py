@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.calib.refit import DEFAULT_RIDGE
-from pangu_light.calib.taps import tapped_session
+from pangu_light.calib.refit import DEFAULT_RIDGE, stacked_products
+from pangu_light.calib.taps import run_tapped, tap_values
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_utils import replace_initializer
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -91,10 +91,12 @@ class _ProbePass:
         pass
 
 
-def probe_graph(original: ir.Model, plan: PrunePlan) -> tuple[ir.Model, dict[int, list[tuple[int, int]]]]:
-    """The probe above, built in place on ``original`` (pass a copy); returns it and, per receiver,
-    the foreign (layer, group) blocks of Z_r in order."""
-    model_map = ModelMap.from_model(original)
+def probe_graph(
+    original: ir.Model, plan: PrunePlan, model_map: ModelMap | None = None
+) -> tuple[ir.Model, dict[int, list[tuple[int, int]]]]:
+    """The probe above, built in place on ``original`` (pass a copy; ``model_map``: its map, if
+    already made); returns it and, per receiver, the foreign (layer, group) blocks of Z_r in order."""
+    model_map = model_map or ModelMap.from_model(original)
     rotated = plan.hidden_method == "rotate" and len(plan.hidden) < plan.hidden_size
     foreign_blocks = {}
     for receiver_index, groups in receiver_groups(plan).items():
@@ -149,49 +151,33 @@ def collect_receiver_moments(
     """Build the probe of ``original`` (consumed: pass a copy), run it over (input_ids,
     attention_mask) ``batches`` and add up the moments ``ReceiverMoments`` holds."""
     model_map = ModelMap.from_model(original)
-    probe, foreign = probe_graph(original, plan)
+    probe, foreign = probe_graph(original, plan, model_map)
     if not foreign:
         raise PanguLightError("the plan merges no foreign KV group into any layer: there is no CLAP receiver to refit")
     merged = {r: sorted({m.removed for m in plan.clap_merges if m.into == r}) for r in foreign}
     wanted = sorted(set(foreign) | {layer for layers in merged.values() for layer in layers})
-    names = _tap_attention_contexts(probe, {index: model_map.layers[index].attention.o.input for index in wanted})
+    names = tap_values(probe, {f"pangu_light.clap_refit.context.{i}": model_map.layers[i].attention.o.input
+                               for i in wanted})
     del model_map
     gram: dict[int, np.ndarray] = {}
     cross: dict[int, dict[int, np.ndarray]] = {r: {} for r in foreign}
     tokens = 0
-    with tapped_session(probe, threads=threads) as session:
-        for input_ids, mask in batches:
-            real = mask.reshape(-1).astype(bool)
-            outputs = session.run([names[i] for i in wanted], input_ids, mask)
-            rows = {i: outputs[names[i]].reshape(real.size, -1)[real] for i in wanted}
-            for receiver, sources in merged.items():
-                z = rows[receiver]
-                both = (z.T @ np.concatenate([z, *(rows[j] for j in sources)], axis=1)).astype(np.float64)
-                parts = np.split(both, np.cumsum([z.shape[1], *(rows[j].shape[1] for j in sources)])[:-1], axis=1)
-                gram[receiver] = gram.get(receiver, 0.0) + parts[0]
-                for layer, part in zip(sources, parts[1:]):
-                    cross[receiver][layer] = cross[receiver].get(layer, 0.0) + part
-            tokens += int(real.sum())
-            if on_batch is not None:
-                on_batch(int(real.sum()))
+
+    def accumulate(outputs: dict[str, np.ndarray], mask: np.ndarray) -> None:
+        nonlocal tokens
+        real = mask.reshape(-1).astype(bool)
+        rows = {i: outputs[name].reshape(real.size, -1)[real] for i, name in zip(wanted, names)}
+        for receiver, sources in merged.items():
+            parts = stacked_products(rows[receiver], [rows[j] for j in sources])
+            gram[receiver] = gram.get(receiver, 0.0) + parts[0]
+            for layer, part in zip(sources, parts[1:]):
+                cross[receiver][layer] = cross[receiver].get(layer, 0.0) + part
+        tokens += int(real.sum())
+
+    run_tapped(probe, batches, names, accumulate, threads=threads, on_batch=on_batch)
     if not tokens:
         raise PanguLightError("no calibration tokens were seen")
     return ReceiverMoments(gram, cross, foreign, tokens)
-
-
-def _tap_attention_contexts(model: ir.Model, values: dict[int, ir.Value]) -> dict[int, str]:
-    """Make each value (an o_proj input) a graph output, the only ones (in place)."""
-    graph = model.graph
-    graph.outputs.clear()
-    names = {}
-    for index, value in values.items():
-        node = ir.node("Identity", [value])
-        graph.append(node)
-        node.outputs[0].name = f"pangu_light.clap_refit.context.{index}"
-        node.outputs[0].dtype = value.dtype
-        graph.outputs.append(node.outputs[0])
-        names[index] = node.outputs[0].name
-    return names
 
 
 def receiver_columns(plan: PrunePlan, receiver: int, foreign: list[tuple[int, int]], head_dim: int) -> np.ndarray:

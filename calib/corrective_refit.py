@@ -49,7 +49,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.calib.taps import tapped_session
+from pangu_light.calib.refit import stacked_products
+from pangu_light.calib.taps import tap_values, tapped_session
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
 
@@ -70,17 +71,10 @@ CORRECTIVE_RIDGE = 1e-1  # relative to mean(diag G'): the least harmful measured
 def tap_projection_inputs(model: ir.Model, model_map: ModelMap) -> dict[tuple[str, int], str]:
     """Make every layer's o_proj and down_proj input a graph output (in place: use a copy);
     returns (projection, layer) -> output name."""
-    graph = model.graph
-    graph.outputs.clear()
-    names = {}
-    for layer in model_map.layers:
-        for proj, linear in (("o", layer.attention.o), ("down", layer.ffn.down)):
-            node = ir.node("Identity", [linear.input])
-            graph.append(node)
-            node.outputs[0].name = f"pangu_light.input.{proj}.{layer.index}"
-            node.outputs[0].dtype = linear.input.dtype
-            graph.outputs.append(node.outputs[0])
-            names[(proj, layer.index)] = node.outputs[0].name
+    values = {(proj, layer.index): linear.input for layer in model_map.layers
+              for proj, linear in (("o", layer.attention.o), ("down", layer.ffn.down))}
+    names = {key: f"pangu_light.input.{key[0]}.{key[1]}" for key in values}
+    tap_values(model, {names[key]: value for key, value in values.items()})
     return names
 
 
@@ -152,9 +146,7 @@ def collect_cross_moments(
                 x_new = after[name].reshape(real.size, -1)[real]
                 originals = targets[(proj, layer)]
                 x_old = [before[source_names[source]].reshape(real.size, -1)[real] for source in originals]
-                # One product for all (one rounding path: with nothing pruned, cross == gram exactly).
-                both = (x_new.T @ np.concatenate([x_new, *x_old], axis=1)).astype(np.float64)
-                parts = np.split(both, np.cumsum([x.shape[1] for x in [x_new, *x_old]])[:-1], axis=1)
+                parts = stacked_products(x_new, x_old)  # with nothing pruned, cross == gram exactly
                 gram[(proj, layer)] = gram.get((proj, layer), 0.0) + parts[0]
                 for origin, part in zip(originals, parts[1:]):
                     cross[(proj, layer, origin)] = cross.get((proj, layer, origin), 0.0) + part

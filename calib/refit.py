@@ -36,6 +36,7 @@ __all__ = [
     "fluctuation",
     "head_fluctuation",
     "refit_projection",
+    "stacked_products",
 ]
 
 DEFAULT_RIDGE = 1e-5
@@ -93,6 +94,13 @@ def head_fluctuation(per_input: np.ndarray, head_dim: int) -> np.ndarray:
     if per_input.size % head_dim:
         raise PanguLightError(f"{per_input.size} inputs do not split into heads of {head_dim}")
     return per_input.reshape(-1, head_dim).sum(axis=1)
+
+
+def stacked_products(x: np.ndarray, others: list[np.ndarray]) -> list[np.ndarray]:
+    """[x^T x, x^T o_1, ...] as float64, from one float32 product (one rounding path: where an o_i
+    equals x, its product equals the Gram exactly); rows are tokens."""
+    both = (x.T @ np.concatenate([x, *others], axis=1)).astype(np.float64)
+    return np.split(both, np.cumsum([x.shape[1], *(o.shape[1] for o in others)])[:-1], axis=1)
 
 
 def _checked(gram: np.ndarray, weight: np.ndarray, kept) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

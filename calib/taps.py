@@ -41,7 +41,15 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap, Norm
 
-__all__ = ["TapLayout", "TappedSession", "add_statistic_taps", "run_tapped", "saved_for_session", "tapped_session"]
+__all__ = [
+    "TapLayout",
+    "TappedSession",
+    "add_statistic_taps",
+    "run_tapped",
+    "saved_for_session",
+    "tap_values",
+    "tapped_session",
+]
 
 
 @dataclasses.dataclass
@@ -146,6 +154,20 @@ def add_statistic_taps(model: ir.Model, model_map: ModelMap | None = None) -> Ta
                 ),
             )
     return layout
+
+
+def tap_values(model: ir.Model, values: dict[str, ir.Value]) -> list[str]:
+    """Make each value a graph output under its key, through an Identity node, and the only outputs
+    (in place: use a copy); returns the output names."""
+    graph = model.graph
+    graph.outputs.clear()
+    for name, value in values.items():
+        node = ir.node("Identity", [value])
+        graph.append(node)
+        node.outputs[0].name = name
+        node.outputs[0].dtype = value.dtype
+        graph.outputs.append(node.outputs[0])
+    return list(values)
 
 
 def _inverse_rms(norm: Norm) -> ir.Value:
