@@ -13,12 +13,13 @@ the same recovery budget.
                      from tools.arguments): the residual stream rotated (hidden_method
                      rotate for pre-norm families), the ridge refit of every
                      pruned o_proj/down_proj, no CLAP
-    prune-default    what ``pangu-light prune --params P --drop-layers N       this project's CLAP,
-    +CLAP            --clap`` does with its defaults: prune-default's, plus     not the paper's: a
+    prune-default+CLAP
+                     what ``pangu-light prune --params P --drop-layers N        this project's CLAP,
+                     --clap`` does with its defaults: prune-default's, plus     not the paper's: a
                      clap=True with prune's --clap-margin default (read from    margin on eq. 5's
-                     the same argument set-up; 1.5, where Targets and the        ranking, then a
+                     the same argument set-up: 1.5, where Targets and the       ranking, then a
                      paper keep 1.0), and the CLAP receivers' o_proj refit      least-squares refit
-                     over their merged heads toward prune's default              of the receivers
+                     over their merged heads toward prune's default             of the receivers
                      --clap-refit (next: the receiver's own attention output
                      plus that of the removed layer next to it; calib/clap_refit.py)
 
