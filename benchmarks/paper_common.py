@@ -8,7 +8,9 @@ module):
     export          pangu-light export MODEL -o orig.onnx                 (``export``; once per model)
     collect         calib.calibrate.collect_graph_all (wiki, calib split): statistics, and the
                     refit's Grams and the rotation when a row needs them, one pass (as ``prune``)
-    build           plan -> compile -> refit_and_set (set-projection) -> save   (``prune``'s stages)
+    build           plan -> compile -> refit_and_set (set-projection) -> save   (``prune``'s stages;
+                    a row with CLAP and the refit first collects its CLAP receivers' moments,
+                    calib.clap_refit: one more pass, of the probe graph, as ``prune`` does)
     score           held-out perplexity (calib.evaluate, eval split, the same windows for every
                     graph) and the zero-shot tasks (calib.scoring, the same items for every graph,
                     the first graph's tokenizer)                             (``eval`` / ``eval --tasks``)
@@ -83,16 +85,31 @@ def collect(original: Path, args: argparse.Namespace, *, grams: bool = False, ro
     return found
 
 
+def receiver_moments(original: Path, plan, sequences, args: argparse.Namespace):
+    """``calib.clap_refit`` moments of ``plan``'s CLAP receivers on the calibration ``sequences``
+    (``Collected.sequences``, in ``prune``'s default batches of 4), from one run of the probe graph;
+    None where ``prune`` collects none (no CLAP, no foreign group merged, or post-norms absorbed)."""
+    from pangu_light.calib.clap_refit import collect_receiver_moments, receiver_groups
+    from pangu_light.calib.stats import batched
+    from pangu_light.passes.infra.graph_io import load_model
+
+    if not plan.clap or plan.absorb_post_norms or not receiver_groups(plan):
+        return None
+    note(f"CLAP receivers {sorted(receiver_groups(plan))}: moments of the probe graph (one more pass)")
+    return collect_receiver_moments(load_model(original), plan, batched(sequences, 4), threads=args.threads)
+
+
 def calibrate(original: Path, args: argparse.Namespace):
     """The calibration statistics of ``original`` alone (``collect`` without Grams or rotation)."""
     return collect(original, args).stats
 
 
 def build(original: Path, plan, out: Path, *, grams=None, rotation=None, method: str = "refit",
-          then: str | None = None) -> None:
+          then: str | None = None, receivers=None, receiver_target: str = "next") -> None:
     """``compile --plan`` (then the pipeline ``then``) saved at ``out``; with ``grams``, first the refit
     of every pruned o_proj/down_proj by ``method`` in the basis the plan cut the hidden size in
-    (``calib.refit_plan.refit_and_set``, the step ``prune`` runs; ``rotation``: the plan's)."""
+    (``calib.refit_plan.refit_and_set``, the step ``prune`` runs; ``rotation``: the plan's), and with
+    ``receivers`` (``receiver_moments``) that of the CLAP receivers' o_proj toward ``receiver_target``."""
     import onnx_ir as ir
 
     from pangu_light.calib.refit_plan import refit_and_set
@@ -103,7 +120,8 @@ def build(original: Path, plan, out: Path, *, grams=None, rotation=None, method:
     if plan.pipeline().passes:  # an identity plan (no target) has nothing to run
         run_pipeline(model, plan.pipeline())
     if grams is not None:
-        refit_and_set(ir.load(original), model, grams, plan, rotation=rotation, method=method)
+        refit_and_set(ir.load(original), model, grams, plan, rotation=rotation, method=method,
+                      receivers=receivers, receiver_target=receiver_target)
     if then:
         run_pipeline(model, then)
     ir.save(model, out)

@@ -7,7 +7,8 @@ compression levels, Pangu Light against the Minitron-style baseline.
     methods          ``--fig2-methods``, rows of benchmarks/paper_table3.py: minitron (the baseline:
                      plain slicing and removal), prune-default (Pangu Light as this project's
                      ``prune`` does it by default: rotate + refit, hidden-light spread), and
-                     optionally +CLAP / +CLAP+SLNP (the paper's own operators, no refit)
+                     optionally +CLAP / +CLAP+SLNP (the paper's own operators, no refit) and
+                     prune-default+CLAP (``prune --clap``: the project's CLAP, receivers refit)
     speedup          the unpruned graph's median latency / the pruned graph's, every graph run
                      alternately in one process (benchmarks/ort_latency.py: batch 1, --latency-seq
                      tokens, --repeats rounds, no-cache graphs)
@@ -24,11 +25,12 @@ import argparse
 
 import numpy as np
 import paper_common as common
-from paper_table3 import ROWS, row_targets
+from paper_table3 import PRUNE_CLAP, ROWS, build_row, row_targets
 
 LABELS = {"minitron": "Minitron-style baseline (plain slicing and removal)",
           "prune-default": "Pangu Light, prune's default (rotate + refit)",
-          "+CLAP+SLNP": "CLAP + SLNP (the paper's operators, no refit)"}
+          "+CLAP+SLNP": "CLAP + SLNP (the paper's operators, no refit)",
+          PRUNE_CLAP: "Pangu Light, prune --clap's default (+ the project's CLAP, receivers refit)"}
 
 
 def parse_levels(text: str) -> list[tuple[float, int]]:
@@ -76,8 +78,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
                          rotation_file=str(rotation_path.resolve()))
         out = work / f"fig2-{params:g}-{drop}-{common.slug(method)}.onnx"
         common.note(f"level {params}:{drop} {method}: {plan.pipeline()}; refit {refit or 'none'}")
-        common.build(original, plan, out, grams=collected.grams if refit else None, rotation=collected.rotation,
-                     method=refit or "refit")
+        build_row(original, plan, out, collected, refit, args)
         row = scorer.score(out, f"{params}:{drop} {method}")
         points.append({"level": f"{params:g}:{drop}", "method": method, **row, "targets": targets.to_json(),
                        "refit": refit or "none",

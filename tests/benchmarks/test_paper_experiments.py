@@ -28,23 +28,38 @@ def _script():
     return load_benchmark("paper_tables")
 
 
+def _clap_llama():
+    """The tiny llama with layer 0's v_proj times 3 and its o_proj / 3: the same function (so the same
+    layers removed), its S_head (eq. 2, before o_proj) 3x higher, so that with prune's default
+    --clap-margin (1.5) CLAP still moves its KV groups into layer 1 and prune refits that receiver."""
+    import torch
+
+    model = tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attention.v_proj.weight.mul_(3.0)
+        attention.o_proj.weight.div_(3.0)
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """{family: HF directory} and a work folder holding their exports (what the experiments reuse)."""
     root = tmp_path_factory.mktemp("paper")
     work = root / "work"
     dirs = {}
-    for family in ("llama", "gemma3"):
+    for family, model in (("llama", tiny_model("llama")), ("gemma3", tiny_model("gemma3")),
+                          ("llama-clap", _clap_llama())):
         dirs[family] = root / f"tiny-{family}"
-        tiny_model(family).save_pretrained(dirs[family])
+        model.save_pretrained(dirs[family])
         save_char_tokenizer(dirs[family])
         assert cli(["export", str(dirs[family]), "-o", str(work / f"tiny-{family}.onnx"), "--quiet"]) == 0
     return dirs, work
 
 
-def _run(tiny, out: Path, *argv: str) -> None:
+def _run(tiny, out: Path, *argv: str, model: str = "llama") -> None:
     dirs, work = tiny
-    assert _script().main([*argv, "-o", str(out), "--model", str(dirs["llama"]), "--gemma-model",
+    assert _script().main([*argv, "-o", str(out), "--model", str(dirs[model]), "--gemma-model",
                            str(dirs["gemma3"]), "--workdir", str(work), *TINY]) == 0
 
 
@@ -63,72 +78,89 @@ def _body(lines: list[str]) -> list[str]:
 
 def test_table3_every_row_one_shot(tiny, tmp_path):
     out = tmp_path / "r"
-    _run(tiny, out, "table3", "--params", "0.45", "--drop-layers", "2")
+    _run(tiny, out, "table3", "--params", "0.45", "--drop-layers", "2", model="llama-clap")
     assert {p.name for p in out.iterdir()} == {"table3.md", "table3.json", "plan-minitron.json", "plan-clap.json",
-                                              "plan-clap-slnp.json", "plan-prune-default.json"}
+                                              "plan-clap-slnp.json", "plan-prune-default.json",
+                                              "plan-prune-default-clap.json"}
     rows = json.loads((out / "table3.json").read_text())["rows"]
-    assert list(rows) == ["unpruned", "minitron", "+CLAP", "+CLAP+SLNP", "prune-default"]
+    assert list(rows) == ["unpruned", "minitron", "+CLAP", "+CLAP+SLNP", "prune-default", "prune-default+CLAP"]
     assert rows["unpruned"]["parameter_fraction"] == 1
     plans = {n: json.loads((out / f"plan-{n}.json").read_text()) for n in ("minitron", "clap", "clap-slnp",
-                                                                           "prune-default")}
+                                                                           "prune-default", "prune-default-clap")}
     assert len({json.dumps(p["drop_layers"]) for p in plans.values()}) == 1
     assert len(plans["minitron"]["drop_layers"]) == 2
     assert plans["minitron"]["clap"]["merges"] == [] and plans["clap"]["clap"]["merges"]
-    enabled = {n: (p["clap"]["enabled"], p["slnp"]["enabled"]) for n, p in plans.items() if n != "prune-default"}
+    enabled = {n: (p["clap"]["enabled"], p["slnp"]["enabled"]) for n, p in plans.items()
+               if not n.startswith("prune-default")}
     assert enabled == {"minitron": (False, False), "clap": (True, False), "clap-slnp": (True, True)}
-    # the baseline slices and removes plainly; prune's default rotates and refits, without CLAP
-    assert [plans[n]["targets"]["hidden_method"] for n in plans] == ["select", "select", "select", "rotate"]
-    assert not plans["prune-default"]["clap"]["enabled"]
-    assert [plans[n]["targets"]["refit"] for n in plans] == ["none", "none", "none", "refit"]
+    # the baseline slices and removes plainly; prune's default rotates and refits, without CLAP;
+    # prune --clap adds the project's CLAP (prune's margin, not the paper's 1) and refits its receivers
+    assert [plans[n]["targets"]["hidden_method"] for n in plans] == ["select"] * 3 + ["rotate"] * 2
+    assert not plans["prune-default"]["clap"]["enabled"] and plans["prune-default-clap"]["clap"]["enabled"]
+    assert [plans[n]["targets"]["refit"] for n in plans] == ["none", "none", "none", "refit", "refit"]
+    assert [plans[n]["targets"]["clap_margin"] for n in plans] == [1.0, 1.0, 1.0, 1.5, 1.5]
+    assert [plans[n]["targets"].get("clap_refit") for n in plans] == [None] * 4 + ["next"]
+    assert rows["prune-default+CLAP"]["clap_refit"] == "next" and "clap_refit" not in rows["prune-default"]
+    merges = plans["prune-default-clap"]["clap"]["merges"]
+    assert any(layer != merge["into"] for merge in merges for layer, _ in merge["groups"])  # a receiver to refit
     # one shape for every row: prune's default spread (hidden-light) of the same budget
     assert {p["targets"]["spread"] for p in plans.values()} == {"hidden-light"}
     assert len({len(p["hidden"]["keep"]) for p in plans.values()}) == 1
     assert len({json.dumps([len(layer["ffn"]) for layer in p["layers"]]) for p in plans.values()}) == 1
-    for name in ("minitron", "+CLAP", "+CLAP+SLNP", "prune-default"):
+    for name in ("minitron", "+CLAP", "+CLAP+SLNP", "prune-default", "prune-default+CLAP"):
         assert rows[name]["parameter_fraction"] == pytest.approx(0.45, abs=0.01)
     # one-shot rows differ from each other (CLAP and SLNP change weights), and every row saw the same items
-    assert len({r["perplexity"]["perplexity"] for r in rows.values()}) == 5
+    assert len({r["perplexity"]["perplexity"] for r in rows.values()}) == 6
     assert len({json.dumps(r["lm_eval"]["task_hashes"]) for r in rows.values()}) == 1
     body = _body(_table(out / "table3.md"))
     assert [line.split(" | ")[0] for line in body] == [f"| {name}" for name in rows]
     for line, row in zip(body, rows.values(), strict=True):
         assert f"| {row['perplexity']['perplexity']:.2f} |" in line
         assert f"{100 * row['lm_eval']['results']['winogrande']['acc,none']:.1f} ±" in line
-    assert [p.name for p in tiny[1].glob("*.onnx")] != [] and not list(tiny[1].glob("prune-default.onnx"))
+    assert [p.name for p in tiny[1].glob("*.onnx")] != [] and not list(tiny[1].glob("prune-default*.onnx"))
     logged = [json.loads(line) for line in (tiny[1] / "scored-rows.jsonl").read_text().splitlines()]
-    assert [entry["perplexity"] for entry in logged[-5:]] == [r["perplexity"] for r in rows.values()]
+    assert [entry["perplexity"] for entry in logged[-6:]] == [r["perplexity"] for r in rows.values()]
+    assert "- prune-default+CLAP: `pangu-light prune --params 0.45 --drop-layers 2 --clap`'s defaults" in (
+        out / "table3.md").read_text()
 
 
-def test_table3_prune_default_row_is_what_prune_builds(tiny, tmp_path):
-    """The row's graph has the function of ``pangu-light prune``'s pruned.onnx for the same budget and
-    calibration windows (the plans agree, and ORT gives the same logits up to float32 rounding)."""
+@pytest.mark.parametrize("row, name, options", [("prune-default", "prune-default", []),
+                                                ("prune-default+CLAP", "prune-default-clap", ["--clap"])])
+def test_table3_prune_rows_are_what_prune_builds(tiny, tmp_path, row, name, options):
+    """The row's graph has the function of ``pangu-light prune [--clap]``'s pruned.onnx for the same budget
+    and calibration windows (the plans agree, and ORT gives the same logits up to float32 rounding). The
+    model's layer 0 outscores its receiver by more than prune's CLAP margin (1.5; the paper's 1 would also
+    move layer 3's groups at this shape), so prune --clap refits a receiver's o_proj here."""
     import onnxruntime as ort
 
     dirs, work = tiny
     out, job = tmp_path / "r", tmp_path / "prune"
-    _run(tiny, out, "table3", "--params", "0.6", "--drop-layers", "1", "--table3-rows", "prune-default",
-         "--tasks", "", "--keep")
-    assert cli(["prune", str(dirs["llama"]), "--params", "0.6", "--drop-layers", "1", "-o", str(job), "--data",
-                "wiki", "--samples", "4", "--seq-len", "24", "--no-eval", "--no-kv-cache", "--quiet"]) == 0
-    ours, theirs = (json.loads(p.read_text()) for p in (out / "plan-prune-default.json", job / "plan.json"))
+    _run(tiny, out, "table3", "--params", "0.45", "--drop-layers", "2", "--table3-rows", row, "--tasks", "",
+         "--keep", model="llama-clap")
+    assert cli(["prune", str(dirs["llama-clap"]), "--params", "0.45", "--drop-layers", "2", *options, "-o", str(job),
+                "--data", "wiki", "--samples", "4", "--seq-len", "24", "--no-eval", "--no-kv-cache", "--quiet"]) == 0
+    ours, theirs = (json.loads(p.read_text()) for p in (out / f"plan-{name}.json", job / "plan.json"))
     for key in ("drop_layers", "layers", "clap", "slnp", "post_norms"):
         assert ours[key] == theirs[key], key
     assert ours["hidden"]["keep"] == theirs["hidden"]["keep"]
     assert ours["hidden"]["method"] == theirs["hidden"]["method"] == "rotate"
-    assert ours["targets"]["refit"] == theirs["targets"]["refit"] == "refit"
+    assert ours["targets"] == theirs["targets"]  # clap_margin, refit and clap_refit included
+    if options:
+        assert ours["targets"]["clap_refit"] == "next"
+        assert [m["groups"] for m in ours["clap"]["merges"]] == [[[0, 0], [0, 1]], [[2, 0], [2, 1]]]
     ids = np.random.default_rng(0).integers(0, 64, size=(2, 12))
     logits = []
-    for graph in (work / "prune-default.onnx", job / "pruned.onnx"):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    for graph in (work / f"{name}.onnx", job / "pruned.onnx"):
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(graph), session_options, providers=["CPUExecutionProvider"])
         feeds = {"input_ids": ids}
         if "attention_mask" in [i.name for i in session.get_inputs()]:
             feeds["attention_mask"] = np.ones_like(ids)
         logits.append(session.run(["logits"], feeds)[0])
     scale = float(np.abs(logits[1]).max())
     assert scale > 0 and np.abs(logits[0] - logits[1]).max() <= 1e-5 * scale
-    (work / "prune-default.onnx").unlink()
+    (work / f"{name}.onnx").unlink()
 
 
 def test_table3_recovery_row_is_the_recovered_graph(tiny, tmp_path):
