@@ -4,7 +4,8 @@
                  --fold-weight-transpose--> MatMul-ready weights
                  --pack-qkv--> one q|k|v MatMul per GQA (where nothing sits between them)
                  --fuse-norms--> (Skip)SimplifiedLayerNormalization
-                 --(int8/int4) ORT quantizer--> OUTDIR/model.onnx (+ .data when large), deploy.json
+                 --(int8/int4) ORT quantizer [--quant-method gptq: deploy.gptq's weights]
+                 --> OUTDIR/model.onnx (+ .data when large), deploy.json
 
 ``io_kind`` in the record tells the runtime how to feed the graph: ``gqa-shared-buffer`` when
 every layer's attention was fused (past and present may be one pre-allocated buffer of fixed
@@ -19,17 +20,22 @@ fp32 stops after the fold (the function is unchanged). int8/int4 quantize every 
 ``weights`` except int8 under int4 (``DeployOptions.head_weights``, measured there);
 ``quantize_lm_head=False`` keeps it float32); the embedding Gather keeps float32 weights. A tied
 lm_head is folded into its own copy only when it is to be quantized, so an fp32 deployment stores
-the tied matrix once.
+the tied matrix once. ``quant_method="gptq"`` keeps the quantizer's nodes and layouts but replaces
+their packed weights and scales by GPTQ's (``deploy.gptq``), from the input Grams of every
+quantized MatMul collected through the float32 graph about to be quantized, on calibration token
+windows (``build_deployment`` cuts them from ``calib_data``'s calib split with the graph's tokenizer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -38,6 +44,7 @@ from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_json
 from pangu_light.deploy.genai_package import genai_config, write_genai_package
+from pangu_light.deploy.gptq import QuantizedWeight, collect_input_grams, gptq_quantize, overwrite_packed
 from pangu_light.deploy.quantize import BITS, eligible_matmuls, lm_head_matmul, name_unnamed_nodes, quantize_weights
 from pangu_light.passes.deploy.fold_weight_transpose import FoldWeightTransposePass
 from pangu_light.passes.deploy.fuse_gqa import IO_KIND_GQA, FuseGQAPass
@@ -48,6 +55,7 @@ from pangu_light.passes.infra.graph_io import load_model, refuse_overwrite_input
 __all__ = ["DeployOptions", "IO_KIND_GQA", "IO_KIND_PAST_PRESENT", "WEIGHTS", "build_deployment", "deploy_graph"]
 
 WEIGHTS = ("fp32", "int8", "int4")
+QUANT_METHODS = ("rtn", "gptq")
 DEPLOY_KEY = "pangu_light.deploy"  # model metadata: the deploy.json record, as JSON
 IO_KIND_PAST_PRESENT = "past-present"
 DEFAULT_MAX_LENGTH = 4096  # rotary cache positions when the source config does not say
@@ -65,6 +73,11 @@ class DeployOptions:
     fuse: bool = True
     max_length: int = 0  # rotary cache positions; 0: the source config's max_position_embeddings
     padding_bias: bool = True  # False: no attention_bias in GQA; the runtime refuses padded batches
+    quant_method: str = "rtn"  # "gptq": deploy.gptq's weights from calibration text (symmetric only)
+    calib_data: str = "wiki"  # GPTQ's calibration text (a corpus name, as calibrate's --data)
+    calib_samples: int = 32  # GPTQ's calibration windows of calib_seq_len tokens
+    calib_seq_len: int = 256
+    gptq_damp: float = 0.01  # GPTQ's damping: this times mean(diag H) added to H's diagonal
 
     def check(self) -> None:
         if self.weights not in WEIGHTS:
@@ -81,6 +94,18 @@ class DeployOptions:
             raise PanguLightError(f"--max-length {self.max_length} must be positive (or 0 for the model's own)")
         if not self.padding_bias and not self.fuse:
             raise PanguLightError("--no-padding-bias applies to the fused GroupQueryAttention: drop it or --no-fuse")
+        if self.quant_method not in QUANT_METHODS:
+            raise PanguLightError(f"--quant-method {self.quant_method!r} is not one of {', '.join(QUANT_METHODS)}")
+        if self.quant_method == "gptq":
+            if self.weights == "fp32":
+                raise PanguLightError("--quant-method gptq needs --weights int8/int4 (fp32 has nothing to quantize)")
+            if not self.symmetric:
+                raise PanguLightError("--quant-method gptq writes symmetric blocks: drop --asymmetric")
+            if self.calib_samples < 1 or self.calib_seq_len < 2:
+                raise PanguLightError(f"--calib-samples {self.calib_samples} and --calib-seq-len "
+                                      f"{self.calib_seq_len} must be at least 1 and 2")
+            if not self.gptq_damp > 0:
+                raise PanguLightError(f"--gptq-damp {self.gptq_damp} must be positive")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise PanguLightError(f"--accuracy-level {self.accuracy_level} is not one of 0-4 (MatMulNBits)")
 
@@ -95,10 +120,15 @@ class DeployOptions:
         return self.lm_head_weights or ("int8" if self.weights == "int4" else self.weights)
 
 
-def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dict[str, Any]]:
+def deploy_graph(
+    model: ir.Model, options: DeployOptions, calibration: np.ndarray | None = None
+) -> tuple[ir.Model, dict[str, Any]]:
     """The deployment graph of ``model`` (a decode or no-cache graph of ours) and the record.
-    ``model`` itself is folded in place (the fold pass is an in-place pass); pass a copy to keep it."""
+    ``model`` itself is folded in place (the fold pass is an in-place pass); pass a copy to keep it.
+    ``calibration``: token windows [n, length] for ``quant_method="gptq"`` (required there)."""
     options.check()
+    if options.quant_method == "gptq" and calibration is None:
+        raise PanguLightError("--quant-method gptq needs calibration token windows")
     metadata = {p: v for p, v in model.metadata_props.items()}
     before = _op_counts(model)
     quantize = options.weights != "fp32"
@@ -139,10 +169,19 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
         exclude = [head.name] if head is not None and head_weights != options.weights else []
         settings = {"block_size": options.block_size, "symmetric": options.symmetric,
                     "accuracy_level": options.accuracy_level}
+        bits = {n.input[1]: BITS[options.weights] for n in eligible if n.name not in exclude}
+        if head is not None and head_weights != "fp32":
+            bits[head.input[1]] = BITS[head_weights]
+        sources = {n.output[0]: n.input[1] for n in eligible if n.input[1] in bits}
+        gptq = _gptq_weights(proto, bits, calibration, options) if options.quant_method == "gptq" else None
         proto = quantize_weights(proto, bits=BITS[options.weights], exclude=exclude, **settings)
         if exclude and head_weights != "fp32":  # the lm_head alone, at its own width
             others = [n.name for n in eligible_matmuls(proto) if n.name != head.name]
             proto = quantize_weights(proto, bits=BITS[head_weights], exclude=others, **settings)
+        if gptq is not None:
+            record["gptq"] = {"weights": overwrite_packed(proto, gptq, sources), "damp": options.gptq_damp,
+                              "calibration": {"data": options.calib_data, "windows": int(calibration.shape[0]),
+                                              "seq_len": int(calibration.shape[1])}}
         record["lm_head_quantized"] = head is not None and head_weights != "fp32"
         record["lm_head_weights"] = head_weights if head is not None else None
         record["excluded_nodes"] = exclude if head_weights == "fp32" else []
@@ -160,19 +199,43 @@ def deploy_graph(model: ir.Model, options: DeployOptions) -> tuple[ir.Model, dic
     return deployed, record
 
 
+def _gptq_weights(proto: onnx.ModelProto, bits: dict[str, int], calibration: np.ndarray,
+                  options: DeployOptions) -> dict[str, QuantizedWeight]:
+    """GPTQ of every weight in ``bits`` (name -> its bits), from the input Grams of the MatMuls that
+    read them, collected through ``proto`` (the float32 graph about to be quantized)."""
+    from tqdm import tqdm
+
+    from pangu_light.calib.stats import batched
+
+    with tqdm(total=int(calibration.size), unit="tok", desc="GPTQ input Grams", file=sys.stderr) as bar:
+        grams = collect_input_grams(ir.serde.deserialize_model(proto), bits, batched(calibration, 4),
+                                    on_batch=bar.update)
+    floats = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in bits}
+    quantized = {}
+    for name in tqdm(sorted(bits), unit="weight", desc="GPTQ", file=sys.stderr):
+        quantized[name] = gptq_quantize(floats[name], grams.pop(name), bits=bits[name],
+                                        block_size=options.block_size, damp=options.gptq_damp)
+    return quantized
+
+
 def build_deployment(
     source: str | Path, outdir: str | Path, options: DeployOptions, *, genai_tokenizer: Path | None | bool = False,
+    calibration: np.ndarray | None = None, tokenizer: Path | None = None,
 ) -> dict[str, Any]:
     """Read ``source``, write ``outdir/model.onnx`` and ``outdir/deploy.json``; returns the record.
     ``genai_tokenizer`` (a directory, or None for the one the graph records) also writes an ONNX
-    Runtime GenAI package (``deploy.genai_package``); False (the default) does not."""
+    Runtime GenAI package (``deploy.genai_package``); False (the default) does not. GPTQ's
+    ``calibration`` windows default to ``options.calib_data``'s calib split, cut with the graph's
+    tokenizer (``tokenizer``: another tokenizer directory)."""
     outdir = Path(outdir)
     target = outdir / "model.onnx"
     refuse_overwrite_input(target, source)
     if outdir.exists() and not outdir.is_dir():
         raise PanguLightError(f"{outdir} exists and is not a directory: choose another -o")
     model = load_model(source)
-    deployed, record = deploy_graph(model, options)
+    if options.quant_method == "gptq" and calibration is None:
+        calibration = calibration_windows(source, model, options, tokenizer)
+    deployed, record = deploy_graph(model, options, calibration)
     record["source"] = str(Path(source).resolve())
     record["graph_kind"] = model.metadata_props.get(contract.GRAPH_KIND, "unknown")
     record["versions"] = _versions()
@@ -185,6 +248,17 @@ def build_deployment(
         record["genai_package"] = write_genai_package(outdir, deployed, record, genai_tokenizer or None)
     write_json(outdir / "deploy.json", record)
     return record
+
+
+def calibration_windows(source: str | Path, model: ir.Model, options: DeployOptions,
+                        tokenizer: Path | None = None) -> np.ndarray:
+    """GPTQ's token windows [calib_samples, calib_seq_len] from ``options.calib_data``'s calib split."""
+    from pangu_light.calib.text import graph_tokenizer, sequences_for
+
+    metadata = {key: value for key, value in model.metadata_props.items()}
+    encode, bos_id = graph_tokenizer(source, metadata, tokenizer)
+    return sequences_for(options.calib_data, encode, bos_id, samples=options.calib_samples,
+                         seq_len=options.calib_seq_len, seed=0, split="calib")
 
 
 def metadata_inputs(model: ir.Model) -> list[str]:

@@ -25,7 +25,11 @@ and the lm_head (at --lm-head when given, e.g. int8; --lm-head fp32 keeps it flo
 stays float32. Input
 widths that are not a multiple of the block size (pruned hidden sizes) are padded inside the
 last block. --accuracy-level 4 (default) lets the CPU kernel quantize activations to int8 too
-(fastest); 0 computes in float32 on the dequantized weights.
+(fastest); 0 computes in float32 on the dequantized weights. --quant-method gptq keeps those
+nodes and blocks but chooses the integers by GPTQ: the input Gram of every quantized MatMul is
+collected through the float32 graph on --calib-samples windows of --calib-data (the graph's
+tokenizer), and each weight's rounding errors are spread over its not yet quantized input rows
+so that the MatMul's output on that text moves least.
 
 The result runs with `pangu-light run` and `bench` (one KV buffer per cache tensor, bound as
 past and present; bench costs it from the source graph's FLOPs and its own weight bytes) and in
@@ -41,7 +45,7 @@ import argparse
 from pathlib import Path
 
 from pangu_light.core.errors import PanguLightError
-from pangu_light.deploy.build import WEIGHTS, DeployOptions, build_deployment
+from pangu_light.deploy.build import QUANT_METHODS, WEIGHTS, DeployOptions, build_deployment
 
 __all__ = ["HELP", "add_arguments", "run"]
 
@@ -68,6 +72,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--asymmetric", action="store_true", help="a zero point per block (default symmetric)")
     parser.add_argument(
+        "--quant-method", choices=QUANT_METHODS, default="rtn",
+        help="rtn: round to nearest per block (ONNX Runtime's quantizer, no data); gptq: the same blocks, "
+        "weights chosen by GPTQ to keep each MatMul's output on calibration text (needs the graph's "
+        "tokenizer and a few minutes; symmetric only)",
+    )
+    parser.add_argument("--calib-data", default="wiki",
+                        help="GPTQ's calibration text: a corpus name as calibrate's --data (default wiki)")
+    parser.add_argument("--calib-samples", type=int, default=32,
+                        help="GPTQ's calibration windows of --calib-seq-len tokens (default 32)")
+    parser.add_argument("--calib-seq-len", type=int, default=256, help="tokens per GPTQ calibration window")
+    parser.add_argument("--gptq-damp", type=float, default=0.01,
+                        help="GPTQ's damping: this x mean(diag H) on the input Gram's diagonal (default 0.01)")
+    parser.add_argument(
         "--accuracy-level",
         type=int,
         default=4,
@@ -89,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write an ONNX Runtime GenAI package (genai_config.json + tokenizer files) for "
         "onnxruntime_genai.Model(OUTDIR); uniform layer shapes only",
     )
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory for --genai-package (default: the graph's)")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="tokenizer directory for --genai-package and GPTQ's text (default: the graph's)")
     parser.add_argument(
         "--no-padding-bias",
         action="store_true",
@@ -113,16 +131,22 @@ def run(args: argparse.Namespace) -> int:
         fuse=not args.no_fuse,
         max_length=args.max_length,
         padding_bias=not args.no_padding_bias,
+        quant_method=args.quant_method,
+        calib_data=args.calib_data,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        gptq_damp=args.gptq_damp,
     )
     if args.weights == "fp32" and (args.no_quantize_lm_head or args.asymmetric):
         raise PanguLightError("--no-quantize-lm-head and --asymmetric apply to --weights int8/int4 only")
     if args.no_quantize_lm_head and args.lm_head not in (None, "fp32"):
         raise PanguLightError(f"--no-quantize-lm-head contradicts --lm-head {args.lm_head}: give one of them")
     options.check()
-    if args.tokenizer and not args.genai_package:
-        raise PanguLightError("--tokenizer is read by --genai-package only")
+    if args.tokenizer and not (args.genai_package or args.quant_method == "gptq"):
+        raise PanguLightError("--tokenizer is read by --genai-package and --quant-method gptq only")
     record = build_deployment(
-        args.model, args.output, options, genai_tokenizer=args.tokenizer if args.genai_package else False
+        args.model, args.output, options, genai_tokenizer=args.tokenizer if args.genai_package else False,
+        tokenizer=args.tokenizer,
     )
     fold = record["fold_weight_transpose"]
     print(
@@ -133,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
         f"({record['io_kind']}), nodes {record['nodes_before']} -> {record['nodes_after']}, "
         f"weights {record['weight_bytes'] / 1e6:.1f} MB"
     )
+    if "gptq" in record:
+        calibration = record["gptq"]["calibration"]
+        print(f"GPTQ: {record['gptq']['weights']} weights from {calibration['windows']} x {calibration['seq_len']} "
+              f"tokens of {calibration['data']}")
     print(f"record: {Path(args.output) / 'deploy.json'}")
     if "genai_package" in record:
         files = ", ".join(record["genai_package"])
