@@ -19,7 +19,8 @@ so both generate exactly new_tokens). ``--baseline LABEL`` adds each graph's dec
 For each source graph, `pangu-light deploy` builds each of --weights (block 32, symmetric,
 accuracy level 4; the lm_head at deploy's default width, int8 under int4, or at the width after
 a colon: ``int4:int4`` quantizes the lm_head to int4 too, as GenAI's int4 builder does; a
-``+nobias`` suffix deploys with ``--no-padding-bias``, as GenAI's graphs are: batch 1 has no padding).
+``+nobias`` suffix deploys with ``--no-padding-bias``, as GenAI's graphs are: batch 1 has no padding;
+a ``+gptq`` suffix with ``--quant-method gptq``, its default calibration: 32 x 256 tokens of wiki).
 Then, per thread count, one session per graph; rounds alternate between the graphs, in reversed
 order every other round (one warm-up round thrown away), each round a greedy generation of
 --new-tokens after the same random --prompt-token prompt (batch 1). Reported: medians of decode
@@ -74,15 +75,17 @@ def main() -> int:
         name = f"{source.parent.name}/{source.stem}" if stems.count(source.stem) > 1 else source.stem
         graphs.append((name, source, name))
         for spec in args.weights.split(","):
-            spec, _, flag = spec.partition("+")
-            if flag not in ("", "nobias"):
-                parser.error(f"--weights {spec}+{flag}: the only suffix is +nobias")
+            spec, *flags = spec.split("+")
+            unknown = set(flags) - {"nobias", "gptq"}
+            if unknown:
+                parser.error(f"--weights {spec}+{'+'.join(flags)}: the suffixes are +nobias and +gptq")
             weights, _, head = spec.partition(":")
-            suffix = f"{weights}{'-head-' + head if head else ''}{'-' + flag if flag else ''}"
+            suffix = f"{weights}{'-head-' + head if head else ''}" + "".join(f"-{flag}" for flag in flags)
             out = args.output / f"{name.replace('/', '-')}-{suffix}"
-            options = DeployOptions(weights=weights, lm_head_weights=head, padding_bias=not flag)
-            record = build_deployment(source, out, options)
-            label = f"{name} {weights} head {record.get('lm_head_weights') or 'fp32'} {flag}".rstrip()
+            options = DeployOptions(weights=weights, lm_head_weights=head, padding_bias="nobias" not in flags,
+                                    quant_method="gptq" if "gptq" in flags else "rtn")
+            record = build_deployment(source, out, options, tokenizer=args.tokenizer)
+            label = f"{name} {weights} head {record.get('lm_head_weights') or 'fp32'} {' '.join(flags)}".rstrip()
             graphs.append((label, out / "model.onnx", name))
     for directory in args.genai:
         graphs.append((f"genai {directory.name}", directory / "model.onnx", graphs[0][0]))

@@ -90,17 +90,23 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     assert error["gptq"] < 0.5 * error["rtn"], error
 
 
-def test_round_to_nearest_equals_onnxruntime_quantizer(tmp_path):
+def _quantized_matmul(weight: np.ndarray, bits: int):
+    """(model, its MatMulNBits node, its initializers) of y = x W quantized by ONNX Runtime's quantizer."""
+    k, n = weight.shape
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, k])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", [x], [y],
+                                   [numpy_helper.from_array(weight, "w")])
+    proto = quantize_weights(onnx.helper.make_model(graph), bits=bits, block_size=32)
+    node = next(n for n in proto.graph.node if n.op_type == "MatMulNBits")
+    return proto, node, {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+
+
+def test_round_to_nearest_equals_onnxruntime_quantizer():
     """The grid GPTQ rounds onto is the one ONNX Runtime's quantizer writes (symmetric, per block)."""
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((80, 24)).astype(np.float32)
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 80])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 24])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", [x], [y],
-                                   [numpy_helper.from_array(weight, "w")])
-    proto = quantize_weights(onnx.helper.make_model(graph), bits=4, block_size=32)
-    node = next(n for n in proto.graph.node if n.op_type == "MatMulNBits")
-    arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    node, arrays = _quantized_matmul(weight, bits=4)[1:]
     np.testing.assert_allclose(dequantize_matmul_nbits(node, arrays),
                                round_to_nearest(weight, bits=4, block_size=32).dequantized(), rtol=1e-6, atol=0)
 
@@ -109,11 +115,7 @@ def test_round_to_nearest_equals_onnxruntime_quantizer(tmp_path):
 def test_packing_is_what_matmul_nbits_reads(bits):
     rng = np.random.default_rng(4)
     weight = rng.standard_normal((80, 24)).astype(np.float32)
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 80])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 24])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", [x], [y],
-                                   [numpy_helper.from_array(weight, "w")])
-    proto = quantize_weights(onnx.helper.make_model(graph), bits=bits, block_size=32)
+    proto = _quantized_matmul(weight, bits)[0]
     gram = _correlated(rng, 400, 80)
     quantized = gptq_quantize(weight, gram.T @ gram, bits=bits, block_size=32)
     assert overwrite_packed(proto, {"w": quantized}, {"y": "w"}) == 1
