@@ -73,9 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--asymmetric", action="store_true", help="a zero point per block (default symmetric)")
     parser.add_argument(
         "--quant-method", choices=QUANT_METHODS, default="rtn",
-        help="rtn: round to nearest per block (ONNX Runtime's quantizer, no data); gptq: the same blocks, "
-        "weights chosen by GPTQ to keep each MatMul's output on calibration text (needs the graph's "
-        "tokenizer and a few minutes; symmetric only)",
+        help="rtn: round to nearest per block (ONNX Runtime's quantizer, no data; the default); gptq: the "
+        "same blocks, weights chosen by GPTQ to keep each MatMul's output on calibration text (needs the "
+        "graph's tokenizer, about a minute and 4.6 GB on SmolLM2-135M; symmetric only). On SmolLM2 pruned "
+        "to 0.8, int4 LAMBADA perplexity 166 (rtn) -> 111 (gptq), fp32 92",
     )
     parser.add_argument("--calib-data", default="wiki",
                         help="GPTQ's calibration text: a corpus name as calibrate's --data (default wiki)")
