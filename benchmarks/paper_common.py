@@ -89,11 +89,11 @@ def receiver_moments(original: Path, plan, sequences, args: argparse.Namespace):
     """``calib.clap_refit`` moments of ``plan``'s CLAP receivers on the calibration ``sequences``
     (``Collected.sequences``, in ``prune``'s default batches of 4), from one run of the probe graph;
     None where ``prune`` collects none (no CLAP, no foreign group merged, or post-norms absorbed)."""
-    from pangu_light.calib.clap_refit import collect_receiver_moments, receiver_groups
+    from pangu_light.calib.clap_refit import collect_receiver_moments, receiver_groups, receivers_to_refit
     from pangu_light.calib.stats import batched
     from pangu_light.passes.infra.graph_io import load_model
 
-    if not plan.clap or plan.absorb_post_norms or not receiver_groups(plan):
+    if not receivers_to_refit(plan):
         return None
     note(f"CLAP receivers {sorted(receiver_groups(plan))}: moments of the probe graph (one more pass)")
     return collect_receiver_moments(load_model(original), plan, batched(sequences, 4), threads=args.threads)

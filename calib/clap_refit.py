@@ -51,7 +51,7 @@ from pangu_light.passes.surgery.clap_merge import GroupSource, merge_attention
 from pangu_light.passes.surgery.head_surgery import head_rows
 
 __all__ = ["TARGETS", "ReceiverMoments", "collect_receiver_moments", "probe_graph", "receiver_columns",
-           "receiver_groups", "refit_receiver"]
+           "receiver_groups", "receivers_to_refit", "refit_receiver"]
 
 TARGETS = ("own", "next", "span")
 
@@ -77,6 +77,12 @@ def receiver_groups(plan: PrunePlan) -> dict[int, list[tuple[int, int]]]:
         if any(layer != merge.into for layer, _ in groups):
             result[merge.into] = groups
     return result
+
+
+def receivers_to_refit(plan: PrunePlan) -> bool:
+    """Whether the refit takes any CLAP receiver of ``plan``: CLAP on, a foreign group merged, and the
+    post-norms not absorbed (absorption rewrote the receivers' o_proj; the refit leaves them)."""
+    return bool(plan.clap and not plan.absorb_post_norms and receiver_groups(plan))
 
 
 class _ProbePass:

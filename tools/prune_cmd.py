@@ -232,12 +232,12 @@ def _receiver_moments(original: Path, plan, sequences, args: argparse.Namespace)
     """``calib.clap_refit`` moments of the plan's CLAP receivers (None: no receiver, or --clap-refit none)."""
     from tqdm import tqdm
 
-    from pangu_light.calib.clap_refit import collect_receiver_moments, receiver_groups
+    from pangu_light.calib.clap_refit import collect_receiver_moments, receivers_to_refit
     from pangu_light.calib.stats import batched
     from pangu_light.passes.infra.graph_io import load_model
 
-    if args.clap_refit == "none" or not plan.clap or plan.absorb_post_norms or not receiver_groups(plan):
-        return None  # (absorbed post-norms rewrote the receivers' o_proj: the refit skips them)
+    if args.clap_refit == "none" or not receivers_to_refit(plan):
+        return None
     with tqdm(total=int(sequences.size), unit="tok", desc="CLAP receivers", disable=args.quiet,
               file=sys.stderr) as bar:
         return collect_receiver_moments(load_model(original), plan, batched(sequences, args.batch_size),
