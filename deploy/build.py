@@ -173,7 +173,8 @@ def deploy_graph(
         if head is not None and head_weights != "fp32":
             bits[head.input[1]] = BITS[head_weights]
         sources = {n.output[0]: n.input[1] for n in eligible if n.input[1] in bits}
-        gptq = _gptq_weights(proto, bits, calibration, options) if options.quant_method == "gptq" else None
+        # GPTQ taps ``model`` itself (consumed: from here on only ``proto`` is used)
+        gptq = _gptq_weights(model, proto, bits, calibration, options) if options.quant_method == "gptq" else None
         proto = quantize_weights(proto, bits=BITS[options.weights], exclude=exclude, **settings)
         if exclude and head_weights != "fp32":  # the lm_head alone, at its own width
             others = [n.name for n in eligible_matmuls(proto) if n.name != head.name]
@@ -199,22 +200,22 @@ def deploy_graph(
     return deployed, record
 
 
-def _gptq_weights(proto: onnx.ModelProto, bits: dict[str, int], calibration: np.ndarray,
+def _gptq_weights(model: ir.Model, proto: onnx.ModelProto, bits: dict[str, int], calibration: np.ndarray,
                   options: DeployOptions) -> dict[str, QuantizedWeight]:
     """GPTQ of every weight in ``bits`` (name -> its bits), from the input Grams of the MatMuls that
-    read them, collected through ``proto`` (the float32 graph about to be quantized)."""
+    read them, collected through ``model`` (the float32 graph about to be quantized; consumed by the
+    taps), each weight read from ``proto`` (the same graph, serialized) only when its turn comes."""
     from tqdm import tqdm
 
     from pangu_light.calib.stats import batched
 
     with tqdm(total=int(calibration.size), unit="tok", desc="GPTQ input Grams", file=sys.stderr) as bar:
-        grams = collect_input_grams(ir.serde.deserialize_model(proto), bits, batched(calibration, 4),
-                                    on_batch=bar.update)
-    floats = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in bits}
+        grams = collect_input_grams(model, bits, batched(calibration, 4), on_batch=bar.update)
+    initializers = {t.name: t for t in proto.graph.initializer if t.name in bits}
     quantized = {}
     for name in tqdm(sorted(bits), unit="weight", desc="GPTQ", file=sys.stderr):
-        quantized[name] = gptq_quantize(floats[name], grams.pop(name), bits=bits[name],
-                                        block_size=options.block_size, damp=options.gptq_damp)
+        quantized[name] = gptq_quantize(onnx.numpy_helper.to_array(initializers[name]), grams.pop(name),
+                                        bits=bits[name], block_size=options.block_size, damp=options.gptq_damp)
     return quantized
 
 
