@@ -16,6 +16,9 @@ products (``Where(mask, x, 0)``: a padded position may hold anything, even NaN):
 Inside one batch the sums are float32 (the MatMul's own accumulation); ``GramStats`` adds
 batches in float64. Saved as .npz through ``core.files.atomic_write``: ``gram.o.<l>``,
 ``sum.o.<l>``, ``gram.down.<l>``, ``sum.down.<l>``, ``tokens`` and ``meta`` (JSON).
+
+``add_masked_grams`` builds the same reduction for any values: deploy's GPTQ
+(``deploy.gptq.collect_input_grams``) taps the input of every MatMul it quantizes with it.
 """
 
 from __future__ import annotations
@@ -23,20 +26,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from pangu_light.calib.taps import run_tapped
+from pangu_light.calib.taps import TapBuilder, run_tapped
 from pangu_light.core import contract
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import atomic_write
 from pangu_light.passes.analysis.model_map import ModelMap
 
-__all__ = ["GRAM_FORMAT", "PROJECTIONS", "GramStats", "add_gram_taps", "collect_grams"]
+__all__ = ["GRAM_FORMAT", "PROJECTIONS", "GramStats", "add_gram_taps", "add_masked_grams", "collect_grams"]
 
 GRAM_FORMAT = "pangu-light-gram/1"
 PROJECTIONS = ("o", "down")  # o_proj (attention context in), down_proj (act(gate)*up in)
@@ -87,43 +90,41 @@ class _GramLayout:
     outputs: dict[tuple[str, str, int], str]  # (kind "gram"/"sum", projection, layer) -> graph output
 
 
-def add_gram_taps(model: ir.Model, model_map: ModelMap | None = None) -> _GramLayout:
-    """Replace the graph's outputs by the Gram and sum of every projection input (in place: use a copy)."""
-    model_map = model_map or ModelMap.from_model(model)
+def add_masked_grams(
+    model: ir.Model, sources: dict[Hashable, tuple[ir.Value, int]], *, sums: bool = True,
+) -> dict[tuple[str, Hashable], str]:
+    """Append the Gram (and, with ``sums``, the sum) over real tokens of each source value [B, S, W]
+    as graph outputs (in place: use a copy; the graph's other outputs stay). ``sources``: key ->
+    (value, its last-axis width W). Returns (kind "gram"/"sum", key) -> output name; outputs are
+    named ``gram.<key>`` / ``sum.<key>``."""
     graph = model.graph
     mask = next((v for v in graph.inputs if v.name == contract.ATTENTION_MASK), None)
     if mask is None:
         raise PanguLightError("Gram statistics need a graph with an attention_mask input (exported by pangu-light)")
-    graph.outputs.clear()
-    counter = iter(range(1 << 30))
+    b = TapBuilder(model, "pangu_light.gram")
+    token_mask = b.op("Unsqueeze", b.op("Cast", mask, to=ir.DataType.BOOL), b.const(np.array([-1], np.int64)))
+    zero = b.const(np.array(0.0, np.float32))
+    first_axis = b.const(np.array([0], np.int64))
+    outputs: dict[tuple[str, Hashable], str] = {}
+    for key, (value, width) in sources.items():
+        rows = b.op("Reshape", b.op("Where", token_mask, value, zero), b.const(np.array([-1, width], np.int64)))
+        outputs[("gram", key)] = b.output(b.op("MatMul", b.op("Transpose", rows, perm=[1, 0]), rows), f"gram.{key}")
+        if sums:
+            outputs[("sum", key)] = b.output(b.op("ReduceSum", rows, first_axis, keepdims=0), f"sum.{key}")
+    return outputs
 
-    def op(op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
-        node = ir.node(op_type, list(inputs), attributes=attributes)
-        graph.append(node)
-        node.outputs[0].name = f"pangu_light.gram.{next(counter)}.{op_type}"
-        return node.outputs[0]
 
-    def const(array: np.ndarray) -> ir.Value:
-        return op("Constant", value=ir.tensor(array))
-
-    token_mask = op("Unsqueeze", op("Cast", mask, to=ir.DataType.BOOL), const(np.array([-1], np.int64)))
-    zero = const(np.array(0.0, np.float32))
-    layout = _GramLayout({})
+def add_gram_taps(model: ir.Model, model_map: ModelMap | None = None) -> _GramLayout:
+    """Replace the graph's outputs by the Gram and sum of every projection input (in place: use a copy)."""
+    model_map = model_map or ModelMap.from_model(model)
+    sources = {}
     for layer in model_map.layers:
-        sources = {"o": layer.attention.o.input, "down": layer.ffn.down.input}
-        for proj, value in sources.items():
-            width = layer.attention.o.in_features if proj == "o" else layer.ffn.down.in_features
-            rows = op("Reshape", op("Where", token_mask, value, zero), const(np.array([-1, width], np.int64)))
-            results = {
-                "gram": op("MatMul", op("Transpose", rows, perm=[1, 0]), rows),
-                "sum": op("ReduceSum", rows, const(np.array([0], np.int64)), keepdims=0),
-            }
-            for kind, result in results.items():
-                out = op("Identity", result)
-                out.name, out.dtype = f"{kind}.{proj}.{layer.index}", ir.DataType.FLOAT
-                graph.outputs.append(out)
-                layout.outputs[(kind, proj, layer.index)] = out.name
-    return layout
+        sources[("o", layer.index)] = (layer.attention.o.input, layer.attention.o.in_features)
+        sources[("down", layer.index)] = (layer.ffn.down.input, layer.ffn.down.in_features)
+    model.graph.outputs.clear()
+    outputs = add_masked_grams(model, {f"{proj}.{index}": source for (proj, index), source in sources.items()})
+    return _GramLayout({(kind, proj, index): outputs[(kind, f"{proj}.{index}")]
+                        for kind in ("gram", "sum") for proj, index in sources})
 
 
 def collect_grams(

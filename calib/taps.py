@@ -42,6 +42,7 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap, Norm
 
 __all__ = [
+    "TapBuilder",
     "TapLayout",
     "TappedSession",
     "add_statistic_taps",
@@ -70,9 +71,13 @@ class TapLayout:
         return [*self.channel.values(), *self.heads, *self.ffn, *self.cosine, *self.s_inv.values(), *spreads]
 
 
-class _Builder:
-    def __init__(self, model: ir.Model):
+class TapBuilder:
+    """Appends nodes to a graph, each output named ``<prefix>.<n>.<op>`` (one prefix per kind of
+    tap, so taps added to one graph by different builders never share a name)."""
+
+    def __init__(self, model: ir.Model, prefix: str = "pangu_light.tap"):
         self.graph = model.graph
+        self.prefix = prefix
         self.count = 0
 
     def const(self, array: np.ndarray) -> ir.Value:
@@ -84,7 +89,7 @@ class _Builder:
         node = ir.node(op_type, list(inputs), attributes=attributes)
         self.graph.append(node)
         self.count += 1
-        node.outputs[0].name = f"pangu_light.tap.{self.count}.{op_type}"
+        node.outputs[0].name = f"{self.prefix}.{self.count}.{op_type}"
         return node.outputs[0]
 
     def output(self, value: ir.Value, name: str) -> str:
@@ -105,7 +110,7 @@ def add_statistic_taps(model: ir.Model, model_map: ModelMap | None = None) -> Ta
     if mask_input is None:
         raise PanguLightError("calibration needs a graph with an attention_mask input (exported by pangu-light)")
     graph.outputs.clear()
-    b = _Builder(model)
+    b = TapBuilder(model)
     seq_axis = b.const(np.array([1], np.int64))
     seq_and_last = b.const(np.array([1, 2], np.int64))
     last_axis = b.const(np.array([-1], np.int64))

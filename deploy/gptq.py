@@ -39,7 +39,10 @@ and scales by GPTQ's::
     x --MatMulNBits(B_packed[N, blocks, block * bits / 8], scales[N * blocks], K, N, bits, block_size)--> y
 
 The Grams are collected through the float32 graph about to be quantized (``collect_input_grams``:
-each MatMul input made an output, summed per batch in float32, across batches in float64).
+``calib.gram``'s masked Gram reduction after each quantized MatMul's input, so only [K, K] leaves
+ONNX Runtime; float32 within a batch, float64 across batches)::
+
+    x [B,S,K] --Where(mask)--Reshape[B*S, K]--> X --MatMul(X^T, X)--> gram.gptq.<i>  [K, K]
 """
 
 from __future__ import annotations
@@ -195,34 +198,35 @@ def collect_input_grams(
     threads: int | None = None, on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """{weight name: Gram [K, K] of the input of the MatMul that reads it} over ``batches``
-    (padding masked out), from one run of ``model`` (consumed: use a copy) with every such input
-    tapped. MatMuls that share an input (gate and up) share one Gram."""
-    from pangu_light.calib.taps import run_tapped, tap_values
+    (padding masked out), from one run of ``model`` (consumed: use a copy) whose outputs become the
+    Grams (``calib.gram.add_masked_grams``: only [K, K] leaves the session, never the activations).
+    MatMuls that share an input (gate and up) share one Gram."""
+    from pangu_light.calib.gram import add_masked_grams
+    from pangu_light.calib.taps import run_tapped
 
     wanted = set(weights)
-    taps: dict[str, ir.Value] = {}  # tap name -> the MatMul input it makes an output
-    tap_of_input: dict[str, str] = {}  # input value name -> its tap name
-    tap_of_weight: dict[str, str] = {}
+    sources: dict[str, tuple[ir.Value, int]] = {}  # MatMul input name -> (value, K)
+    input_of_weight: dict[str, str] = {}
     for node in model.graph:
         weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
         if weight is None or weight.name not in wanted:
             continue
+        if weight.const_value is None or len(weight.const_value.shape) != 2:
+            raise PanguLightError(f"GPTQ: {weight.name} is not a 2-D initializer")
         value = node.inputs[0]
-        if value.name not in tap_of_input:
-            tap_of_input[value.name] = f"pangu_light.gptq.input.{len(taps)}"
-            taps[tap_of_input[value.name]] = value
-        tap_of_weight[weight.name] = tap_of_input[value.name]
-    missing = sorted(wanted - set(tap_of_weight))
+        sources.setdefault(value.name, (value, weight.const_value.shape[0]))
+        input_of_weight[weight.name] = value.name
+    missing = sorted(wanted - set(input_of_weight))
     if missing:
         raise PanguLightError(f"GPTQ: no MatMul reads {missing[0]} ({len(missing)} weights in all)")
-    names = tap_values(model, taps)
-    sums: dict[str, np.ndarray] = {}
+    model.graph.outputs.clear()
+    keys = {name: f"gptq.{index}" for index, name in enumerate(sources)}  # value names may hold any character
+    outputs = add_masked_grams(model, {keys[name]: source for name, source in sources.items()}, sums=False)
+    grams: dict[str, np.ndarray] = {}
 
-    def consume(outputs: dict[str, np.ndarray], mask: np.ndarray) -> None:
-        keep = mask.reshape(-1).astype(bool)
-        for name, value in outputs.items():
-            x = value.reshape(-1, value.shape[-1])[keep].astype(np.float32)
-            sums[name] = sums.get(name, 0.0) + (x.T @ x).astype(np.float64)
+    def consume(results: dict[str, np.ndarray], mask: np.ndarray) -> None:
+        for name, result in results.items():
+            grams[name] = grams.get(name, 0.0) + result.astype(np.float64)
 
-    run_tapped(model, batches, names, consume, threads=threads, on_batch=on_batch)
-    return {weight: sums[tap] for weight, tap in tap_of_weight.items()}
+    run_tapped(model, batches, list(outputs.values()), consume, threads=threads, on_batch=on_batch)
+    return {weight: grams[outputs[("gram", keys[value])]] for weight, value in input_of_weight.items()}

@@ -127,7 +127,7 @@ def test_packing_is_what_matmul_nbits_reads(bits):
 
 def test_input_grams_equal_torch_activations(exported_graph):
     """The Gram of q_proj's and down_proj's inputs through the graph equals the one from PyTorch
-    hooks on the same tokens (float32 sums: relative 1e-5 of the largest entry)."""
+    hooks on the same real tokens, padding left out (float32 sums: relative 1e-5 of the largest entry)."""
     hf_model, path = exported_graph("llama", kv_cache=True)
     model = ir.load(path)
     FoldWeightTransposePass({"shared": True})(model)
@@ -143,17 +143,24 @@ def test_input_grams_equal_torch_activations(exported_graph):
     assert set(weights) == {"q", "down"}
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, hf_model.config.vocab_size, size=(3, 12))
-    batches = [(tokens[:2], np.ones((2, 12), np.int64)), (tokens[2:], np.ones((1, 12), np.int64))]
+    padded = np.ones((1, 12), np.int64)
+    padded[:, 8:] = 0  # the last 4 positions of the third window are padding: they must not count
+    batches = [(tokens[:2], np.ones((2, 12), np.int64)), (tokens[2:], padded)]
     grams = collect_input_grams(model, weights.values(), batches)
     seen = {"q": [], "down": []}
-    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: seen["q"].append(i[0])),
-             layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen["down"].append(i[0]))]
+
+    def keep(name):
+        return lambda module, inputs, output: seen[name].append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+
+    hooks = [layer.self_attn.q_proj.register_forward_hook(keep("q")),
+             layer.mlp.down_proj.register_forward_hook(keep("down"))]
     with torch.no_grad():
-        hf_model(torch.tensor(tokens))
+        hf_model(torch.tensor(tokens[:2]))
+        hf_model(torch.tensor(tokens[2:, :8]))  # right padding: the real tokens never see it
     for hook in hooks:
         hook.remove()
     for name, weight in weights.items():
-        x = torch.cat(seen[name]).reshape(-1, seen[name][0].shape[-1]).double().numpy()
+        x = torch.cat(seen[name]).double().numpy()
         want = x.T @ x
         np.testing.assert_allclose(grams[weight], want, rtol=0, atol=1e-5 * np.abs(want).max())
 
@@ -209,3 +216,4 @@ def test_command_gptq_from_text(exported_graph, tmp_path, capsys):
     assert "GPTQ:" in capsys.readouterr().out
     assert main(["deploy", str(path), "-o", str(tmp_path / "x"), "--quant-method", "gptq", "--asymmetric"]) == 2
     assert "drop --asymmetric" in capsys.readouterr().err
+
