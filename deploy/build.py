@@ -24,6 +24,9 @@ the tied matrix once. ``quant_method="gptq"`` keeps the quantizer's nodes and la
 their packed weights and scales by GPTQ's (``deploy.gptq``), from the input Grams of every
 quantized MatMul collected through the float32 graph about to be quantized, on calibration token
 windows (``build_deployment`` cuts them from ``calib_data``'s calib split with the graph's tokenizer).
+``quant_method="auto"`` (the CLI's default) is resolved by ``build_deployment``: GPTQ where the text
+and the tokenizer are at hand and the blocks are symmetric, else round to nearest, the reason kept
+in the record's ``quant_method_fallback``.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from pangu_light.passes.infra.graph_io import load_model, refuse_overwrite_input
 __all__ = ["DeployOptions", "IO_KIND_GQA", "IO_KIND_PAST_PRESENT", "WEIGHTS", "build_deployment", "deploy_graph"]
 
 WEIGHTS = ("fp32", "int8", "int4")
-QUANT_METHODS = ("rtn", "gptq")
+QUANT_METHODS = ("rtn", "gptq", "auto")
 DEPLOY_KEY = "pangu_light.deploy"  # model metadata: the deploy.json record, as JSON
 IO_KIND_PAST_PRESENT = "past-present"
 DEFAULT_MAX_LENGTH = 4096  # rotary cache positions when the source config does not say
@@ -73,7 +76,9 @@ class DeployOptions:
     fuse: bool = True
     max_length: int = 0  # rotary cache positions; 0: the source config's max_position_embeddings
     padding_bias: bool = True  # False: no attention_bias in GQA; the runtime refuses padded batches
-    quant_method: str = "rtn"  # "gptq": deploy.gptq's weights from calibration text (symmetric only)
+    # "gptq": deploy.gptq's weights from calibration text (symmetric only); "auto" (the CLI's default):
+    # gptq where build_deployment finds the text and the tokenizer, else rtn
+    quant_method: str = "rtn"
     calib_data: str = "wiki"  # GPTQ's calibration text (a corpus name, as calibrate's --data)
     calib_samples: int = 32  # GPTQ's calibration windows of calib_seq_len tokens
     calib_seq_len: int = 256
@@ -101,6 +106,7 @@ class DeployOptions:
                 raise PanguLightError("--quant-method gptq needs --weights int8/int4 (fp32 has nothing to quantize)")
             if not self.symmetric:
                 raise PanguLightError("--quant-method gptq writes symmetric blocks: drop --asymmetric")
+        if self.quant_method in ("gptq", "auto"):
             if self.calib_samples < 1 or self.calib_seq_len < 2:
                 raise PanguLightError(f"--calib-samples {self.calib_samples} and --calib-seq-len "
                                       f"{self.calib_seq_len} must be at least 1 and 2")
@@ -127,6 +133,8 @@ def deploy_graph(
     ``model`` itself is folded in place (the fold pass is an in-place pass); pass a copy to keep it.
     ``calibration``: token windows [n, length] for ``quant_method="gptq"`` (required there)."""
     options.check()
+    if options.quant_method == "auto":
+        raise PanguLightError("--quant-method auto is resolved by build_deployment: pass rtn or gptq")
     if options.quant_method == "gptq" and calibration is None:
         raise PanguLightError("--quant-method gptq needs calibration token windows")
     metadata = {p: v for p, v in model.metadata_props.items()}
@@ -234,9 +242,10 @@ def build_deployment(
     if outdir.exists() and not outdir.is_dir():
         raise PanguLightError(f"{outdir} exists and is not a directory: choose another -o")
     model = load_model(source)
-    if options.quant_method == "gptq" and calibration is None:
-        calibration = calibration_windows(source, model, options, tokenizer)
+    options, calibration, fallback = _resolve_quant_method(options, source, model, tokenizer, calibration)
     deployed, record = deploy_graph(model, options, calibration)
+    if fallback:
+        record["quant_method_fallback"] = fallback
     record["source"] = str(Path(source).resolve())
     record["graph_kind"] = model.metadata_props.get(contract.GRAPH_KIND, "unknown")
     record["versions"] = _versions()
@@ -249,6 +258,30 @@ def build_deployment(
         record["genai_package"] = write_genai_package(outdir, deployed, record, genai_tokenizer or None)
     write_json(outdir / "deploy.json", record)
     return record
+
+
+def _resolve_quant_method(
+    options: DeployOptions, source: str | Path, model: ir.Model, tokenizer: Path | None, calibration: np.ndarray | None,
+) -> tuple[DeployOptions, np.ndarray | None, str | None]:
+    """(options with rtn or gptq, GPTQ's calibration windows, why auto fell back to rtn or None).
+    ``quant_method="auto"`` takes GPTQ for int weights with symmetric blocks when the calibration
+    text can be cut with the graph's tokenizer (or ``calibration`` is given), else round to nearest."""
+    if options.quant_method == "rtn":
+        return options, calibration, None
+    if options.quant_method == "gptq":
+        return options, calibration if calibration is not None else calibration_windows(
+            source, model, options, tokenizer), None
+    rtn = dataclasses.replace(options, quant_method="rtn")
+    if options.weights == "fp32":
+        return rtn, None, None
+    if not options.symmetric:
+        return rtn, None, "GPTQ writes symmetric blocks and --asymmetric was given"
+    if calibration is None:
+        try:
+            calibration = calibration_windows(source, model, options, tokenizer)
+        except PanguLightError as error:
+            return rtn, None, f"GPTQ's calibration text could not be prepared ({error})"
+    return dataclasses.replace(options, quant_method="gptq"), calibration, None
 
 
 def calibration_windows(source: str | Path, model: ir.Model, options: DeployOptions,

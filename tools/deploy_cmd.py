@@ -29,7 +29,8 @@ last block. --accuracy-level 4 (default) lets the CPU kernel quantize activation
 nodes and blocks but chooses the integers by GPTQ: the input Gram of every quantized MatMul is
 collected through the float32 graph on --calib-samples windows of --calib-data (the graph's
 tokenizer), and each weight's rounding errors are spread over its not yet quantized input rows
-so that the MatMul's output on that text moves least.
+so that the MatMul's output on that text moves least. That is the default (--quant-method auto)
+whenever the tokenizer and the text are found; otherwise deploy rounds to nearest and says why.
 
 The result runs with `pangu-light run` and `bench` (one KV buffer per cache tensor, bound as
 past and present; bench costs it from the source graph's FLOPs and its own weight bytes) and in
@@ -72,11 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--asymmetric", action="store_true", help="a zero point per block (default symmetric)")
     parser.add_argument(
-        "--quant-method", choices=QUANT_METHODS, default="rtn",
-        help="rtn: round to nearest per block (ONNX Runtime's quantizer, no data; the default); gptq: the "
+        "--quant-method", choices=QUANT_METHODS, default="auto",
+        help="rtn: round to nearest per block (ONNX Runtime's quantizer, no data, seconds); gptq: the "
         "same blocks, weights chosen by GPTQ to keep each MatMul's output on calibration text (needs the "
-        "graph's tokenizer, about a minute and 4.6 GB on SmolLM2-135M; symmetric only). On SmolLM2 pruned "
-        "to 0.8, int4 LAMBADA perplexity 166 (rtn) -> 111 (gptq), fp32 92",
+        "graph's tokenizer; about 80 s and 4.2 GB peak on SmolLM2-135M against rtn's 9 s and 2.2 GB; "
+        "symmetric only). On SmolLM2 pruned to 0.8, int4 LAMBADA perplexity 166 (rtn) -> 111 (gptq), "
+        "fp32 92. auto (the default): gptq where the tokenizer and text are found and the blocks are "
+        "symmetric, else rtn, saying why",
     )
     parser.add_argument("--calib-data", default="wiki",
                         help="GPTQ's calibration text: a corpus name as calibrate's --data (default wiki)")
@@ -143,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_quantize_lm_head and args.lm_head not in (None, "fp32"):
         raise PanguLightError(f"--no-quantize-lm-head contradicts --lm-head {args.lm_head}: give one of them")
     options.check()
-    if args.tokenizer and not (args.genai_package or args.quant_method == "gptq"):
-        raise PanguLightError("--tokenizer is read by --genai-package and --quant-method gptq only")
+    if args.tokenizer and not (args.genai_package or args.quant_method in ("gptq", "auto")):
+        raise PanguLightError("--tokenizer is read by --genai-package and --quant-method gptq/auto only")
     record = build_deployment(
         args.model, args.output, options, genai_tokenizer=args.tokenizer if args.genai_package else False,
         tokenizer=args.tokenizer,
@@ -162,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
         calibration = record["gptq"]["calibration"]
         print(f"GPTQ: {record['gptq']['weights']} weights from {calibration['windows']} x {calibration['seq_len']} "
               f"tokens of {calibration['data']}")
+    if "quant_method_fallback" in record:
+        print(f"{args.weights} weights by round to nearest, not GPTQ: {record['quant_method_fallback']}. "
+              "--quant-method rtn chooses it without this note")
     print(f"record: {Path(args.output) / 'deploy.json'}")
     if "genai_package" in record:
         files = ", ".join(record["genai_package"])

@@ -217,3 +217,28 @@ def test_command_gptq_from_text(exported_graph, tmp_path, capsys):
     assert main(["deploy", str(path), "-o", str(tmp_path / "x"), "--quant-method", "gptq", "--asymmetric"]) == 2
     assert "drop --asymmetric" in capsys.readouterr().err
 
+
+def test_auto_takes_gptq_where_the_text_is_at_hand_and_says_why_not_elsewhere(exported_graph, tmp_path, capsys):
+    """--quant-method auto (the CLI's default): GPTQ where the tokenizer and the text are found; round
+    to nearest, with the reason in the record and on stdout, without a tokenizer or with --asymmetric."""
+    from pangu_light.tools.cli import main
+
+    _, path = exported_graph("llama", kv_cache=True)
+    save_char_tokenizer(tmp_path / "tokenizer")
+    small = ["--calib-samples", "3", "--calib-seq-len", "24"]
+
+    def deploy(name: str, *args: str) -> dict:
+        assert main(["deploy", str(path), "-o", str(tmp_path / name), "--weights", "int4", *small, *args]) == 0
+        return json.loads((tmp_path / name / "deploy.json").read_text())
+
+    record = deploy("auto", "--tokenizer", str(tmp_path / "tokenizer"))
+    assert record["options"]["quant_method"] == "gptq" and "quant_method_fallback" not in record
+    assert record["gptq"]["weights"] == record["matmul_nbits"] > 0
+    assert "GPTQ:" in capsys.readouterr().out
+    record = deploy("asymmetric", "--tokenizer", str(tmp_path / "tokenizer"), "--asymmetric")
+    assert record["options"]["quant_method"] == "rtn" and "gptq" not in record
+    assert "symmetric" in record["quant_method_fallback"]
+    record = deploy("no-tokenizer")  # the tiny model was exported without one
+    assert record["options"]["quant_method"] == "rtn" and "gptq" not in record
+    assert "tokenizer" in record["quant_method_fallback"]
+    assert "round to nearest, not GPTQ" in capsys.readouterr().out
