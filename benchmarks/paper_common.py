@@ -7,7 +7,9 @@ module):
 
     export          pangu-light export MODEL -o orig.onnx                 (``export``; once per model)
     collect         calib.calibrate.collect_graph_all (wiki, calib split): statistics, and the
-                    refit's Grams and the rotation when a row needs them, one pass (as ``prune``)
+                    refit's Grams and the rotation when a row needs them, one pass (as ``prune``);
+                    with prune's default sensitivity spread, the layer probe (calib.sensitivity_probe,
+                    ``collect_for``), once: every row then gets the same widths
     build           plan -> compile -> refit_and_set (set-projection) -> save   (``prune``'s stages;
                     a row with CLAP and the refit first collects its CLAP receivers' moments,
                     calib.clap_refit: one more pass, of the probe graph, as ``prune`` does)
@@ -83,6 +85,25 @@ def collect(original: Path, args: argparse.Namespace, *, grams: bool = False, ro
     if rotation is not None:
         save_rotation(rotation, found.rotation)
     return found
+
+
+def collect_for(original: Path, rows, args: argparse.Namespace, rotation: Path):
+    """(``collect``'s result, the layer probe's ``LayerScales`` or None) for ``rows`` ((Targets, refit
+    method or None) pairs): the Grams where a row refits or spreads by sensitivity, the rotation where
+    a row rotates, and the probe (as ``prune`` runs it: its default probe windows) where a row spreads
+    by sensitivity."""
+    from pangu_light.calib.sensitivity_probe import PROBE_SAMPLES, PROBE_SEQ_LEN, probe_layers
+
+    rows = list(rows)
+    sensitive = any(targets.spread == "sensitivity" for targets, _ in rows)
+    collected = collect(original, args, grams=sensitive or any(refit for _, refit in rows),
+                        rotation=rotation if any(t.hidden_method == "rotate" for t, _ in rows) else None)
+    if not sensitive:
+        return collected, None
+    note(f"layer probe of {original.name} (--spread sensitivity): first {PROBE_SEQ_LEN} tokens of "
+         f"{PROBE_SAMPLES} calibration windows")
+    probe = collected.sequences[:PROBE_SAMPLES, :PROBE_SEQ_LEN]
+    return collected, probe_layers(original, collected.stats, collected.grams, probe, threads=args.threads)
 
 
 def receiver_moments(original: Path, plan, sequences, args: argparse.Namespace):

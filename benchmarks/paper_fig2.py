@@ -6,7 +6,7 @@ compression levels, Pangu Light against the Minitron-style baseline.
                      plotted, whatever the level aimed at)
     methods          ``--fig2-methods``, rows of benchmarks/paper_table3.py: minitron (the baseline:
                      plain slicing and removal), prune-default (Pangu Light as this project's
-                     ``prune`` does it by default: rotate + refit, hidden-light spread), and
+                     ``prune`` does it by default: rotate + refit, its default spread), and
                      optionally +CLAP / +CLAP+SLNP (the paper's own operators, no refit) and
                      prune-default+CLAP (``prune --clap``: the project's CLAP, receivers refit)
     speedup          the unpruned graph's median latency / the pruned graph's, every graph run
@@ -66,16 +66,14 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     levels = parse_levels(args.fig2_levels)
     chosen = {(level, m): row_targets(m, *level, model_map) for level in levels for m in methods}
     rotation_path = work / "fig2-rotation.npz"
-    collected = common.collect(
-        original, args, grams=any(refit for _, refit in chosen.values()),
-        rotation=rotation_path if any(t.hidden_method == "rotate" for t, _ in chosen.values()) else None)
+    collected, scales = common.collect_for(original, chosen.values(), args, rotation_path)
     stats = collected.stats
     scorer = common.Scorer(original, args)
     base = scorer.score(original, "unpruned")
     points, graphs = [], []
     for ((params, drop), method), (targets, refit) in chosen.items():
         plan = make_plan(model_map, stats, targets, rotation=collected.rotation,
-                         rotation_file=str(rotation_path.resolve()))
+                         rotation_file=str(rotation_path.resolve()), grams=collected.grams, layer_scales=scales)
         out = work / f"fig2-{params:g}-{drop}-{common.slug(method)}.onnx"
         common.note(f"level {params}:{drop} {method}: {plan.pipeline()}; refit {refit or 'none'}")
         build_row(original, plan, out, collected, refit, args)

@@ -24,7 +24,8 @@ the same recovery budget.
                      plus that of the removed layer next to it; calib/clap_refit.py)
 
 The first four rows are one-shot without refit (the paper's state before training). Every row has
-the same widths: the budget P spread as ``prune``'s default ``--spread`` spreads it (hidden-light).
+the same widths: the budget P spread as ``prune``'s default ``--spread`` spreads it (``auto``: the
+sensitivity spread, from one layer probe shared by every row; hidden-light before 2026-12-07).
 With ``--recover-steps S`` (or ``--recover-minutes M``) every pruned row is then recovered by
 ``pangu-light recover`` (or ``distill``) for the same S optimizer steps (or M minutes of wall clock)
 and scored again (rows "... + recovery").
@@ -60,16 +61,16 @@ def prune_defaults(params: float, drop_layers: int, model_map, options: tuple[st
     options' defaults (with ``--clap``: its ``--clap-margin`` default too) from prune's own argument
     set-up (``tools.arguments``), prune's ``--hidden-method auto`` resolved for ``model_map`` and its
     ``--refit refit``."""
+    from pangu_light.calib.budget import resolve_spread
     from pangu_light.calib.rotation import resolve_hidden_method
     from pangu_light.tools.arguments import add_target_arguments, targets_from_args
 
     parser = argparse.ArgumentParser()
-    add_target_arguments(parser)
+    add_target_arguments(parser, prune=True)
     args = parser.parse_args(["--params", str(params), "--drop-layers", str(drop_layers), *options])
     targets = targets_from_args(args)
-    if targets.spread == "sensitivity":
-        raise SystemExit("prune's default --spread is sensitivity: its layer probe is not wired into the experiments")
-    targets = dataclasses.replace(targets, hidden_method=resolve_hidden_method("auto", model_map, targets))
+    targets = dataclasses.replace(targets, hidden_method=resolve_hidden_method("auto", model_map, targets),
+                                  spread=resolve_spread(args.spread, targets, refit=PRUNE_REFIT == "refit"))
     return targets, PRUNE_REFIT
 
 
@@ -112,9 +113,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     names = common.chosen_rows(args.table3_rows, ROWS, "--table3-rows")
     chosen = {row: row_targets(row, args.params, args.drop_layers, model_map) for row in names}
     rotation_path = work / "rotation.npz"
-    collected = common.collect(
-        original, args, grams=any(refit for _, refit in chosen.values()),
-        rotation=rotation_path if any(t.hidden_method == "rotate" for t, _ in chosen.values()) else None)
+    collected, scales = common.collect_for(original, chosen.values(), args, rotation_path)
     stats = collected.stats
     scorer = common.Scorer(original, args)
 
@@ -122,7 +121,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     graphs = {}
     for row, (targets, refit) in chosen.items():
         plan = make_plan(model_map, stats, targets, rotation=collected.rotation,
-                         rotation_file=str(rotation_path.resolve()))
+                         rotation_file=str(rotation_path.resolve()), grams=collected.grams, layer_scales=scales)
         plan.targets["refit"] = refit or "none"
         clap_refit = receiver_refit(plan, refit)
         if clap_refit:

@@ -44,7 +44,9 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.infra.graph_io import load_model
 
-__all__ = ["LayerScales", "probe_layers", "probe_widths"]
+__all__ = ["PROBE_SAMPLES", "PROBE_SEQ_LEN", "LayerScales", "probe_layers", "probe_widths"]
+
+PROBE_SAMPLES, PROBE_SEQ_LEN = 2, 128  # prune's defaults: the first 128 tokens of the first 2 calibration windows
 
 
 @dataclasses.dataclass

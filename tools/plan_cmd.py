@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from pangu_light.calib.budget import resolve_spread
     from pangu_light.calib.planner import make_plan
     from pangu_light.calib.rotation import resolve_hidden_method
     from pangu_light.calib.stats import CalibrationStats
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwrite_input(args.output, args.stats, model_path)
     model_map = ModelMap.from_model(load_model(model_path))
     targets = targets_from_args(args)
-    targets = dataclasses.replace(targets, hidden_method=resolve_hidden_method(args.hidden_method, model_map, targets))
+    targets = dataclasses.replace(targets, hidden_method=resolve_hidden_method(args.hidden_method, model_map, targets),
+                                  spread=resolve_spread(args.spread, targets, refit=False, probe=False))
     rotation, rotation_file = None, args.rotation
     if targets.hidden_method == "rotate":
         rotation, rotation_file = _rotation(args, stats, model_path)

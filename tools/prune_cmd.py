@@ -11,6 +11,8 @@ Writes every intermediate into OUTDIR, so each stage can be inspected or re-run 
     pruned.onnx        the rewritten graph (`pangu-light compile --plan`, then `set-projection`)
     refit.npz          the refit o_proj/down_proj weights set-projection applied (unless --refit none)
     rotation.npz       with --hidden-method rotate: the residual stream's PCA basis and energies
+    layer_probe.json   with the sensitivity spread (a --params budget's default): each layer's probed
+                       loss rise per unit of refit error, which moves heads and FFN neurons between layers
     original-kv.onnx, pruned-kv.onnx   the decode graphs (KV cache), unless --no-kv-cache
     summary.json       the table printed at the end
 
@@ -26,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from pangu_light.calib.sensitivity_probe import PROBE_SAMPLES, PROBE_SEQ_LEN
 from pangu_light.core.errors import PanguLightError
 from pangu_light.core.files import write_json
 from pangu_light.frontend.loading import DEFAULT_MODEL
@@ -43,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model", nargs="?", default=DEFAULT_MODEL, help=f"alias, HF model directory or hub id (default {DEFAULT_MODEL})"
     )
     parser.add_argument("-o", "--output", type=Path, required=True, help="output directory for every intermediate")
-    add_target_arguments(parser)
+    add_target_arguments(parser, prune=True)
     calib = parser.add_argument_group("calibration")
     add_text_arguments(calib, role="calib", samples=64, seq_len=256)
     calib.add_argument(
@@ -77,12 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kv-cache", action="store_true", help="do not export and prune the decode graph")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per ONNX Runtime call (default 4)")
     parser.add_argument(
-        "--probe-samples", type=int, default=2, metavar="N",
+        "--probe-samples", type=int, default=PROBE_SAMPLES, metavar="N",
         help="with --spread sensitivity: calibration sequences each layer probe is scored on (default 2; the "
         "probe runs the model 1 + 2 x layers times)",
     )
     parser.add_argument(
-        "--probe-seq-len", type=int, default=128, metavar="T",
+        "--probe-seq-len", type=int, default=PROBE_SEQ_LEN, metavar="T",
         help="with --spread sensitivity: their first T tokens (default 128)",
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
@@ -90,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pangu_light.calib.budget import resolve_spread
     from pangu_light.calib.calibrate import collect_graph_all
     from pangu_light.calib.evaluate import evaluate_graphs
     from pangu_light.calib.planner import make_plan
@@ -102,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.passes.infra.manager import run_pipeline
     from pangu_light.passes.rewrites.rotate_hidden import save_rotation
 
-    targets = dataclasses.replace(targets_from_args(args), hidden_method=args.hidden_method)
+    targets = targets_from_args(args)
+    targets = dataclasses.replace(targets, hidden_method=args.hidden_method,
+                                  spread=resolve_spread(args.spread, targets, refit=args.refit == "refit"))
     untargeted = dataclasses.replace(targets, hidden_method="select", clap_margin=type(targets)().clap_margin)
     if untargeted in (type(targets)(), type(targets)(align=args.align)):
         raise PanguLightError(

@@ -103,10 +103,11 @@ def test_table3_every_row_one_shot(tiny, tmp_path):
     assert rows["prune-default+CLAP"]["clap_refit"] == "next" and "clap_refit" not in rows["prune-default"]
     merges = plans["prune-default-clap"]["clap"]["merges"]
     assert any(layer != merge["into"] for merge in merges for layer, _ in merge["groups"])  # a receiver to refit
-    # one shape for every row: prune's default spread (hidden-light) of the same budget
-    assert {p["targets"]["spread"] for p in plans.values()} == {"hidden-light"}
+    # one shape for every row: prune's default spread of the same budget (auto: sensitivity, one layer probe)
+    assert {p["targets"]["spread"] for p in plans.values()} == {"sensitivity"}
     assert len({len(p["hidden"]["keep"]) for p in plans.values()}) == 1
     assert len({json.dumps([len(layer["ffn"]) for layer in p["layers"]]) for p in plans.values()}) == 1
+    assert len({json.dumps([len(layer["heads"]) for layer in p["layers"]]) for p in plans.values()}) == 1
     for name in ("minitron", "+CLAP", "+CLAP+SLNP", "prune-default", "prune-default+CLAP"):
         assert rows[name]["parameter_fraction"] == pytest.approx(0.45, abs=0.01)
     # one-shot rows differ from each other (CLAP and SLNP change weights), and every row saw the same items

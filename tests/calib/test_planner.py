@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from pangu_light.calib.budget import SPREADS, resolve_shape
+from pangu_light.calib.budget import SPREADS, resolve_shape, resolve_spread
 from pangu_light.calib.planner import Targets, _ffn_choice, make_plan
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
@@ -347,3 +347,24 @@ def test_clap_heads_per_group_must_agree(llama_map):
 def test_clap_bad_options_are_clear_errors(llama_map, targets, message):
     with pytest.raises(PanguLightError, match=message):
         make_plan(llama_map, fake_stats(llama_map), targets)
+
+
+@pytest.mark.parametrize(
+    "targets, refit, probe, spread",
+    [
+        (Targets(params=0.8), True, True, "sensitivity"),
+        (Targets(params=0.8, drop_layers=2, clap=True, align=32), True, True, "sensitivity"),
+        (Targets(params=0.8), False, True, "hidden-light"),  # no Grams: --refit none/bias
+        (Targets(params=0.8), True, False, "hidden-light"),  # no probe: plan
+        (Targets(params=0.8, uniform=True), True, True, "hidden-light"),
+        (Targets(params=0.8, heads_per_group=2), True, True, "hidden-light"),
+        (Targets(params=0.8, ffn=40), True, True, "hidden-light"),
+        (Targets(params=0.8, kv_groups=1), True, True, "hidden-light"),
+        (Targets(params=0.8, absorb_post_norms=True), True, True, "hidden-light"),
+        (Targets(hidden=32), True, True, "hidden-light"),  # no budget to spread
+    ],
+)
+def test_auto_spread_is_sensitivity_where_it_applies(targets, refit, probe, spread):
+    assert resolve_spread("auto", targets, refit=refit, probe=probe) == spread
+    for name in SPREADS:  # a named spread is kept as it is
+        assert resolve_spread(name, targets, refit=refit, probe=probe) == name

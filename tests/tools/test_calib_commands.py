@@ -209,6 +209,22 @@ def test_prune_spreads_by_sensitivity(tiny_dir, tmp_path, monkeypatch):
     assert main(["prune", *args, "--refit", "none", "-o", str(tmp_path / "plain")]) == 2
 
 
+def test_prune_spreads_a_budget_by_sensitivity_by_default(tiny_dir, tmp_path):
+    """prune's --spread auto: a --params budget is spread by sensitivity (the layer probe written next
+    to the plan, the same plan as --spread sensitivity); where the probe or the refit cannot run
+    (--refit none, --uniform) the budget is spread hidden-light, as plan spreads it."""
+    common = [str(tiny_dir[0]), "--params", "0.7", *CALIB, "--no-eval", "--no-kv-cache"]
+    assert main(["prune", *common, "-o", str(tmp_path / "auto")]) == 0
+    assert main(["prune", *common, "--spread", "sensitivity", "-o", str(tmp_path / "sensitivity")]) == 0
+    auto, sensitivity = (load_plan(tmp_path / name / "plan.json") for name in ("auto", "sensitivity"))
+    assert auto.targets["spread"] == "sensitivity" and (tmp_path / "auto" / "layer_probe.json").is_file()
+    assert [(l.heads, l.ffn) for l in auto.layers] == [(l.heads, l.ffn) for l in sensitivity.layers]
+    for extra, name in ((["--refit", "none"], "plain"), (["--uniform"], "uniform")):
+        assert main(["prune", *common, *extra, "-o", str(tmp_path / name)]) == 0
+        assert load_plan(tmp_path / name / "plan.json").targets["spread"] == "hidden-light"
+        assert not (tmp_path / name / "layer_probe.json").exists()
+
+
 def test_prune_selects_by_obs_with_the_grams_it_collected(tiny_dir, tmp_path):
     """--selection obs keeps the default's widths and fills them as calib.obs chooses from prune's
     own Grams (the choice itself is checked in tests/calib/test_obs.py); the plan records it."""
