@@ -6,8 +6,9 @@ A budget (``params``: a fraction of the current parameter count) is met by one f
 share (``Targets.spread``); then the FFN width, the finest axis, is solved for exactly, so the
 plan lands within 1% of the budget.
 
-    hidden-light  (the default) FFN share 1, query heads per group 3/4, hidden size 1/5: the
-                  FFN width takes most of the cut. One-shot pruning hurts the hidden size most
+    hidden-light  (the planner's and plan's default; prune's is ``auto``, below) FFN share 1, query
+                  heads per group 3/4, hidden size 1/5: the FFN width takes most of the cut.
+                  One-shot pruning hurts the hidden size most
                   (it narrows every layer's input and output and the embedding) and one query
                   head of three per group much more than two; measured on SmolLM2-135M with
                   rotate + refit, LAMBADA / wiki perplexity x unpruned (benchmarks/budget_spread.py):
