@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +91,8 @@ class _GramLayout:
 
 
 def add_masked_grams(
-    model: ir.Model, sources: dict[Hashable, tuple[ir.Value, int]], *, sums: bool = True,
-) -> dict[tuple[str, Hashable], str]:
+    model: ir.Model, sources: dict[str, tuple[ir.Value, int]], *, sums: bool = True,
+) -> dict[tuple[str, str], str]:
     """Append the Gram (and, with ``sums``, the sum) over real tokens of each source value [B, S, W]
     as graph outputs (in place: use a copy; the graph's other outputs stay). ``sources``: key ->
     (value, its last-axis width W). Returns (kind "gram"/"sum", key) -> output name; outputs are
@@ -105,7 +105,7 @@ def add_masked_grams(
     token_mask = b.op("Unsqueeze", b.op("Cast", mask, to=ir.DataType.BOOL), b.const(np.array([-1], np.int64)))
     zero = b.const(np.array(0.0, np.float32))
     first_axis = b.const(np.array([0], np.int64))
-    outputs: dict[tuple[str, Hashable], str] = {}
+    outputs: dict[tuple[str, str], str] = {}
     for key, (value, width) in sources.items():
         rows = b.op("Reshape", b.op("Where", token_mask, value, zero), b.const(np.array([-1, width], np.int64)))
         outputs[("gram", key)] = b.output(b.op("MatMul", b.op("Transpose", rows, perm=[1, 0]), rows), f"gram.{key}")
@@ -117,14 +117,14 @@ def add_masked_grams(
 def add_gram_taps(model: ir.Model, model_map: ModelMap | None = None) -> _GramLayout:
     """Replace the graph's outputs by the Gram and sum of every projection input (in place: use a copy)."""
     model_map = model_map or ModelMap.from_model(model)
-    sources = {}
+    sources, projection_of = {}, {}  # "<proj>.<l>" -> (input, width); -> (proj, l)
     for layer in model_map.layers:
-        sources[("o", layer.index)] = (layer.attention.o.input, layer.attention.o.in_features)
-        sources[("down", layer.index)] = (layer.ffn.down.input, layer.ffn.down.in_features)
+        for proj, linear in (("o", layer.attention.o), ("down", layer.ffn.down)):
+            key = f"{proj}.{layer.index}"
+            sources[key], projection_of[key] = (linear.input, linear.in_features), (proj, layer.index)
     model.graph.outputs.clear()
-    outputs = add_masked_grams(model, {f"{proj}.{index}": source for (proj, index), source in sources.items()})
-    return _GramLayout({(kind, proj, index): outputs[(kind, f"{proj}.{index}")]
-                        for kind in ("gram", "sum") for proj, index in sources})
+    outputs = add_masked_grams(model, sources)
+    return _GramLayout({(kind, *projection_of[key]): name for (kind, key), name in outputs.items()})
 
 
 def collect_grams(
