@@ -2,8 +2,9 @@
 per layer, of a sandwich-norm model (Gemma-3-270M):
 
     original        the effective gamma g (Gemma: 1 + w) of the exported graph
-    pruned + SLNP   after ``--fig3-params P`` (S_channel selection of the hidden channels, no layer
-                    dropped, so layers line up): the kept channels' g rescaled by SLNP (eq. 6),
+    pruned + SLNP   after ``--fig3-params P`` with ``prune``'s defaults for the widths (its spread:
+                    sensitivity, from one layer probe; S_channel selection of the hidden channels, no
+                    layer dropped, so layers line up): the kept channels' g rescaled by SLNP (eq. 6),
                     g' = g[kept] * ||g|| / ||g[kept]||, read back from the compiled graph
     absorbed        the per-channel scale that absorption folds into o_proj / down_proj:
                     s_inv * g' (eq. 9; s_inv the mean 1/rms of the norm's input over the
@@ -30,17 +31,21 @@ def _gammas(model_map) -> dict[tuple[int, str], np.ndarray]:
 
 def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     import onnx_ir as ir
+    from paper_table3 import prune_defaults
 
-    from pangu_light.calib.planner import Targets, make_plan
+    from pangu_light.calib.planner import make_plan
     from pangu_light.passes.analysis.model_map import ModelMap
     from pangu_light.passes.surgery.post_norm import post_norms
 
     work = args.workdir
     original = common.export(args.gemma_model, work / f"{common.slug(args.gemma_model.split('/')[-1])}.onnx")
-    stats = common.calibrate(original, args)
     model_map = ModelMap.from_model(ir.load(original))
+    # Only the gammas are read, so the refit prune would apply to o_proj/down_proj is not built.
+    targets, _ = prune_defaults(args.fig3_params, 0, model_map)
+    collected, scales = common.collect_for(original, [(targets, None)], args, work / "fig3-rotation.npz")
+    stats = collected.stats
     names = {(p.layer, p.role): p.norm.gamma.name for p in post_norms(model_map)}
-    plan = make_plan(model_map, stats, Targets(params=args.fig3_params, drop_layers=0))
+    plan = make_plan(model_map, stats, targets, grams=collected.grams, layer_scales=scales)
     pruned = work / "fig3-pruned.onnx"
     common.note(f"pruned + SLNP: {plan.pipeline()}")
     common.build(original, plan, pruned)
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
                                          "s_inv": [stats.s_inv[names[k]] for k in keys]}
     _plot(series, states, args)
     report = {"series": series, "calibration": dict(stats.meta), "pipeline": str(plan.pipeline()),
+              "spread": targets.spread,
               "hidden": [model_map.hidden_size, len(plan.hidden)], "s_inv_range": [min(stats.s_inv.values()),
                                                                                    max(stats.s_inv.values())]}
     return report, _markdown(report, args)
@@ -91,7 +97,8 @@ def _plot(series: dict, states: dict, args: argparse.Namespace) -> None:
 
 def _markdown(report: dict, args: argparse.Namespace) -> list[str]:
     lines = [f"- model: {args.gemma_model}; hidden {report['hidden'][0]} -> {report['hidden'][1]} "
-             f"(--params {args.fig3_params}, no layer dropped); calibration {report['calibration']}; "
+             f"(--params {args.fig3_params}, no layer dropped, {report['spread']} spread); "
+             f"calibration {report['calibration']}; "
              f"s_inv from {report['s_inv_range'][0]:.3g} to {report['s_inv_range'][1]:.3g}",
              "- plot: fig3.png (symlog y axis); numbers: fig3.json", "",
              "| state | role | mean over layers of mean(g) | of std(g) | of std/mean | largest std/mean |",

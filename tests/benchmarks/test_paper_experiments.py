@@ -232,6 +232,7 @@ def test_fig3_gamma_statistics_follow_slnp_and_absorption(tiny, tmp_path):
     assert {p.name for p in out.iterdir()} == {"fig3.md", "fig3.json", "fig3.png"}
     assert (out / "fig3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "fig3.json").read_text())
+    assert report["spread"] == "sensitivity"  # prune's default widths, as the other experiments use
     series = report["series"]
     for role in ("post_attn", "post_ffn"):
         original, pruned = series[f"original/{role}"], series[f"pruned + SLNP/{role}"]
