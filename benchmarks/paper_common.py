@@ -28,6 +28,7 @@ that dies part-way (a killed process, a full disk) keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -87,23 +88,34 @@ def collect(original: Path, args: argparse.Namespace, *, grams: bool = False, ro
     return found
 
 
-def collect_for(original: Path, rows, args: argparse.Namespace, rotation: Path):
+def collect_for(original: Path, rows, args: argparse.Namespace, rotation: Path, model_map):
     """(``collect``'s result, the layer probe's ``LayerScales`` or None) for ``rows`` ((Targets, refit
     method or None) pairs): the Grams where a row refits or spreads by sensitivity, the rotation where
-    a row rotates, and the probe (as ``prune`` runs it: its default probe windows) where a row spreads
-    by sensitivity."""
+    a row rotates, and the probe (as ``prune`` runs it: its default probe windows) where a row still
+    spreads by sensitivity after ``prune_spread``."""
     from pangu_light.calib.sensitivity_probe import PROBE_SAMPLES, PROBE_SEQ_LEN, probe_layers
 
     rows = list(rows)
     sensitive = any(targets.spread == "sensitivity" for targets, _ in rows)
     collected = collect(original, args, grams=sensitive or any(refit for _, refit in rows),
                         rotation=rotation if any(t.hidden_method == "rotate" for t, _ in rows) else None)
-    if not sensitive:
+    if not any(prune_spread(model_map, collected.stats, t).spread == "sensitivity" for t, _ in rows):
         return collected, None
     note(f"layer probe of {original.name} (--spread sensitivity): first {PROBE_SEQ_LEN} tokens of "
          f"{PROBE_SAMPLES} calibration windows")
     probe = collected.sequences[:PROBE_SAMPLES, :PROBE_SEQ_LEN]
     return collected, probe_layers(original, collected.stats, collected.grams, probe, threads=args.threads)
+
+
+def prune_spread(model_map, stats, targets):
+    """``targets`` as ``prune`` plans them: its ``--spread auto`` spreads by hidden-light where the
+    sensitivity spread cannot reach the budget (``calib.planner.reachable_spread``)."""
+    from pangu_light.calib.planner import reachable_spread
+
+    spread = reachable_spread(model_map, stats, targets, "auto")
+    if spread != targets.spread:
+        note(f"--params {targets.params}: the sensitivity spread cannot reach it; {spread}, as prune does")
+    return dataclasses.replace(targets, spread=spread)
 
 
 def receiver_moments(original: Path, plan, sequences, args: argparse.Namespace):

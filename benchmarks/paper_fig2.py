@@ -66,12 +66,13 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     levels = parse_levels(args.fig2_levels)
     chosen = {(level, m): row_targets(m, *level, model_map) for level in levels for m in methods}
     rotation_path = work / "fig2-rotation.npz"
-    collected, scales = common.collect_for(original, chosen.values(), args, rotation_path)
+    collected, scales = common.collect_for(original, chosen.values(), args, rotation_path, model_map)
     stats = collected.stats
     scorer = common.Scorer(original, args)
     base = scorer.score(original, "unpruned")
     points, graphs = [], []
     for ((params, drop), method), (targets, refit) in chosen.items():
+        targets = common.prune_spread(model_map, stats, targets)
         plan = make_plan(model_map, stats, targets, rotation=collected.rotation,
                          rotation_file=str(rotation_path.resolve()), grams=collected.grams, layer_scales=scales)
         out = work / f"fig2-{params:g}-{drop}-{common.slug(method)}.onnx"

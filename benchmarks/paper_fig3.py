@@ -42,8 +42,10 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     model_map = ModelMap.from_model(ir.load(original))
     # Only the gammas are read, so the refit prune would apply to o_proj/down_proj is not built.
     targets, _ = prune_defaults(args.fig3_params, 0, model_map)
-    collected, scales = common.collect_for(original, [(targets, None)], args, work / "fig3-rotation.npz")
+    collected, scales = common.collect_for(original, [(targets, None)], args, work / "fig3-rotation.npz",
+                                           model_map)
     stats = collected.stats
+    targets = common.prune_spread(model_map, stats, targets)
     names = {(p.layer, p.role): p.norm.gamma.name for p in post_norms(model_map)}
     plan = make_plan(model_map, stats, targets, grams=collected.grams, layer_scales=scales)
     pruned = work / "fig3-pruned.onnx"

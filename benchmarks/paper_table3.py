@@ -113,13 +113,14 @@ def run(args: argparse.Namespace) -> tuple[dict, list[str]]:
     names = common.chosen_rows(args.table3_rows, ROWS, "--table3-rows")
     chosen = {row: row_targets(row, args.params, args.drop_layers, model_map) for row in names}
     rotation_path = work / "rotation.npz"
-    collected, scales = common.collect_for(original, chosen.values(), args, rotation_path)
+    collected, scales = common.collect_for(original, chosen.values(), args, rotation_path, model_map)
     stats = collected.stats
     scorer = common.Scorer(original, args)
 
     rows = {"unpruned": {**scorer.score(original, "unpruned"), "targets": None}}
     graphs = {}
     for row, (targets, refit) in chosen.items():
+        targets = common.prune_spread(model_map, stats, targets)
         plan = make_plan(model_map, stats, targets, rotation=collected.rotation,
                          rotation_file=str(rotation_path.resolve()), grams=collected.grams, layer_scales=scales)
         plan.targets["refit"] = refit or "none"

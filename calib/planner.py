@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from pangu_light.calib.budget import SPREADS, resolve_shape
+from pangu_light.calib.budget import AUTO_SPREAD, SPREADS, resolve_shape
 from pangu_light.calib.obs import obs_ffn_neurons, obs_query_heads
 from pangu_light.calib.rotation import plan_rotation
-from pangu_light.calib.sensitivity import sensitivity_shape
+from pangu_light.calib.sensitivity import sensitivity_floor, sensitivity_shape
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.attention_context import attention_context
@@ -52,7 +52,7 @@ from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.analysis.parameters import Shape, count_parameters, shape_of
 from pangu_light.passes.infra.plan import ClapMerge, PrunePlan
 
-__all__ = ["SELECTIONS", "Targets", "make_plan"]
+__all__ = ["SELECTIONS", "Targets", "make_plan", "reachable_spread", "sensitivity_reaches"]
 
 SELECTIONS = ("scores", "obs", "obs-ffn", "obs-heads")
 
@@ -104,6 +104,30 @@ class Targets:
 
 
 # ------------------------------------------------------------------------------ the plan
+
+
+def sensitivity_reaches(model_map: ModelMap, stats: CalibrationStats, targets: Targets) -> bool:
+    """Whether ``--spread sensitivity`` can meet ``targets``' budget within its floors (one query head
+    fewer per group, half of each FFN, at the hidden size and dropped layers ``make_plan`` would use).
+    It cannot where most parameters sit outside the layers: Gemma-3-270M's embedding is 63% of it,
+    so ``--params 0.7`` needs more than the layers' floors free."""
+    shape = resolve_shape(model_map, targets, _layers_to_drop(model_map, stats, targets))
+    floor = sensitivity_floor(model_map, shape, align=targets.align)
+    return count_parameters(model_map, floor) <= targets.params * count_parameters(model_map, shape_of(model_map))
+
+
+def reachable_spread(model_map: ModelMap, stats: CalibrationStats, targets: Targets, requested: str) -> str:
+    """``targets.spread``, except where it is the sensitivity spread and cannot reach the budget: then
+    ``hidden-light`` if ``--spread auto`` chose it (``requested``), else a PanguLightError; checked from
+    the statistics alone, before the layer probe."""
+    if targets.spread != "sensitivity" or sensitivity_reaches(model_map, stats, targets):
+        return targets.spread
+    if requested != AUTO_SPREAD:
+        raise PanguLightError(
+            f"--spread sensitivity cannot reach --params {targets.params}: it cuts at most one query head per "
+            "group and half of each FFN, and most of this model's parameters are outside them; use "
+            "--spread hidden-light, which cuts the hidden size too")
+    return "hidden-light"
 
 
 def make_plan(model_map: ModelMap, stats: CalibrationStats, targets: Targets, *, rotation=None,

@@ -54,7 +54,7 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.analysis.parameters import Shape, count_parameters
 
-__all__ = ["prefix_residuals", "sensitivity_shape"]
+__all__ = ["prefix_residuals", "sensitivity_floor", "sensitivity_shape"]
 
 HEAD_LEVEL_SLACK = 0.005  # a head level is removed only if the count stays within this of the budget
 
@@ -134,13 +134,9 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     heads = dict(full_heads)
     full_ffn = {i: model_map.layer(i).ffn.intermediate_size for i in live}
     ffn = dict(full_ffn)
-    # Floors = the probe's widths: the probe calibrates each cost curve there, and nothing is cut beyond
-    # what it measured (a first-order probe says nothing about a layer cut to one head).
-    floors = {i: probe_widths(model_map, i) for i in live}
-    head_floor = {i: max(1, floors[i][0]) for i in live}
     if align > 1:  # whole blocks: a step of as many blocks as fit in ``step`` (at least one)
         step = align * max(1, step // align)
-    floor = {i: min(full_ffn[i], _round_up(max(step, floors[i][1]), align)) for i in live}
+    head_floor, floor = _floors(model_map, live, step, align)
 
     def lower(i: int) -> int:  # the next FFN width down: ``step`` fewer, rounded up to a block, not below the floor
         return max(floor[i], _round_up(ffn[i] - step, align))
@@ -215,6 +211,29 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
             _, i, width = max(over)
             ffn[-i] += width
     return current()
+
+
+def _floors(model_map: ModelMap, live: list[int], step: int, align: int) -> tuple[dict[int, int], dict[int, int]]:
+    """(query heads per group, FFN width) below which no live layer is cut: the probe's widths (the
+    probe calibrates each cost curve there, and nothing is cut beyond what it measured: a first-order
+    probe says nothing about a layer cut to one head), the FFN floor rounded up to a removal step."""
+    widths = {i: probe_widths(model_map, i) for i in live}
+    return ({i: max(1, widths[i][0]) for i in live},
+            {i: min(model_map.layer(i).ffn.intermediate_size, _round_up(max(step, widths[i][1]), align))
+             for i in live})
+
+
+def sensitivity_floor(model_map: ModelMap, shape: Shape, step: int = 8, align: int = 1) -> Shape:
+    """The smallest shape ``sensitivity_shape`` can reach from ``shape`` (every live layer at its
+    floors): a budget below its parameter count cannot be met by this spread, which ``prune`` checks
+    before it spends the probe's model runs."""
+    live = [l.index for l in model_map.layers if l.index not in shape.dropped]
+    if align > 1:
+        step = align * max(1, step // align)
+    heads, ffn = _floors(model_map, live, step, align)
+    return dataclasses.replace(
+        shape, heads_per_group=[heads.get(i, h) for i, h in enumerate(shape.heads_per_group)],
+        ffn=[ffn.get(i, f) for i, f in enumerate(shape.ffn)])
 
 
 def _round_up(width: int, align: int) -> int:

@@ -144,7 +144,9 @@ def add_target_arguments(parser: argparse.ArgumentParser, *, prune: bool = False
         "removing them raises the loss least, measured by probing each layer (1 + 2 x layers model runs on the "
         "calibration text; needs prune's default --refit refit); auto (prune's default) is sensitivity for a "
         "--params budget whose heads and FFN widths you did not give (no --uniform, no --absorb-post-norms, "
-        "--refit refit), else hidden-light (plan runs no probe: hidden-light). On SmolLM2-135M at --params "
+        "--refit refit) and that its floors can reach (it cuts at most one query head per group and half of "
+        "each FFN: Gemma-3-270M at 0.7 is beyond that), else hidden-light (plan runs no probe: hidden-light). "
+        "On SmolLM2-135M at --params "
         "0.8, LAMBADA perplexity 1.70x the unpruned model's with hidden-light, 1.53x with sensitivity",
     )
     group.add_argument(

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.budget import resolve_spread
     from pangu_light.calib.calibrate import collect_graph_all
     from pangu_light.calib.evaluate import evaluate_graphs
-    from pangu_light.calib.planner import make_plan
+    from pangu_light.calib.planner import make_plan, reachable_spread
     from pangu_light.calib.refit_plan import refit_and_set
     from pangu_light.calib.rotation import resolve_hidden_method
     from pangu_light.core.paths import record_path
@@ -144,6 +144,11 @@ def run(args: argparse.Namespace) -> int:
     stats.save(out / "stats.npz")
     if rotation is not None:
         save_rotation(out / "rotation.npz", rotation)
+    spread = reachable_spread(model_map, stats, targets, args.spread)
+    if spread != targets.spread:
+        note(f"--spread auto: the sensitivity spread cannot reach --params {targets.params} (at most one query "
+             "head fewer per group and half of each FFN); spreading by hidden-light instead, no layer probe")
+        targets.spread = spread
     layer_scales = None
     if targets.spread == "sensitivity" and collected.grams is not None:
         layer_scales = _probe_layers(original, stats, collected.grams, collected.sequences, args,

@@ -174,3 +174,31 @@ def test_sensitivity_refusals(llama_calibrated):
         make_plan(model_map, stats, Targets(params=0.8, ffn=50, spread="sensitivity"), grams=grams, layer_scales=scales)
     with pytest.raises(PanguLightError, match="give --params"):
         make_plan(model_map, stats, Targets(hidden=32, spread="sensitivity"), grams=grams, layer_scales=scales)
+
+
+def test_reachable_spread_is_what_the_sensitivity_spread_can_meet(llama_calibrated):
+    """``sensitivity_reaches`` says where ``sensitivity_shape`` can meet a budget: over a grid of
+    budgets that crosses its floors (not monotonic: the hidden size follows the budget in steps),
+    make_plan plans where it says so and refuses elsewhere; there ``--spread auto`` falls back to
+    hidden-light and an explicit ``--spread sensitivity`` is one clear error, both decided before
+    any probe."""
+    from pangu_light.calib.planner import reachable_spread, sensitivity_reaches
+
+    model_map, stats, grams, scales, *_ = llama_calibrated
+    outcomes = set()
+    for ratio in np.round(np.arange(0.3, 0.8, 0.01), 3):
+        targets = Targets(params=float(ratio), spread="sensitivity")
+        reaches = sensitivity_reaches(model_map, stats, targets)
+        outcomes.add(reaches)
+        if reaches:
+            make_plan(model_map, stats, targets, grams=grams, layer_scales=scales)
+            assert reachable_spread(model_map, stats, targets, "auto") == "sensitivity"
+            continue
+        with pytest.raises(PanguLightError, match="cannot meet the budget"):
+            make_plan(model_map, stats, targets, grams=grams, layer_scales=scales)
+        assert reachable_spread(model_map, stats, targets, "auto") == "hidden-light"
+        with pytest.raises(PanguLightError, match="--spread sensitivity cannot reach --params"):
+            reachable_spread(model_map, stats, targets, "sensitivity")
+        hidden_light = dataclasses.replace(targets, spread="hidden-light")
+        assert reachable_spread(model_map, stats, hidden_light, "sensitivity") == "hidden-light"
+    assert outcomes == {True, False}  # the grid crosses the floors

@@ -225,6 +225,22 @@ def test_prune_spreads_a_budget_by_sensitivity_by_default(tiny_dir, tmp_path):
         assert not (tmp_path / name / "layer_probe.json").exists()
 
 
+def test_prune_auto_spread_falls_back_where_sensitivity_cannot_reach(tiny_dir, tmp_path, capsys):
+    """A budget below what the sensitivity spread's floors keep (0.45 of this tiny llama: its hidden-light
+    hidden size leaves the layers' floors above it; tests/calib/test_sensitivity.py checks where that
+    holds): --spread auto plans it hidden-light without running the probe, an explicit --spread
+    sensitivity is one line before the probe, not a stack trace after it."""
+    common = [str(tiny_dir[0]), "--params", "0.45", *CALIB, "--no-eval", "--no-kv-cache"]
+    assert main(["prune", *common, "-o", str(tmp_path / "auto")]) == 0
+    plan = load_plan(tmp_path / "auto" / "plan.json")
+    assert plan.targets["spread"] == "hidden-light" and not (tmp_path / "auto" / "layer_probe.json").exists()
+    assert abs(plan.estimate["parameter_ratio"] - 0.45) <= 0.01
+    capsys.readouterr()
+    assert main(["prune", *common, "--spread", "sensitivity", "-o", str(tmp_path / "explicit")]) == 2
+    err = capsys.readouterr().err
+    assert "--spread sensitivity cannot reach --params 0.45" in err and "Traceback" not in err
+
+
 def test_prune_selects_by_obs_with_the_grams_it_collected(tiny_dir, tmp_path):
     """--selection obs keeps the default's widths and fills them as calib.obs chooses from prune's
     own Grams (the choice itself is checked in tests/calib/test_obs.py); the plan records it."""
