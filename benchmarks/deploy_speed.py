@@ -23,9 +23,9 @@ a colon: ``int4:int4`` quantizes the lm_head to int4 too, as GenAI's int4 builde
 a ``+gptq`` suffix with ``--quant-method gptq``, its default calibration: 32 x 256 tokens of wiki).
 Then, per thread count, one session per graph; rounds alternate between the graphs, in reversed
 order every other round (one warm-up round thrown away), each round a greedy generation of
---new-tokens after the same random --prompt-token prompt (batch 1). Reported: medians of decode
-tokens/s and prefill ms, the decode ratio to the source graph (median of per-round ratios), the
-node count in the file and after ONNX Runtime's optimiser, how many greedy tokens equal the
+--new-tokens after the same random --prompt-token prompt (or the tokens of --prompt-text; batch 1).
+Reported: medians of decode tokens/s and prefill ms, the decode ratio to the source graph (median
+of per-round ratios), the node count in the file and after ONNX Runtime's optimiser, how many greedy tokens equal the
 source's, and perplexity on the held-out LAMBADA split (same sequences for every graph, GenAI's
 graphs included: evaluated by our runtime with an empty past, as ours are). Machine
 load (1-minute average) before and after is printed: timings on a shared machine move with it.
@@ -56,7 +56,10 @@ def main() -> int:
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=32, help="random prompt tokens (ids 100-9999, seed 0)")
+    parser.add_argument("--prompt-text", help="a text prompt instead (the first source's tokenizer, as calibration "
+                        "encodes: its BOS first where the tokenizer adds one): greedy agreement then means "
+                        "something, where a random prompt's flat next-token distribution flips on rounding")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--ppl-samples", type=int, default=16)
     parser.add_argument("--json", type=Path)
@@ -93,7 +96,8 @@ def main() -> int:
     load_start = os.getloadavg()
     rows = {label: {"path": str(path), "nodes_file": len(onnx.load(str(path), load_external_data=False).graph.node),
                     "nodes_ort": _ort_nodes(path)} for label, path, _ in graphs}
-    prompt = [np.random.default_rng(0).integers(100, 10000, args.prompt).tolist()]
+    prompt = [_prompt_tokens(args)]
+    args.prompt = len(prompt[0])  # what _print reports
     for threads in [int(t) for t in args.threads.split(",")]:
         sessions = {
             label: _genai_model(path.parent, threads) if label.startswith("genai ")
@@ -144,6 +148,17 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "load": [load_start, load_end]}, indent=2) + "\n")
     return 0
+
+
+def _prompt_tokens(args: argparse.Namespace) -> list[int]:
+    if args.prompt_text is None:
+        return np.random.default_rng(0).integers(100, 10000, args.prompt).tolist()
+    from pangu_light.calib.text import graph_tokenizer
+    from pangu_light.passes.infra.graph_io import load_model_metadata
+
+    source = args.sources[0]
+    encode, bos_id = graph_tokenizer(source, load_model_metadata(source), args.tokenizer)
+    return ([] if bos_id is None else [bos_id]) + encode(args.prompt_text)
 
 
 def _same_prefix(a: list[int], b: list[int]) -> int:
@@ -234,7 +249,8 @@ def _print(rows, args, load_start, load_end) -> None:
     print(f"ratio: decode tokens/s against the row's source graph (GenAI rows: the first source; untimed "
           f"sources: the baseline); vs base: against {args.baseline or '-'}, median [smallest-largest] of the "
           f"per-round ratios; same: greedy tokens equal to the source's before the first difference")
-    print(f"nodes: in the file / after ONNX Runtime's optimiser; prompt {args.prompt} tokens, "
+    kind = "text" if args.prompt_text else "random"
+    print(f"nodes: in the file / after ONNX Runtime's optimiser; prompt {args.prompt} {kind} tokens, "
           f"{args.new_tokens} new, batch 1, greedy; medians of {args.rounds} alternating rounds; "
           f"load average {load_start[0]:.2f} -> {load_end[0]:.2f} on {os.cpu_count()} cores")
 
