@@ -93,13 +93,14 @@ def collect_for(original: Path, rows, args: argparse.Namespace, rotation: Path, 
     method or None) pairs): the Grams where a row refits or spreads by sensitivity, the rotation where
     a row rotates, and the probe (as ``prune`` runs it: its default probe windows) where a row still
     spreads by sensitivity after ``prune_spread``."""
+    from pangu_light.calib.planner import reachable_spread
     from pangu_light.calib.sensitivity_probe import PROBE_SAMPLES, PROBE_SEQ_LEN, probe_layers
 
     rows = list(rows)
     sensitive = any(targets.spread == "sensitivity" for targets, _ in rows)
     collected = collect(original, args, grams=sensitive or any(refit for _, refit in rows),
                         rotation=rotation if any(t.hidden_method == "rotate" for t, _ in rows) else None)
-    if not any(prune_spread(model_map, collected.stats, t).spread == "sensitivity" for t, _ in rows):
+    if not any(reachable_spread(model_map, collected.stats, t, "auto") == "sensitivity" for t, _ in rows):
         return collected, None
     note(f"layer probe of {original.name} (--spread sensitivity): first {PROBE_SEQ_LEN} tokens of "
          f"{PROBE_SAMPLES} calibration windows")
