@@ -19,9 +19,12 @@ session, freed after the base run), as the one session of the whole graph did.
 
 Every piece runs the same float32 operations on the same float32 x_l that the whole graph
 would, except where ONNX Runtime fuses nodes across a cut in the whole graph (a residual Add
-into the next RMSNorm): the fused kernel rounds the same sums in another order, a float32
-rounding difference (the base run and every probe share the chain, so their rises compare
-like with like).
+into the next RMSNorm): the fused kernel may round the same sums in another order, a float32
+rounding difference at most (on SmolLM2-135M and the tiny test models the rises agree with the
+whole graph's to float64 rounding of their means, 1e-15: the logits came out the same). The base
+run and every probe share the chain, so their rises compare like with like. The sessions run
+one after another, so their idle threads must not spin (``create_session(spinning=False)``): a
+spinning pool of the piece before takes the cores from the next (measured: 2x slower on 2 cores).
 
 The NLL output. A probe needs the NLL of each predicted token, not the [B, L, V] logits (25 MB of
 float32 per 128-token SmolLM2 sequence, copied out and log-softmaxed in numpy before). The last
@@ -31,9 +34,11 @@ does::
     logits [B, L, V] --Slice(:, :-1)--Cast(double)--LogSoftmax(-1)--GatherElements(targets)--Neg-->
         nll [B, L - 1, 1]          targets [B, L - 1, 1] = ids[:, 1:] (int64, fed)
 
-so the two differ by float64 rounding only: a log-sum-exp of V terms within about (V + 4) u64 of
-its terms' scale (positive terms summed, exp and log each within a few units), 1e-11 on
-SmolLM2's logits, far below the float32 rounding of the logits themselves.
+so the two differ by float64 rounding only: a log-sum-exp of V positive terms within about
+(V + 4) u64 times the largest logit's magnitude (recursive summation, exp and log each within a
+few units): 1e-10 at worst on SmolLM2 (V = 49152), 1e-14 measured, far below the float32 rounding
+of the logits themselves. The rise, a mean of differences of two such NLLs, carries at most twice
+that.
 """
 
 from __future__ import annotations
@@ -120,12 +125,12 @@ class LayerChain:
         from pangu_light.calib.half import say_float32_copy, widen_to_float32
 
         model = load_model(path)
-        self.model_map = ModelMap.from_model(model)
-        if self.model_map.graph_kind != "no-cache":
-            raise PanguLightError("the layer probe runs on the no-cache graph (original.onnx), not a decode graph")
         half = widen_to_float32(model)  # a half graph probes as its float32 copy, as calibration does
         if half is not None:
             say_float32_copy(half, "the layer probe")
+        self.model_map = ModelMap.from_model(model)
+        if self.model_map.graph_kind != "no-cache":
+            raise PanguLightError("the layer probe runs on the no-cache graph (original.onnx), not a decode graph")
         layers = self.model_map.layers
         self.weights: dict[str, np.ndarray] = {}
         for layer in layers:
