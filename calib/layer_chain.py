@@ -27,18 +27,25 @@ one after another, so their idle threads must not spin (``create_session(spinnin
 spinning pool of the piece before takes the cores from the next (measured: 2x slower on 2 cores).
 
 The NLL output. A probe needs the NLL of each predicted token, not the [B, L, V] logits (25 MB of
-float32 per 128-token SmolLM2 sequence, copied out and log-softmaxed in numpy before). The last
-piece computes it in float64 from the same float32 logits, as ``calib.evaluate.token_nll``
-does::
+float32 per 128-token SmolLM2 sequence, copied out and log-softmaxed in float64 numpy before, as
+``calib.evaluate.token_nll`` does). The last piece computes it in float32::
 
-    logits [B, L, V] --Slice(:, :-1)--Cast(double)--LogSoftmax(-1)--GatherElements(targets)--Neg-->
-        nll [B, L - 1, 1]          targets [B, L - 1, 1] = ids[:, 1:] (int64, fed)
+    logits z [B, L, V] --Slice(:, :-1)--LogSoftmax(-1)--GatherElements(targets)--Neg--> nll [B, L - 1, 1]
+        targets [B, L - 1, 1] = ids[:, 1:] (int64, fed)
 
-so the two differ by float64 rounding only: a log-sum-exp of V positive terms within about
-(V + 4) u64 times the largest logit's magnitude (recursive summation, exp and log each within a
-few units): 1e-10 at worst on SmolLM2 (V = 49152), 1e-14 measured, far below the float32 rounding
-of the logits themselves. The rise, a mean of differences of two such NLLs, carries at most twice
-that.
+It differs from ``token_nll`` on the same logits by float32 rounding only. With u = 2^-24 and m
+the row's largest logit, LogSoftmax computes z_t - m - log S, S = sum_i exp(z_i - m) >= 1: each
+exp(z_i - m) is within (2 + |z_i - m|) u of its value relative (the subtraction's rounding moves
+the exponent), |z_i - m| exp(z_i - m) <= 1/e, and summing V positive terms adds at most (V - 1) u
+relative, so log S is within (1.4 V + 2) u absolute; the subtraction and log add (|z_t - m| +
+log S + nll) u. Per token::
+
+    |nll - token_nll| <= (1.4 V + 4 + 3 (|z_t - m| + log V)) u       (worst case; 4e-3 at V = 49152)
+
+and a rise, a mean of differences of two such NLLs, is within twice the largest. The bound is
+for any summation order; ONNX Runtime's vectorised sum does far better: 1.3e-5 at most per token
+on SmolLM2 (the float64 LogSoftmax of ``token_nll`` in the graph costs 0.08 s per probe more on 2
+threads, half the cost of the lm_head, for rises that moved by 1e-15 instead of 1e-6).
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ def _const(graph: ir.Graph, array: np.ndarray) -> ir.Value:
 
 
 def add_nll_output(model: ir.Model) -> None:
-    """Make the per-token NLL ``NLL`` [B, L - 1, 1] (float64) the graph's only output, with the
+    """Make the per-token NLL ``NLL`` [B, L - 1, 1] (float32) the graph's only output, with the
     targets ``ids[:, 1:, None]`` a new int64 input ``TARGETS`` (in place)."""
     graph = model.graph
     logits = next((v for v in graph.outputs if v.name == contract.LOGITS), None)
@@ -83,7 +90,7 @@ def add_nll_output(model: ir.Model) -> None:
     axis = _const(graph, np.array([1], np.int64))
     predicting = _node(graph, "Slice", logits, _const(graph, np.array([0], np.int64)),
                        _const(graph, np.array([-1], np.int64)), axis)  # logits[:, :-1]
-    log_probs = _node(graph, "LogSoftmax", _node(graph, "Cast", predicting, to=ir.DataType.DOUBLE), axis=-1)
+    log_probs = _node(graph, "LogSoftmax", predicting, axis=-1)
     nll = _node(graph, "Neg", _node(graph, "GatherElements", log_probs, targets, axis=-1))
     nll.name = NLL
     graph.outputs.append(nll)
@@ -182,13 +189,13 @@ class LayerChain:
 
     def nll(self, ids: np.ndarray, residual: np.ndarray, index: int,
             override: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The NLL [B, L - 1] of ``ids`` [B, L] with ``residual`` entering layer ``index`` and the
-        ``override`` weights fed in place of the originals."""
+        """The NLL [B, L - 1] (float32 values, as float64) of ``ids`` [B, L] with ``residual``
+        entering layer ``index`` and the ``override`` weights fed in place of the originals."""
         weights = {**self.weights, **(override or {})}
         feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones_like(ids), TARGETS: ids[:, 1:, None]}
         for piece in self.pieces[index:-1]:
             residual = self._run(piece, OUT, {**feeds, RESIDUAL: residual, **weights})
-        return self._run(self.pieces[-1], NLL, {**feeds, RESIDUAL: residual, **weights})[..., 0]
+        return self._run(self.pieces[-1], NLL, {**feeds, RESIDUAL: residual, **weights})[..., 0].astype(np.float64)
 
     def free_embed(self) -> None:
         """Drop the embed session (only the base run needs it)."""
