@@ -58,7 +58,7 @@ def resolve_spread(requested: str, targets, *, refit: bool, probe: bool = True) 
     statistics (``refit``) and the layer probe (``probe``: prune runs it, plan cannot) are at hand;
     else ``hidden-light``. Any other name is returned as it is. Measured on SmolLM2-135M at
     ``prune --params 0.8`` (wiki+lambada calibration), LAMBADA perplexity 1.70x the unpruned model's
-    with hidden-light and 1.53x with sensitivity (docs in the README)."""
+    with hidden-light and 1.44x with sensitivity (its default 4 x 256-token probe; docs in the README)."""
     if requested != AUTO_SPREAD:
         return requested
     applies = (targets.params is not None and not targets.uniform and targets.heads_per_group is None

@@ -47,7 +47,7 @@ from pangu_light.passes.analysis.model_map import ModelMap
 
 __all__ = ["PROBE_SAMPLES", "PROBE_SEQ_LEN", "LayerScales", "probe_layers", "probe_widths"]
 
-PROBE_SAMPLES, PROBE_SEQ_LEN = 2, 128  # prune's defaults: the first 128 tokens of the first 2 calibration windows
+PROBE_SAMPLES, PROBE_SEQ_LEN = 4, 256  # prune's defaults: the first 4 calibration windows, whole
 
 
 @dataclasses.dataclass
