@@ -18,7 +18,7 @@ statistics, Grams and rotation
     heads-kept  every query head kept, hidden and FFN share the budget
     ffn-only    hidden and heads kept, the FFN width takes the whole cut
     sensitivity Targets(params=F, spread="sensitivity"): hidden-light's hidden size, heads and FFN
-                per layer by the layer probe (calib.sensitivity; probe on 2 x 128 calib tokens)
+                per layer by the layer probe (calib.sensitivity; probe on prune's default probe tokens)
     default+flap-heads  the default spread, query heads ranked by FLAP's fluctuation metric
                 (variance of each head's o_proj input times its weight columns' norm)
     default+obs the default spread's widths, filled by the refit-aware elimination (calib.obs)
@@ -67,7 +67,7 @@ from rotation_quality import build, rotation_file
 from pangu_light.calib.calibrate import calibration_sequences
 from pangu_light.calib.planner import Targets, make_plan
 from pangu_light.calib.refit_plan import fluctuation_ranking
-from pangu_light.calib.sensitivity_probe import probe_layers
+from pangu_light.calib.sensitivity_probe import PROBE_SAMPLES, PROBE_SEQ_LEN, probe_layers
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.graph_stats import GraphStats
 from pangu_light.passes.analysis.model_map import ModelMap
@@ -111,7 +111,8 @@ def main() -> None:
     layer_scales = None
     if not args.rows or "sensitivity" in args.rows.split(","):  # prune's layer probe, on its defaults
         sequences, _ = calibration_sequences(original, "wiki", args.calib_samples, args.seq_len, 0, None)
-        layer_scales = probe_layers(original, stats, grams, sequences[:2, :128], threads=args.threads)
+        layer_scales = probe_layers(original, stats, grams, sequences[:PROBE_SAMPLES, :PROBE_SEQ_LEN],
+                                    threads=args.threads)
     for name, targets in chosen.items():
         if args.rows and name not in args.rows.split(","):
             continue
