@@ -112,10 +112,12 @@ def prune_spread(model_map, stats, targets):
     """``targets`` as ``prune`` plans them: its ``--spread auto`` spreads by hidden-light where the
     sensitivity spread cannot reach the budget (``calib.planner.reachable_spread``)."""
     from pangu_light.calib.planner import reachable_spread
+    from pangu_light.calib.sensitivity import FLOORS
 
     spread = reachable_spread(model_map, stats, targets, "auto")
     if spread != targets.spread:
-        note(f"--params {targets.params}: the sensitivity spread cannot reach it; {spread}, as prune does")
+        note(f"--params {targets.params}: the sensitivity spread cannot reach it (it cuts {FLOORS}); {spread}, "
+             "as prune does")
     return dataclasses.replace(targets, spread=spread)
 
 

@@ -44,7 +44,7 @@ import numpy as np
 from pangu_light.calib.budget import AUTO_SPREAD, SPREADS, resolve_shape
 from pangu_light.calib.obs import obs_ffn_neurons, obs_query_heads
 from pangu_light.calib.rotation import plan_rotation
-from pangu_light.calib.sensitivity import sensitivity_floor, sensitivity_shape
+from pangu_light.calib.sensitivity import FLOORS, sensitivity_floor, sensitivity_shape
 from pangu_light.calib.stats import CalibrationStats
 from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.attention_context import attention_context
@@ -124,9 +124,8 @@ def reachable_spread(model_map: ModelMap, stats: CalibrationStats, targets: Targ
         return targets.spread
     if requested != AUTO_SPREAD:
         raise PanguLightError(
-            f"--spread sensitivity cannot reach --params {targets.params}: it cuts at most one query head per "
-            "group and half of each FFN, and most of this model's parameters are outside them; use "
-            "--spread hidden-light, which cuts the hidden size too")
+            f"--spread sensitivity cannot reach --params {targets.params}: it cuts {FLOORS}, and most of this "
+            "model's parameters are outside them; use --spread hidden-light, which cuts the hidden size too")
     return "hidden-light"
 
 

@@ -54,8 +54,9 @@ from pangu_light.core.errors import PanguLightError
 from pangu_light.passes.analysis.model_map import ModelMap
 from pangu_light.passes.analysis.parameters import Shape, count_parameters
 
-__all__ = ["prefix_residuals", "sensitivity_floor", "sensitivity_shape"]
+__all__ = ["FLOORS", "prefix_residuals", "sensitivity_floor", "sensitivity_shape"]
 
+FLOORS = "at most one query head per KV group and half of each layer's FFN"  # what _floors allows, in words
 HEAD_LEVEL_SLACK = 0.005  # a head level is removed only if the count stays within this of the budget
 
 
@@ -134,8 +135,7 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     heads = dict(full_heads)
     full_ffn = {i: model_map.layer(i).ffn.intermediate_size for i in live}
     ffn = dict(full_ffn)
-    if align > 1:  # whole blocks: a step of as many blocks as fit in ``step`` (at least one)
-        step = align * max(1, step // align)
+    step = _removal_step(step, align)
     head_floor, floor = _floors(model_map, live, step, align)
 
     def lower(i: int) -> int:  # the next FFN width down: ``step`` fewer, rounded up to a block, not below the floor
@@ -190,7 +190,7 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
             heapq.heappush(queue, entry)
     if total > budget:
         raise PanguLightError("--spread sensitivity cannot meet the budget within what the layer probe measured "
-                              "(one query head fewer per group, half of each FFN); use --spread hidden-light")
+                              f"({FLOORS}); use --spread hidden-light")
     def growth(i: int, width: int) -> tuple[float, int, int]:  # loss saved per neuron given back (ties: lower i)
         return ((costs[i].ffn[ffn[i]] - costs[i].ffn[ffn[i] + width]) / width, -i, width)
 
@@ -213,6 +213,12 @@ def sensitivity_shape(model_map: ModelMap, stats: CalibrationStats, grams: GramS
     return current()
 
 
+def _removal_step(step: int, align: int) -> int:
+    """FFN neurons one removal takes: ``step``, or with ``align`` > 1 as many whole blocks as fit in
+    it (at least one)."""
+    return align * max(1, step // align) if align > 1 else step
+
+
 def _floors(model_map: ModelMap, live: list[int], step: int, align: int) -> tuple[dict[int, int], dict[int, int]]:
     """(query heads per group, FFN width) below which no live layer is cut: the probe's widths (the
     probe calibrates each cost curve there, and nothing is cut beyond what it measured: a first-order
@@ -228,9 +234,7 @@ def sensitivity_floor(model_map: ModelMap, shape: Shape, step: int = 8, align: i
     floors): a budget below its parameter count cannot be met by this spread, which ``prune`` checks
     before it spends the probe's model runs."""
     live = [l.index for l in model_map.layers if l.index not in shape.dropped]
-    if align > 1:
-        step = align * max(1, step // align)
-    heads, ffn = _floors(model_map, live, step, align)
+    heads, ffn = _floors(model_map, live, _removal_step(step, align), align)
     return dataclasses.replace(
         shape, heads_per_group=[heads.get(i, h) for i, h in enumerate(shape.heads_per_group)],
         ffn=[ffn.get(i, f) for i, f in enumerate(shape.ffn)])

@@ -146,8 +146,8 @@ def add_target_arguments(parser: argparse.ArgumentParser, *, prune: bool = False
         "--params budget whose heads and FFN widths you did not give (no --uniform, no --absorb-post-norms, "
         "--refit refit) and that its floors can reach (it cuts at most one query head per group and half of "
         "each FFN: Gemma-3-270M at 0.7 is beyond that), else hidden-light (plan runs no probe: hidden-light). "
-        "On SmolLM2-135M at --params "
-        "0.8, LAMBADA perplexity 1.70x the unpruned model's with hidden-light, 1.44x with sensitivity",
+        "On SmolLM2-135M at --params 0.8, LAMBADA perplexity 1.70x the unpruned model's with hidden-light, "
+        "1.44x with sensitivity",
     )
     group.add_argument(
         "--selection", choices=("scores", "obs", "obs-ffn", "obs-heads"), default="scores",  # planner.SELECTIONS

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from pangu_light.calib.planner import make_plan, reachable_spread
     from pangu_light.calib.refit_plan import refit_and_set
     from pangu_light.calib.rotation import resolve_hidden_method
+    from pangu_light.calib.sensitivity import FLOORS
     from pangu_light.core.paths import record_path
     from pangu_light.passes.analysis.graph_stats import GraphStats
     from pangu_light.passes.analysis.model_map import ModelMap
@@ -149,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
         save_rotation(out / "rotation.npz", rotation)
     spread = reachable_spread(model_map, stats, targets, args.spread)
     if spread != targets.spread:
-        note(f"--spread auto: the sensitivity spread cannot reach --params {targets.params} (at most one query "
-             "head fewer per group and half of each FFN); spreading by hidden-light instead, no layer probe")
+        note(f"--spread auto: the sensitivity spread cannot reach --params {targets.params} (it cuts {FLOORS}); "
+             "spreading by hidden-light instead, no layer probe")
         targets.spread = spread
     layer_scales = None
     if targets.spread == "sensitivity" and collected.grams is not None:
