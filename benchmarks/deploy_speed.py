@@ -25,8 +25,8 @@ Then, per thread count, one session per graph; rounds alternate between the grap
 order every other round (one warm-up round thrown away), each round a greedy generation of
 --new-tokens after the same random --prompt-token prompt (or the tokens of --prompt-text; batch 1).
 Reported: medians of decode tokens/s and prefill ms, the decode ratio to the source graph (median
-of per-round ratios), the node count in the file and after ONNX Runtime's optimiser, how many greedy tokens equal the
-source's, and perplexity on the held-out LAMBADA split (same sequences for every graph, GenAI's
+of per-round ratios), the node count in the file and after ONNX Runtime's optimiser, how many
+greedy tokens equal the source's, and perplexity on the held-out LAMBADA split (same sequences for every graph, GenAI's
 graphs included: evaluated by our runtime with an empty past, as ours are). Machine
 load (1-minute average) before and after is printed: timings on a shared machine move with it.
 """
@@ -97,7 +97,6 @@ def main() -> int:
     rows = {label: {"path": str(path), "nodes_file": len(onnx.load(str(path), load_external_data=False).graph.node),
                     "nodes_ort": _ort_nodes(path)} for label, path, _ in graphs}
     prompt = [_prompt_tokens(args)]
-    args.prompt = len(prompt[0])  # what _print reports
     for threads in [int(t) for t in args.threads.split(",")]:
         sessions = {
             label: _genai_model(path.parent, threads) if label.startswith("genai ")
@@ -136,7 +135,7 @@ def main() -> int:
                 rows[label][f"t{threads}"].update(vs_baseline=statistics.median(vs),
                                                   vs_baseline_spread=[min(vs), max(vs)])
     load_end = os.getloadavg()
-    _print(rows, args, load_start, load_end)  # timings first: the perplexity pass takes a while
+    _print(rows, args, len(prompt[0]), load_start, load_end)  # timings first: the perplexity pass takes a while
     if args.ppl_samples:
         ours = [(label, path) for label, path, _ in graphs if not label.startswith("genai ")]
         ours += [(label, _fixed_head_dim(path)) for label, path, _ in graphs if label.startswith("genai ")]
@@ -228,7 +227,7 @@ def _ort_nodes(path: Path) -> int:
         return len(onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
 
 
-def _print(rows, args, load_start, load_end) -> None:
+def _print(rows, args, prompt_tokens: int, load_start, load_end) -> None:
     threads = [int(t) for t in args.threads.split(",")]
     head = f"{'graph':34s} {'nodes':>11s}"
     for t in threads:
@@ -250,7 +249,7 @@ def _print(rows, args, load_start, load_end) -> None:
           f"sources: the baseline); vs base: against {args.baseline or '-'}, median [smallest-largest] of the "
           f"per-round ratios; same: greedy tokens equal to the source's before the first difference")
     kind = "text" if args.prompt_text else "random"
-    print(f"nodes: in the file / after ONNX Runtime's optimiser; prompt {args.prompt} {kind} tokens, "
+    print(f"nodes: in the file / after ONNX Runtime's optimiser; prompt {prompt_tokens} {kind} tokens, "
           f"{args.new_tokens} new, batch 1, greedy; medians of {args.rounds} alternating rounds; "
           f"load average {load_start[0]:.2f} -> {load_end[0]:.2f} on {os.cpu_count()} cores")
 
